@@ -1,0 +1,36 @@
+# kdprune: `make repro` runs the pipeline, `make test` runs the tests; both create .venv when missing.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(CURDIR)/$(VENV)/bin
+# Wheels that lie on local disk on some machines (torch's CUDA build); harmless elsewhere.
+FIND_LINKS := $(if $(wildcard /opt/pypi-more/files),--find-links /opt/pypi-more/files)
+export PATH := $(BIN):$(PATH)
+export MLFLOW_DISABLE_TELEMETRY := true
+export DVC_NO_ANALYTICS := 1
+export PYTHONUNBUFFERED := 1
+
+.PHONY: repro test bench lock clean
+
+$(VENV)/.installed: requirements.lock pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	test -x $(BIN)/uv || $(BIN)/python -m pip install -q uv==0.13.9
+	$(BIN)/uv pip install -q --python $(BIN)/python --compile-bytecode $(FIND_LINKS) -r requirements.lock
+	$(BIN)/uv pip install -q --python $(BIN)/python --compile-bytecode --no-deps -e .
+	touch $@
+
+repro: $(VENV)/.installed
+	dvc repro
+	@cat reports/comparison.md
+
+test: $(VENV)/.installed
+	python -m pytest -q -p no:cacheprovider tests
+
+bench: $(VENV)/.installed
+	python bench/latency.py
+
+lock:
+	uv pip compile pyproject.toml --extra dev --python-version 3.11 $(FIND_LINKS) --no-header -o requirements.lock
+
+clean:
+	rm -rf $(VENV)

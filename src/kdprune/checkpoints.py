@@ -1,0 +1,70 @@
+"""Tensor files and model directories (state_dict + spec.json): written atomically, loaded without running code."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from kdprune.errors import CheckpointError
+from kdprune.files import read_json, write_json
+from kdprune.models import build_model, spec_of
+
+MODEL_FILE, SPEC_FILE = "model.pt", "spec.json"
+
+
+def save_tensors(path: str | Path, tensors: dict[str, Any]) -> None:
+    """torch.save to a temporary name and rename: a reader never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(tensors, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def load_tensors(path: str | Path) -> dict[str, Any]:
+    """torch.load with weights_only=True: a file carrying a pickled object is refused, never run."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError as e:
+        raise CheckpointError(f"{path}: no such file") from e
+    except Exception as e:  # UnpicklingError for payloads, RuntimeError for truncated zips
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: refused or corrupt tensor file ({first})") from e
+
+
+def save_model(out_dir: Path, model: nn.Module, spec: dict[str, Any]) -> None:
+    """model.pt (a state_dict) and spec.json (every layer width) into `out_dir`."""
+    save_tensors(out_dir / MODEL_FILE, {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()})
+    write_json(out_dir / SPEC_FILE, spec_of(model, spec))
+
+
+def load_model(model_dir: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild a model from spec.json and load model.pt into it; refuse anything that does not match."""
+    model_dir = Path(model_dir)
+    spec_path, weights_path = model_dir / SPEC_FILE, model_dir / MODEL_FILE
+    spec = read_json(spec_path)
+    try:
+        model = build_model(spec)
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{spec_path}: {e}") from e
+    state = load_tensors(weights_path)
+    expected = model.state_dict()
+    if not isinstance(state, dict) or set(state) != set(expected):
+        raise CheckpointError(f"{weights_path}: its tensors do not match the layers of {spec_path}")
+    bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor) or v.shape != expected[k].shape]
+    if bad:
+        raise CheckpointError(f"{weights_path}: shapes of {bad[:3]} do not match the widths in {spec_path}")
+    model.load_state_dict(state)
+    return model.eval(), spec

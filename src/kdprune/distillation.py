@@ -1,0 +1,19 @@
+"""Knowledge-distillation loss (Hinton, Vinyals & Dean 2015, "Distilling the Knowledge in a Neural Network")."""
+
+import torch
+import torch.nn.functional as F
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor,
+            temperature: float, alpha: float) -> torch.Tensor:
+    """alpha * T^2 * KL(p_t || p_s) + (1 - alpha) * CE(s, y), both means over the batch.
+
+    student_logits, teacher_logits: (B, K); targets: (B,) class indices. The T^2 factor keeps
+    the soft term's gradient scale independent of T. Written KL(softmax(s/T) || softmax(t/T))
+    in DESIGN.md's shorthand; as in the paper, the teacher's distribution is the target.
+    """
+    log_p_s = F.log_softmax(student_logits / temperature, dim=1)  # (B, K)
+    log_p_t = F.log_softmax(teacher_logits / temperature, dim=1)  # (B, K)
+    soft = F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True)
+    hard = F.cross_entropy(student_logits, targets)
+    return alpha * temperature**2 * soft + (1.0 - alpha) * hard

@@ -1,0 +1,44 @@
+"""Every model measured the same way: accuracy, size, MACs and latency, and ratios between them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kdprune.checkpoints import MODEL_FILE, load_model
+from kdprune.measure import count_macs, count_nonzero, gzip_size, latency_ms
+from kdprune.models import count_params
+from kdprune.training import predict
+
+
+def measure(model: torch.nn.Module, model_dir: Path, x: torch.Tensor, y: torch.Tensor, cfg: Any) -> dict[str, Any]:
+    preds = predict(model, x).argmax(1)
+    out = {"accuracy": (preds == y).float().mean().item(), "params": count_params(model),
+           "nonzero_params": count_nonzero(model), "macs": count_macs(model, x),
+           "size_bytes": (model_dir / MODEL_FILE).stat().st_size, "gzip_bytes": gzip_size(model_dir / MODEL_FILE)}
+    for b in cfg.batch_sizes:
+        out[f"latency_ms_b{b}"] = latency_ms(model, x, b, cfg.threads, cfg.warmup, cfg.repeats)
+    return out
+
+
+def compare(dirs: dict[str, Path], x: torch.Tensor, y: torch.Tensor, cfg: Any) -> dict[str, dict[str, Any]]:
+    """Measure every model; add ratios against the teacher and the student, and what distillation added."""
+    torch.manual_seed(0)
+    models = {name: load_model(d)[0] for name, d in dirs.items()}
+    results = {name: measure(m, dirs[name], x, y, cfg) for name, m in models.items()}
+    teacher_preds = predict(models["teacher"], x).argmax(1)
+    big = f"latency_ms_b{max(cfg.batch_sizes)}"
+    for name, m in models.items():
+        r = results[name]
+        r["teacher_agreement"] = (predict(m, x).argmax(1) == teacher_preds).float().mean().item()
+        if name in ("teacher", "student"):
+            continue
+        for ref in ("teacher", "student"):
+            for key in ("params", "nonzero_params", "macs"):
+                r[f"{key}_vs_{ref}"] = r[key] / results[ref][key]
+            r[f"accuracy_drop_vs_{ref}"] = results[ref]["accuracy"] - r["accuracy"]
+        r[f"speedup_b{max(cfg.batch_sizes)}_vs_student"] = results["student"][big] / r[big]
+    results["student"]["distill_gain"] = results["student"]["accuracy"] - results["student_scratch"]["accuracy"]
+    return results

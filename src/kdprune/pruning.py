@@ -1,0 +1,118 @@
+"""Pruning: scores + amount -> which units or weights go, then a smaller model or a masked one.
+
+Knows nothing of how scores were made (see importance.py); it only ranks them.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn.utils import prune as torch_prune
+
+
+def normalise(scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Divide each layer's scores by their mean before a global ranking.
+
+    Raw scores are not on one scale across layers (a wide layer's filters have small norms,
+    gradients shrink with depth), so a raw global threshold empties some layers and spares
+    others. Mean-normalising (Torch-Pruning's default group normaliser) ranks each unit
+    against its own layer's typical unit, so the global cut removes what is weak *where it is*.
+    """
+    return {k: v / v.mean().clamp_min(1e-12) for k, v in scores.items()}
+
+
+def select_units(scores: dict[str, torch.Tensor], amount: float, scope: str) -> dict[str, torch.Tensor]:
+    """Indices of the units to remove per layer: the lowest-scored `amount` of all units (global,
+    after normalising) or of each layer (layer). Every layer keeps at least one unit."""
+    if scope == "layer":
+        return {k: v.argsort()[: min(int(amount * len(v)), len(v) - 1)].sort().values for k, v in scores.items()}
+    norm = normalise(scores)
+    names = [k for k, v in norm.items() for _ in range(len(v))]
+    flat = torch.cat(list(norm.values()))
+    local = torch.cat([torch.arange(len(v)) for v in norm.values()])
+    budget = int(amount * len(flat))
+    left = {k: len(v) for k, v in norm.items()}
+    chosen: dict[str, list[int]] = {k: [] for k in norm}
+    for i in flat.argsort(stable=True).tolist():
+        if budget == 0:
+            break
+        if left[names[i]] > 1:
+            chosen[names[i]].append(int(local[i]))
+            left[names[i]] -= 1
+            budget -= 1
+    return {k: torch.tensor(sorted(v), dtype=torch.long) for k, v in chosen.items()}
+
+
+def select_weights(scores: dict[str, torch.Tensor], amount: float, scope: str) -> dict[str, torch.Tensor]:
+    """Boolean keep-masks per layer weight: the lowest-scored `amount` of weights are dropped,
+    globally (after normalising) or per layer; every unit keeps at least its best weight."""
+    norm = normalise(scores) if scope == "global" else scores
+    if scope == "global":
+        flat = torch.cat([v.flatten() for v in norm.values()])
+        k = int(amount * len(flat))
+        threshold = flat.kthvalue(k).values if k > 0 else flat.min() - 1
+        masks = {n: v > threshold for n, v in norm.items()}
+    else:
+        masks = {}
+        for n, v in norm.items():
+            k = int(amount * v.numel())
+            threshold = v.flatten().kthvalue(k).values if k > 0 else v.min() - 1
+            masks[n] = v > threshold
+    for n, v in norm.items():  # no unit may lose every incoming weight
+        rows = v.reshape(v.shape[0], -1)
+        best = torch.zeros_like(rows, dtype=torch.bool).scatter_(1, rows.argmax(1, keepdim=True), True)
+        masks[n] = masks[n] | best.view_as(v)
+    return masks
+
+
+@torch.no_grad()
+def mask_units(model: nn.Module, remove: dict[str, torch.Tensor]) -> None:
+    """Silence units in place by zeroing their gates: the masked twin of `remove_units`."""
+    for u in model.units():
+        for p in u.gates:
+            p[remove.get(u.name, torch.empty(0, dtype=torch.long))] = 0
+
+
+def remove_units(model: nn.Module, example: torch.Tensor, remove: dict[str, torch.Tensor]) -> nn.Module:
+    """Physically remove units (and every coupled channel: BatchNorm, the next layer's inputs,
+    flattened features) with Torch-Pruning's dependency graph. Returns the same, smaller model."""
+    import torch_pruning as tp
+
+    model.eval()
+    graph = tp.DependencyGraph().build_dependency(model, example_inputs=example)
+    prune_out = {nn.Conv2d: tp.prune_conv_out_channels, nn.Linear: tp.prune_linear_out_channels}
+    for u in model.units():
+        idxs = remove.get(u.name)
+        if idxs is not None and len(idxs):
+            graph.get_pruning_group(u.layer, prune_out[type(u.layer)], idxs=idxs.tolist()).prune()
+    return model
+
+
+def apply_weight_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
+    """Zero weights under fixed masks (torch.nn.utils.prune): they stay zero through fine-tuning."""
+    for u in model.units():
+        if u.name in masks:
+            torch_prune.custom_from_mask(u.layer, "weight", masks[u.name].to(u.layer.weight.device))
+
+
+def bake_weight_masks(model: nn.Module) -> None:
+    """Make masks permanent: plain weights with zeros, so the state_dict is the usual one."""
+    for u in model.units():
+        if torch_prune.is_pruned(u.layer):
+            torch_prune.remove(u.layer, "weight")
+
+
+def prune(model: nn.Module, unit_scores: dict[str, torch.Tensor], weight_scores: dict[str, torch.Tensor],
+          amount: float, scope: str, structured: bool, example: torch.Tensor) -> dict[str, torch.Tensor] | None:
+    """Prune `model` in place; return the weight masks (unstructured) or None (structured)."""
+    expected = {u.name for u in model.units()}
+    given = set(unit_scores if structured else weight_scores)
+    if given != expected:
+        raise ValueError(f"scores are for layers {sorted(given)}, the model has {sorted(expected)}")
+    if structured:
+        remove_units(model, example, select_units(unit_scores, amount, scope))
+        return None
+    masks = select_weights(weight_scores, amount, scope)
+    apply_weight_masks(model, masks)
+    bake_weight_masks(model)
+    return masks

@@ -1,0 +1,14 @@
+"""train_scratch: the student architecture trained on hard labels alone, the control for distillation."""
+
+from kdprune import stage
+from kdprune.params import load_params
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = stage.parser(__doc__, "data", "out", "plots").parse_args(argv)
+    p = load_params(args.params)
+    stage.train_on_labels("train_scratch", p, p.student, stage.section(p, "student", "seed", "device"), args)
+
+
+if __name__ == "__main__":
+    stage.guard(main)

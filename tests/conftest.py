@@ -1,0 +1,119 @@
+"""Shared fixtures: a tiny params file, a private MLflow store, and stages run in-process."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Small enough that the whole pipeline runs in seconds on 2 cores, on the real digits data.
+TINY: dict[str, Any] = {
+    "teacher": {"channels": [8, 16], "hidden": [32], "epochs": 2},
+    "student": {"channels": [4, 8], "hidden": [16], "epochs": 2},
+    "score": {"samples": 128, "batch_size": 64, "probes": 4},
+    "finetune": {"epochs": 1},
+    "evaluate": {"warmup": 1, "repeats": 2},
+}
+
+
+def write_params(path: Path, **overrides: dict[str, Any]) -> Path:
+    """params.yaml = the repo's, with TINY and then `overrides` merged in per section."""
+    with (REPO / "params.yaml").open() as f:
+        params = yaml.safe_load(f)
+    for layer in (TINY, overrides):
+        for key, value in layer.items():
+            params[key] = {**params[key], **value} if isinstance(value, dict) else value
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    return path
+
+
+def load_stage(name: str) -> Any:
+    spec = importlib.util.spec_from_file_location(f"stage_{name}", REPO / "stages" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_stage(name: str, params: Path, **paths: Path) -> None:
+    """stages/<name>.py main() in this process, with --params and --<path> options."""
+    argv = ["--params", str(params)]
+    for key, value in paths.items():
+        argv += [f"--{key.replace('_', '-')}", str(value)]
+    load_stage(name).main(argv)
+
+
+def stage_paths(root: Path) -> dict[str, dict[str, Path]]:
+    """The options each stage is given, as dvc.yaml wires them, under `root`."""
+    d = {k: root / v for k, v in {
+        "data": "data/prepared", "teacher": "models/teacher", "scratch": "models/student_scratch",
+        "student": "models/student", "pruned": "models/pruned", "finetuned": "models/finetuned",
+        "soft": "artifacts/soft_labels", "scores": "artifacts/scores"}.items()}
+    return {
+        "prepare": {"raw": root / "data/raw", "out": d["data"]},
+        "train_teacher": {"data": d["data"], "out": d["teacher"], "plots": root / "plots/train_teacher.csv"},
+        "soft_labels": {"data": d["data"], "teacher": d["teacher"], "out": d["soft"]},
+        "train_scratch": {"data": d["data"], "out": d["scratch"], "plots": root / "plots/train_scratch.csv"},
+        "train_student": {"data": d["data"], "soft_labels": d["soft"], "teacher": d["teacher"],
+                          "out": d["student"], "plots": root / "plots/train_student.csv"},
+        "score": {"data": d["data"], "student": d["student"], "out": d["scores"],
+                  "metrics": root / "metrics/score.json", "plot": root / "plots/score_oracle.png"},
+        "prune": {"data": d["data"], "student": d["student"], "scores": d["scores"], "out": d["pruned"]},
+        "finetune": {"data": d["data"], "pruned": d["pruned"], "soft_labels": d["soft"], "teacher": d["teacher"],
+                     "out": d["finetuned"], "plots": root / "plots/finetune.csv"},
+        "evaluate": {"data": d["data"], "teacher": d["teacher"], "student_scratch": d["scratch"],
+                     "student": d["student"], "pruned": d["pruned"], "finetuned": d["finetuned"],
+                     "metrics": root / "metrics/evaluate.json", "report": root / "reports/comparison.md",
+                     "plot": root / "plots/tradeoff.png"},
+    }
+
+
+STAGES = list(stage_paths(Path(".")))
+
+
+@pytest.fixture
+def mlflow_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A fresh sqlite store under tmp_path, and tmp_path as the working directory."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    monkeypatch.chdir(tmp_path)
+    return uri
+
+
+@pytest.fixture(scope="session")
+def pipeline(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Every stage run once, in order, on the tiny config: its root, params and MLflow URI."""
+    root = tmp_path_factory.mktemp("pipeline")
+    params = write_params(root / "params.yaml")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        mp.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+        mp.chdir(root)
+        for name, paths in stage_paths(root).items():
+            run_stage(name, params, **paths)
+    return {"root": root, "params": params, "uri": uri, "paths": stage_paths(root)}
+
+
+def tree_bytes(root: Path) -> dict[str, bytes]:
+    """Every file under root with its bytes, to show that nothing was touched."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def stage_env(uri: str) -> dict[str, str]:
+    """The environment for a stage run as a subprocess, with the venv's python first on PATH."""
+    import sys
+
+    env = dict(os.environ, MLFLOW_TRACKING_URI=uri, PYTHONUNBUFFERED="1")
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    env.pop("MLFLOW_EXPERIMENT_NAME", None)
+    return env
+
+
+StageRunner = Callable[..., None]

@@ -1,0 +1,115 @@
+"""Every stage end to end on the tiny config: outputs, lineage in MLflow, the summary run."""
+
+from __future__ import annotations
+
+import json
+
+import mlflow
+import pytest
+import torch
+
+from kdprune.checkpoints import load_model
+from kdprune.models import count_params
+from tests.conftest import STAGES
+
+MODELS = ("teacher", "student_scratch", "student", "pruned", "finetuned")
+HEADLINE = ("accuracy", "params", "nonzero_params", "macs", "size_bytes", "latency_ms_b1", "latency_ms_b256")
+
+
+def test_every_stage_writes_its_outputs(pipeline):
+    for name, paths in pipeline["paths"].items():
+        for key, path in paths.items():
+            if key in ("out", "metrics", "report", "plot", "plots"):
+                assert path.exists(), f"{name} did not write {path}"
+    for split in ("train", "val", "test"):
+        assert (pipeline["root"] / "data/prepared" / f"{split}.pt").exists()
+
+
+def test_evaluate_reports_every_model(pipeline):
+    metrics = json.loads((pipeline["root"] / "metrics/evaluate.json").read_text())
+    assert set(MODELS) <= set(metrics)
+    for name in MODELS:
+        for key in HEADLINE:
+            assert isinstance(metrics[name][key], (int, float)), (name, key)
+        assert 0.0 <= metrics[name]["accuracy"] <= 1.0
+        assert metrics[name]["latency_ms_b256"] > 0
+    # the accuracies are real: the evaluated model, re-run here, scores the same
+    model, _ = load_model(pipeline["root"] / "models/finetuned")
+    test = torch.load(pipeline["root"] / "data/prepared/test.pt", weights_only=True)
+    assert len(test["y"]) == 360
+    assert metrics["finetuned"]["params"] == count_params(model)
+    assert metrics["pruned"]["params"] < metrics["student"]["params"] < metrics["teacher"]["params"]
+    table = (pipeline["root"] / "reports/comparison.md").read_text()
+    assert all(f"| {name} |" in table for name in MODELS)
+
+
+def test_student_is_at_most_a_quarter_of_the_default_teacher():
+    from kdprune.models import build_model
+    from kdprune.params import load_params
+    from kdprune.stage import model_spec
+    from tests.conftest import REPO
+
+    p = load_params(REPO / "params.yaml")
+    meta = {"in_channels": 1, "image_size": 8, "num_classes": 10}
+    teacher, student = (count_params(build_model(model_spec(c, meta))) for c in (p.teacher, p.student))
+    assert student <= teacher / 4
+
+
+def _runs(uri: str) -> list:
+    client = mlflow.MlflowClient(uri)
+    exp = client.get_experiment_by_name("kdprune")
+    return client.search_runs([exp.experiment_id], max_results=1000)
+
+
+def test_one_finished_run_per_stage_linked_upstream(pipeline):
+    runs = _runs(pipeline["uri"])
+    stage_runs = {r.data.tags["pipeline.stage"]: r for r in runs if r.data.tags.get("pipeline.kind") == "stage"}
+    assert sorted(stage_runs) == sorted(s for s in STAGES)
+    assert all(r.info.status == "FINISHED" for r in runs)
+    ids = {s: r.info.run_id for s, r in stage_runs.items()}
+    finetune = stage_runs["finetune"].data.tags
+    for upstream in ("prepare", "train_teacher", "soft_labels", "train_student", "score", "prune"):
+        assert finetune[f"pipeline.upstream.{upstream}"] == ids[upstream]
+    assert stage_runs["prune"].data.params["prune.amount"] == "0.5"
+    record = json.loads((pipeline["root"] / "models/finetuned/mlflow_run.json").read_text())
+    assert record["run_id"] == ids["finetune"]
+
+
+def test_summary_run_carries_every_param_and_headline_metric(pipeline):
+    (summary,) = [r for r in _runs(pipeline["uri"]) if r.data.tags.get("pipeline.kind") == "summary"]
+    assert summary.data.params["prune.criterion"] == "taylor"
+    assert summary.data.params["teacher.channels"] == "8,16"
+    assert len(summary.data.params) >= 40
+    metrics = json.loads((pipeline["root"] / "metrics/evaluate.json").read_text())
+    assert summary.data.metrics["finetuned.accuracy"] == pytest.approx(metrics["finetuned"]["accuracy"])
+    for stage in STAGES:
+        assert f"pipeline.run.{stage}" in summary.data.tags
+
+
+def test_logged_models_load_back(pipeline):
+    runs = {r.data.tags["pipeline.stage"]: r for r in _runs(pipeline["uri"])
+            if r.data.tags.get("pipeline.kind") == "stage"}
+    client = mlflow.MlflowClient(pipeline["uri"])
+    for stage in ("train_teacher", "train_student", "finetune"):
+        models = client.search_logged_models([runs[stage].info.experiment_id],
+                                             filter_string=f"source_run_id = '{runs[stage].info.run_id}'")
+        assert len(models) == 1, stage
+
+
+def test_soft_labels_are_logits_with_provenance(pipeline):
+    from kdprune.files import sha256
+
+    root = pipeline["root"]
+    logits = torch.load(root / "artifacts/soft_labels/logits.pt", weights_only=True)["train"]
+    assert logits.shape[1] == 10 and not torch.allclose(logits.softmax(1).sum(1), logits.sum(1))
+    prov = json.loads((root / "artifacts/soft_labels/provenance.json").read_text())
+    assert prov["teacher_sha256"] == sha256(root / "models/teacher/model.pt")
+
+
+def test_pruned_model_rebuilds_exactly_from_its_spec(pipeline):
+    root = pipeline["root"]
+    pruned, spec = load_model(root / "models/pruned")
+    student, student_spec = load_model(root / "models/student")
+    assert sum(spec["channels"]) + sum(spec["hidden"]) < sum(student_spec["channels"]) + sum(student_spec["hidden"])
+    assert all(w >= 1 for w in spec["channels"] + spec["hidden"])
+    assert count_params(pruned) < count_params(student)
