@@ -1,7 +1,7 @@
 """score: the student's units and weights scored for importance by every method in score.methods.
 
-With score.oracle, also the true validation-loss increase of removing each unit alone, and how
-well each method's ranking agrees with it (metrics/score.json).
+With score.oracle, also the true loss increase of removing each unit alone, on the whole of
+score.oracle_split, and how well each method's ranking agrees with it (metrics/score.json).
 """
 
 from kdprune import stage
@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> None:
 
     model, _ = load_model(args.student)
     train = stage.batches(*load_split(args.data, "train"), p.score.batch_size, p.score.samples, p.seed)
-    val = stage.batches(*load_split(args.data, "val"), p.score.batch_size)
+    held = stage.batches(*load_split(args.data, p.score.oracle_split), p.score.batch_size)
     with stage_run("score", stage.section(p, "score", "seed"), inputs=[args.data, args.student]) as run, \
             staged_dir(args.out) as out:
         scores = {m: importance.SCORERS[m](model, train, F.cross_entropy, seed=p.seed, probes=p.score.probes)
@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> None:
             save_tensors(out / f"{m}.pt", importance.to_tensors(s))
         metrics = {}
         if p.score.oracle:
-            truth = importance.removal_loss_change(model, val, F.cross_entropy)
+            truth = importance.removal_loss_change(model, held, F.cross_entropy)
             save_tensors(out / "oracle.pt", truth)
             agree = {m: importance.agreement(s.units, truth) for m, s in scores.items()}
             metrics = {k: {m: a[k] for m, a in agree.items()} for k in ("spearman", "topk_overlap")}

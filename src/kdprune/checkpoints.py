@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
-import tempfile
+import io
 from pathlib import Path
 from typing import Any
 
@@ -12,25 +10,22 @@ import torch
 from torch import nn
 
 from kdprune.errors import CheckpointError
-from kdprune.files import read_json, write_json
+from kdprune.files import read_json, write_atomic, write_json
 from kdprune.models import build_model, spec_of
 
 MODEL_FILE, SPEC_FILE = "model.pt", "spec.json"
 
 
 def save_tensors(path: str | Path, tensors: dict[str, Any]) -> None:
-    """torch.save to a temporary name and rename: a reader never sees half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(tensors, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    """torch.save into memory, then an atomic write: a reader never sees half a file.
+
+    Saving to a path names the zip's inner folder after the file, so saving to a temporary
+    name would make the bytes (and DVC's hash) differ on every run; in memory they depend
+    only on the tensors.
+    """
+    buf = io.BytesIO()
+    torch.save(tensors, buf)
+    write_atomic(path, buf.getvalue())
 
 
 def load_tensors(path: str | Path) -> dict[str, Any]:

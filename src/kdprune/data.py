@@ -42,7 +42,8 @@ def _torchvision(cls_name: str, folder: str, files: list[str]) -> Callable[[Path
             train, test = (cls(str(raw_dir), train=t, download=download) for t in (True, False))
         except Exception as e:  # torchvision raises RuntimeError when absent, URLError when offline
             where = raw_dir / folder
-            raise DataError(f"{cls_name} is not under {where} and could not be downloaded ({type(e).__name__}): "
+            why = f"download failed: {type(e).__name__}" if download else "data.download is false"
+            raise DataError(f"{cls_name} is not under {where} ({why}): "
                             f"place {', '.join(files)} in {where}/") from e
         return Source(*_arrays(train), 255.0, _arrays(test))
     return read
@@ -91,7 +92,8 @@ def prepare(name: str, raw_dir: Path, out_dir: Path, val_fraction: float, test_f
         "counts": {s: int(len(v[1])) for s, v in splits.items()}, "sha256": {},
     }
     for s, (x, y) in splits.items():
-        save_tensors(out_dir / f"{s}.pt", {"x": torch.from_numpy(np.ascontiguousarray(x)), "y": torch.from_numpy(y)})
+        tensors = {"x": torch.from_numpy(np.ascontiguousarray(x)), "y": torch.from_numpy(np.ascontiguousarray(y))}
+        save_tensors(out_dir / f"{s}.pt", tensors)
         meta["sha256"][s] = sha256(out_dir / f"{s}.pt")
     write_json(out_dir / META_FILE, meta)
     return meta

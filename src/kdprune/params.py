@@ -69,6 +69,7 @@ class ScoreParams:
     batch_size: int = _between(128, 1, 1 << 20)
     probes: int = _between(32, 1, 100_000)  # Hutchinson probes for the Hessian diagonal
     oracle: bool = True  # also measure the true loss change of removing each unit alone
+    oracle_split: Literal["train", "val"] = "train"  # the split that loss change is measured on
 
 
 @dataclass(frozen=True)

@@ -11,14 +11,15 @@ from torch.nn.utils import prune as torch_prune
 
 
 def normalise(scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Divide each layer's scores by their mean before a global ranking.
+    """Divide each layer's scores by their mean magnitude before a global ranking.
 
     Raw scores are not on one scale across layers (a wide layer's filters have small norms,
     gradients shrink with depth), so a raw global threshold empties some layers and spares
     others. Mean-normalising (Torch-Pruning's default group normaliser) ranks each unit
     against its own layer's typical unit, so the global cut removes what is weak *where it is*.
+    The magnitude, not the signed mean: an OBD saliency can be negative where curvature is.
     """
-    return {k: v / v.mean().clamp_min(1e-12) for k, v in scores.items()}
+    return {k: v / v.abs().mean().clamp_min(1e-12) for k, v in scores.items()}
 
 
 def select_units(scores: dict[str, torch.Tensor], amount: float, scope: str) -> dict[str, torch.Tensor]:

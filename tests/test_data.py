@@ -1,0 +1,292 @@
+"""kdprune.data and the prepare stage on real inputs: torchvision on-disk formats, sklearn digits, offline failures."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import torchvision.datasets as tvd
+
+from kdprune import data
+from kdprune.errors import DataError
+from tests.conftest import REPO, stage_env, tree_bytes, write_params
+
+IDX_FILES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
+CIFAR_FILES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"]
+FOLDERS = {"mnist": "MNIST/raw", "fashion_mnist": "FashionMNIST/raw", "cifar10": "cifar-10-batches-py"}
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def load_pt(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    assert set(blob) == {"x", "y"}
+    return blob["x"].numpy(), blob["y"].numpy()
+
+
+def rows(x: np.ndarray, y: np.ndarray) -> list[bytes]:
+    """Each sample as bytes (image then label), sorted: a multiset to compare splits with their source."""
+    return sorted(xi.tobytes() + int(yi).to_bytes(2, "little") for xi, yi in zip(x, y))
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """An uncompressed IDX (SN3 "Pascal Vincent") file of uint8: magic 0x08<ndim>, then big-endian dims."""
+    assert array.dtype == np.uint8 and 1 <= array.ndim <= 3
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    path.write_bytes(header + np.ascontiguousarray(array).tobytes())
+
+
+def tagged_images(labels: np.ndarray, shape: tuple[int, ...], base: int, rng: np.random.Generator) -> np.ndarray:
+    """uint8 images whose content depends on the class, each made unique by its index in pixel 0."""
+    n = len(labels)
+    x = (labels.astype(np.int64).reshape(-1, *[1] * len(shape)) * 15 + base + rng.integers(0, 40, (n, *shape)))
+    assert x.max() <= 255
+    x = x.astype(np.uint8)
+    x.reshape(n, -1)[:, 0] = np.arange(n)
+    return x
+
+
+def write_mnist_like(raw: Path, folder: str, seed: int = 0) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """60 train (6 per class) and 20 test (2 per class) 28x28 images; the test ones much brighter."""
+    rng = np.random.default_rng(seed)
+    y_train = rng.permutation(np.repeat(np.arange(10), 6)).astype(np.uint8)
+    y_test = rng.permutation(np.repeat(np.arange(10), 2)).astype(np.uint8)
+    x_train = tagged_images(y_train, (28, 28), 0, rng)
+    x_test = tagged_images(y_test, (28, 28), 0, rng)
+    x_test.reshape(20, -1)[:, 1:] = (200 + 5 * y_test.astype(np.int64))[:, None]  # bright: kept out of train stats
+    x_test.reshape(20, -1)[:, 0] = np.arange(20)
+    d = raw / folder
+    d.mkdir(parents=True)
+    write_idx(d / "train-images-idx3-ubyte", x_train)
+    write_idx(d / "train-labels-idx1-ubyte", y_train)
+    write_idx(d / "t10k-images-idx3-ubyte", x_test)
+    write_idx(d / "t10k-labels-idx1-ubyte", y_test)
+    return {"train": (x_train, y_train.astype(np.int64)), "test": (x_test, y_test.astype(np.int64))}
+
+
+def md5(path: Path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def write_cifar(raw: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """5 train batches of 10 (one per class) and a test batch of 10, in the python pickle format,
+    with CIFAR10's md5 table patched to accept them. Returns the images as (N, 3, 32, 32)."""
+    rng = np.random.default_rng(1)
+    d = raw / "cifar-10-batches-py"
+    d.mkdir(parents=True)
+    written: dict[str, list[np.ndarray]] = {"train_x": [], "train_y": [], "test_x": [], "test_y": []}
+    md5s: dict[str, str] = {}
+    for name in CIFAR_FILES[:-1]:
+        labels = rng.permutation(10)
+        x = np.empty((10, 3, 32, 32), dtype=np.uint8)
+        brighter = 50 if name == "test_batch" else 0  # test brightness must not leak into the train statistics
+        for c, base in enumerate((150, 80, 10)):  # R bright, G mid, B dark: per-channel stats differ
+            x[:, c] = brighter + base + labels[:, None, None] * 3 + rng.integers(0, 25, (10, 32, 32))
+        x[:, 0, 0, 0] = np.arange(10) + 10 * len(written["train_x"])  # unique per image
+        entry = {"batch_label": name, "data": x.reshape(10, 3072), "labels": labels.tolist(),
+                 "filenames": [f"{name}_{i}.png" for i in range(10)]}
+        (d / name).write_bytes(pickle.dumps(entry, protocol=2))
+        md5s[name] = md5(d / name)
+        kind = "test" if name == "test_batch" else "train"
+        written[f"{kind}_x"].append(x)
+        written[f"{kind}_y"].append(labels.astype(np.int64))
+    meta = {"label_names": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"],
+            "num_cases_per_batch": 10, "num_vis": 3072}
+    (d / "batches.meta").write_bytes(pickle.dumps(meta, protocol=2))
+    monkeypatch.setattr(tvd.CIFAR10, "train_list", [[f"data_batch_{i}", md5s[f"data_batch_{i}"]] for i in range(1, 6)])
+    monkeypatch.setattr(tvd.CIFAR10, "test_list", [["test_batch", md5s["test_batch"]]])
+    monkeypatch.setattr(tvd.CIFAR10, "meta", {"filename": "batches.meta", "key": "label_names",
+                                              "md5": md5(d / "batches.meta")})
+    return {"train": (np.concatenate(written["train_x"]), np.concatenate(written["train_y"])),
+            "test": (np.concatenate(written["test_x"]), np.concatenate(written["test_y"]))}
+
+
+def assert_stratified(y_split: np.ndarray, y_all: np.ndarray, n_classes: int = 10) -> None:
+    """Each class's count in the split is within 1 of its overall proportion times the split's size."""
+    overall = np.bincount(y_all, minlength=n_classes) / len(y_all)
+    have = np.bincount(y_split, minlength=n_classes)
+    assert np.all(np.abs(have - overall * len(y_split)) <= 1.0), (have, overall * len(y_split))
+
+
+def assert_meta_and_normalisation(out: Path, meta: dict[str, Any], channels: int, size: int, scale: float) -> None:
+    """meta.json as returned, shapes/classes as given, train-only stats, and load_split normalising with them."""
+    assert data.load_meta(out) == meta
+    assert (meta["in_channels"], meta["image_size"], meta["num_classes"], meta["scale"]) == (channels, size, 10, scale)
+    x_train, _ = load_pt(out / "train.pt")
+    train = x_train.astype(np.float64) / scale
+    assert len(meta["mean"]) == len(meta["std"]) == channels
+    np.testing.assert_allclose(meta["mean"], train.mean(axis=(0, 2, 3)), rtol=1e-9)
+    np.testing.assert_allclose(meta["std"], train.std(axis=(0, 2, 3)), rtol=1e-9)
+    # train only: the statistics of train + val + test are different
+    everything = np.concatenate([load_pt(out / f"{s}.pt")[0] for s in data.SPLITS]).astype(np.float64) / scale
+    assert np.all(np.abs(everything.mean(axis=(0, 2, 3)) - meta["mean"]) > 1e-4)
+    for s in data.SPLITS:
+        assert meta["sha256"][s] == hashlib.sha256((out / f"{s}.pt").read_bytes()).hexdigest()
+    x, y = data.load_split(out, "train")
+    assert x.dtype == torch.float32 and y.dtype == torch.int64
+    assert x.shape == x_train.shape
+    np.testing.assert_array_equal(y.numpy(), load_pt(out / "train.pt")[1])
+    per_channel = x.double().transpose(0, 1).reshape(channels, -1)
+    assert per_channel.mean(dim=1).abs().max().item() < 1e-4
+    assert (per_channel.std(dim=1, unbiased=False) - 1).abs().max().item() < 1e-3
+    x_test, _ = data.load_split(out, "test")
+    assert x_test.mean().item() > 1.0  # the brighter test images are normalised with the train stats, not their own
+
+
+# ---------------------------------------------------------------- torchvision sources
+
+
+@pytest.mark.parametrize("name", ["mnist", "fashion_mnist"])
+def test_mnist_like_through_torchvision_keeps_official_test_split(name: str, tmp_path: Path) -> None:
+    raw, out = tmp_path / "raw", tmp_path / "out"
+    written = write_mnist_like(raw, FOLDERS[name])
+    meta = data.prepare(name, raw, out, 0.2, 0.3, 0, download=False)
+
+    x_test, y_test = load_pt(out / "test.pt")
+    assert x_test.dtype == np.uint8 and x_test.shape == (20, 1, 28, 28)
+    np.testing.assert_array_equal(x_test[:, 0], written["test"][0])  # kept whole, in order
+    np.testing.assert_array_equal(y_test, written["test"][1])
+
+    (x_tr, y_tr), (x_va, y_va) = load_pt(out / "train.pt"), load_pt(out / "val.pt")
+    assert x_tr.shape == (48, 1, 28, 28) and x_va.shape == (12, 1, 28, 28)  # test_fraction ignored; 20% of 60 to val
+    assert x_tr.dtype == x_va.dtype == np.uint8 and y_tr.dtype == y_va.dtype == np.int64
+    x_src, y_src = written["train"]
+    # train and val are the 60 written samples, each once, with its own label
+    assert rows(np.concatenate([x_tr, x_va])[:, 0], np.concatenate([y_tr, y_va])) == rows(x_src, y_src)
+    ids = np.concatenate([x_tr, x_va])[:, 0, 0, 0]
+    assert sorted(ids.tolist()) == list(range(60))
+    np.testing.assert_array_equal(np.concatenate([y_tr, y_va]), y_src[ids])
+    assert_stratified(y_tr, y_src)
+    assert_stratified(y_va, y_src)
+    assert meta["counts"] == {"train": 48, "val": 12, "test": 20}
+    assert meta["name"] == name
+    assert_meta_and_normalisation(out, meta, channels=1, size=28, scale=255.0)
+
+
+def test_cifar10_through_torchvision_channels_first(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    raw, out = tmp_path / "raw", tmp_path / "out"
+    written = write_cifar(raw, monkeypatch)
+    meta = data.prepare("cifar10", raw, out, 0.2, 0.3, 0, download=False)
+
+    x_test, y_test = load_pt(out / "test.pt")
+    assert x_test.dtype == np.uint8 and x_test.shape == (10, 3, 32, 32)
+    np.testing.assert_array_equal(x_test, written["test"][0])  # channel order as in the file's R, G, B planes
+    np.testing.assert_array_equal(y_test, written["test"][1])
+    (x_tr, y_tr), (x_va, y_va) = load_pt(out / "train.pt"), load_pt(out / "val.pt")
+    assert x_tr.shape == (40, 3, 32, 32) and x_va.shape == (10, 3, 32, 32)
+    assert rows(np.concatenate([x_tr, x_va]), np.concatenate([y_tr, y_va])) == rows(*written["train"])
+    assert_stratified(y_tr, written["train"][1])
+    assert meta["counts"] == {"train": 40, "val": 10, "test": 10}
+    assert meta["mean"][0] > meta["mean"][1] > meta["mean"][2]  # R, G, B planes kept apart
+    assert_meta_and_normalisation(out, meta, channels=3, size=32, scale=255.0)
+
+
+# ---------------------------------------------------------------- offline and absent
+
+
+@pytest.mark.parametrize("name", ["mnist", "fashion_mnist", "cifar10"])
+def test_absent_dataset_offline_names_folder_and_files(name: str, tmp_path: Path) -> None:
+    raw, out = tmp_path / "raw", tmp_path / "out"
+    raw.mkdir()
+    with pytest.raises(DataError) as info:
+        data.prepare(name, raw, out, 0.15, 0.2, 0, download=False)
+    message = str(info.value)
+    assert "\n" not in message
+    assert str(raw / FOLDERS[name]) in message
+    for f in (CIFAR_FILES if name == "cifar10" else IDX_FILES):
+        assert f in message
+    assert "download is false" in message
+    assert not out.exists()
+    assert list(raw.iterdir()) == []  # nothing fetched or half-written
+
+
+def test_failed_download_is_a_data_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from urllib.error import URLError
+
+    def offline(self: Any) -> None:
+        raise URLError("no network")
+
+    monkeypatch.setattr(tvd.CIFAR10, "download", offline)
+    with pytest.raises(DataError, match=r"download failed: URLError.*cifar-10-batches-py/$"):
+        data.prepare("cifar10", tmp_path / "raw", tmp_path / "out", 0.15, 0.2, 0, download=True)
+
+
+def test_prepare_stage_offline_exits_2_and_leaves_out_alone(tmp_path: Path) -> None:
+    raw, out = tmp_path / "raw", tmp_path / "prepared"
+    raw.mkdir()
+    out.mkdir()
+    (out / "keep.pt").write_bytes(b"earlier output\x00\x01")
+    before = tree_bytes(out)
+    params = write_params(tmp_path / "params.yaml", data={"name": "mnist", "download": False})
+    argv = ["--params", str(params), "--raw", str(raw), "--out", str(out)]
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "stages/prepare.py"), *argv],
+        cwd=tmp_path, env=stage_env(f"sqlite:///{tmp_path / 'mlflow.db'}"), capture_output=True, text=True,
+        timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, proc.stderr
+    assert str(raw / "MNIST/raw") in errors[0] and all(f in errors[0] for f in IDX_FILES)
+    assert "Traceback" not in proc.stderr
+    assert tree_bytes(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".prepared")) == []  # no staged leftovers
+
+
+# ---------------------------------------------------------------- digits (the default)
+
+
+@pytest.fixture(scope="module")
+def digits_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """digits prepared with seed 0 twice, seed 1 once, and seed 0 with other fractions."""
+    root = tmp_path_factory.mktemp("digits")
+    runs = {"a": (0.15, 0.2, 0), "b": (0.15, 0.2, 0), "other_seed": (0.15, 0.2, 1), "fractions": (0.3, 0.1, 0)}
+    for key, (val, test, seed) in runs.items():
+        data.prepare("digits", root / "raw", root / key, val, test, seed, download=False)
+    return {key: root / key for key in runs}
+
+
+def test_digits_split_is_deterministic_from_the_seed(digits_runs: dict[str, Path]) -> None:
+    for s in data.SPLITS:
+        a, b, c = (digits_runs[k] / f"{s}.pt" for k in ("a", "b", "other_seed"))
+        assert a.read_bytes() == b.read_bytes(), f"same seed, different {s}.pt bytes"
+        assert a.read_bytes() != c.read_bytes()
+        assert rows(*load_pt(a)) != rows(*load_pt(c)), f"seed 1 picked the same {s} samples as seed 0"
+    assert data.load_meta(digits_runs["a"]) == data.load_meta(digits_runs["b"])
+
+
+@pytest.mark.parametrize("key", ["a", "fractions"])
+def test_digits_split_is_stratified_disjoint_and_complete(key: str, digits_runs: dict[str, Path]) -> None:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x_all, y_all = d.images.astype(np.uint8)[:, None], d.target.astype(np.int64)
+    splits = {s: load_pt(digits_runs[key] / f"{s}.pt") for s in data.SPLITS}
+    for s, (x, y) in splits.items():
+        assert x.dtype == np.uint8 and x.shape[1:] == (1, 8, 8) and len(x) == len(y)
+        assert_stratified(y, y_all)
+    # every one of the 1797 samples in exactly one split
+    joined = [np.concatenate([splits[s][i] for s in data.SPLITS]) for i in (0, 1)]
+    assert len(joined[1]) == 1797
+    assert rows(*joined) == rows(x_all, y_all)
+    meta = data.load_meta(digits_runs[key])
+    assert (meta["in_channels"], meta["image_size"], meta["num_classes"], meta["scale"]) == (1, 8, 10, 16.0)
+
+
+@pytest.mark.parametrize(("key", "val_fraction", "test_fraction"), [("a", 0.15, 0.2), ("fractions", 0.3, 0.1)])
+def test_digits_fractions_are_honoured(key: str, val_fraction: float, test_fraction: float,
+                                       digits_runs: dict[str, Path]) -> None:
+    n_test = math.ceil(1797 * test_fraction)  # sklearn rounds the held-out part up
+    n_val = math.ceil((1797 - n_test) * val_fraction)
+    counts = data.load_meta(digits_runs[key])["counts"]
+    assert counts == {"train": 1797 - n_test - n_val, "val": n_val, "test": n_test}
+    for s in data.SPLITS:
+        assert len(load_pt(digits_runs[key] / f"{s}.pt")[1]) == counts[s]

@@ -1,0 +1,203 @@
+"""Importance criteria against known values: exact Hessians, true loss changes, hand-made activations."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from scipy.stats import spearmanr
+from torch.func import functional_call
+
+from kdprune import importance
+from kdprune.models import build_model
+
+MLP = {"arch": "mlp", "in_channels": 1, "image_size": 2, "num_classes": 3, "channels": [], "hidden": [5, 4]}
+CNN = {"arch": "cnn", "in_channels": 1, "image_size": 8, "num_classes": 4, "channels": [3, 4], "hidden": [5]}
+
+
+def _tiny(spec: dict = MLP, seed: int = 0, n: int = 48) -> tuple[torch.nn.Module, list]:
+    torch.manual_seed(seed)
+    model = build_model(spec).eval()
+    for m in model.modules():  # non-trivial BatchNorm statistics, so BN gates matter
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.bias.data.uniform_(-0.5, 0.5)
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(n, spec["in_channels"], spec["image_size"], spec["image_size"], generator=g)
+    y = torch.randint(0, spec["num_classes"], (n,), generator=g)
+    return model, [(x[: n // 2], y[: n // 2]), (x[n // 2:], y[n // 2:])]
+
+
+def _exact_hessian(model: torch.nn.Module, params: list[torch.Tensor], batches: list) -> torch.Tensor:
+    """The full Hessian of the mean loss over all batches w.r.t. `params`, by torch.autograd.functional."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    x = torch.cat([b[0] for b in batches])
+    y = torch.cat([b[1] for b in batches])
+    sizes = [p.numel() for p in params]
+
+    def loss(flat: torch.Tensor) -> torch.Tensor:
+        pieces = flat.split(sizes)
+        override = {names[id(p)]: piece.view_as(p) for p, piece in zip(params, pieces)}
+        return F.cross_entropy(functional_call(model, override, (x,)), y)
+
+    return torch.autograd.functional.hessian(loss, torch.cat([p.detach().flatten() for p in params]))
+
+
+def test_hutchinson_diagonal_matches_the_exact_hessian_over_all_batches():
+    model, batches = _tiny()
+    params = [p for p in model.parameters()]
+    exact = _exact_hessian(model, params, batches)
+    probes = 3000
+    est = torch.cat([d.flatten() for d in importance.hessian_diagonal(
+        model, params, batches, F.cross_entropy, probes, torch.Generator().manual_seed(0))])
+    # Hutchinson's per-entry variance is sum_{j != i} H_ij^2: allow five standard errors
+    off = exact - torch.diag(exact.diagonal())
+    stderr = (off.pow(2).sum(1) / probes).sqrt()
+    assert torch.all((est - exact.diagonal()).abs() <= 5 * stderr + 1e-6)
+    assert torch.corrcoef(torch.stack([est, exact.diagonal()]))[0, 1] > 0.99
+    # ...and it is the Hessian of *all* the batches, not just the last one
+    last_only = _exact_hessian(model, params, batches[1:]).diagonal()
+    assert (est - exact.diagonal()).abs().sum() < (est - last_only).abs().sum()
+
+
+def test_hessian_scores_are_obd_saliencies():
+    model, batches = _tiny()
+    scores = importance.hessian(model, batches, F.cross_entropy, seed=0, probes=3000)
+    for u in model.units():
+        params = [u.layer.weight, u.layer.bias]
+        diag = _exact_hessian(model, params, batches).diagonal()
+        h_w = diag[: u.layer.weight.numel()].view_as(u.layer.weight)
+        h_b = diag[u.layer.weight.numel():]
+        expected_w = 0.5 * h_w * u.layer.weight.detach() ** 2
+        expected_u = expected_w.sum(1) + 0.5 * h_b * u.layer.bias.detach() ** 2
+        got_w = scores.weights[u.name]
+        assert (got_w - expected_w).abs().sum() < 0.15 * expected_w.abs().sum()  # Hutchinson noise only
+        assert torch.corrcoef(torch.stack([got_w.flatten(), expected_w.flatten()]))[0, 1] > 0.95
+        assert spearmanr(scores.units[u.name], expected_u).statistic > 0.9
+
+
+def test_taylor_ranks_units_like_the_true_loss_change_of_removing_them():
+    model, batches = _tiny(CNN, n=64)
+    truth = importance.removal_loss_change(model, batches, F.cross_entropy)
+    taylor = importance.taylor(model, batches[:1] + batches[1:], F.cross_entropy)
+    s = torch.cat([taylor.units[k] for k in truth])
+    t = torch.cat([truth[k] for k in truth]).abs()
+    assert spearmanr(s, t).statistic > 0.7
+    rnd = importance.random(model, batches, F.cross_entropy, seed=0)
+    assert spearmanr(s, t).statistic > spearmanr(torch.cat([rnd.units[k] for k in truth]), t).statistic + 0.3
+
+
+def test_removal_loss_change_is_the_loss_with_the_unit_silenced():
+    model, batches = _tiny(CNN)
+    truth = importance.removal_loss_change(model, batches, F.cross_entropy)
+    x, y = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+    base = F.cross_entropy(model(x), y)
+    bn = model.features[1][1]
+    with torch.no_grad():
+        bn.weight[2], bn.bias[2] = 0.0, 0.0
+        assert truth["features.1.0"][2].item() == pytest.approx((F.cross_entropy(model(x), y) - base).item(), abs=1e-6)
+
+
+def _signed_loss(logits: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
+    return (logits.sum(1) * sign).mean()
+
+
+def test_taylor_takes_the_absolute_value_per_batch_before_averaging():
+    model, batches = _tiny()
+    x = batches[0][0]
+    plus, minus = torch.ones(len(x)), -torch.ones(len(x))
+    # two batches whose gradients are exact opposites: summed first, they would cancel to zero
+    scores = importance.taylor(model, [(x, plus), (x, minus)], _signed_loss)
+    model.zero_grad()
+    _signed_loss(model(x), plus).backward()
+    for u in model.units():
+        one = (u.layer.weight * u.layer.weight.grad).sum(1) + u.layer.bias * u.layer.bias.grad
+        assert torch.allclose(scores.units[u.name], one.abs().detach(), atol=1e-6)
+        assert scores.units[u.name].sum() > 0
+
+
+def test_fisher_sums_squared_per_sample_gradients_over_every_sample():
+    model, batches = _tiny()
+    scores = importance.fisher(model, batches, F.cross_entropy)
+    units = model.units()
+    expected_u = {u.name: torch.zeros(u.size) for u in units}
+    expected_w = {u.name: torch.zeros_like(u.layer.weight) for u in units}
+    n = 0
+    for x, y in batches:
+        for i in range(len(y)):  # one sample at a time: the slow, obvious way
+            model.zero_grad()
+            F.cross_entropy(model(x[i:i + 1]), y[i:i + 1]).backward()
+            for u in units:
+                w, b = u.layer.weight, u.layer.bias
+                expected_u[u.name] += ((w * w.grad).sum(1) + b * b.grad).detach() ** 2
+                expected_w[u.name] += w.grad.detach() ** 2
+            n += 1
+    for u in units:
+        assert torch.allclose(scores.units[u.name], 0.5 * expected_u[u.name] / n, rtol=1e-4, atol=1e-9)
+        w = u.layer.weight.detach()
+        assert torch.allclose(scores.weights[u.name], 0.5 * w**2 * expected_w[u.name] / n, rtol=1e-4, atol=1e-9)
+
+
+def test_fisher_on_a_conv_net_with_batchnorm_gates_runs_per_sample():
+    model, batches = _tiny(CNN)
+    one = importance.fisher(model, batches[:1], F.cross_entropy)
+    x, y = batches[0]
+    halves = importance.fisher(model, [(x[:12], y[:12]), (x[12:], y[12:])], F.cross_entropy)
+    for k in one.units:  # batching does not change a per-sample statistic
+        assert torch.allclose(one.units[k], halves.units[k], rtol=1e-4, atol=1e-10)
+
+
+def test_magnitude_scores_known_values():
+    model, batches = _tiny()
+    layer = model.classifier[0][0]
+    with torch.no_grad():
+        layer.weight.copy_(torch.arange(20, dtype=torch.float32).view(5, 4) - 10)
+    l1, l2 = importance.l1(model, batches, F.cross_entropy), importance.l2(model, batches, F.cross_entropy)
+    rows = torch.arange(20, dtype=torch.float32).view(5, 4) - 10
+    assert torch.equal(l1.units["classifier.0.0"], rows.abs().sum(1))
+    assert torch.allclose(l2.units["classifier.0.0"], rows.pow(2).sum(1).sqrt())
+    assert torch.equal(l1.weights["classifier.0.0"], rows.abs())
+    assert torch.equal(l2.weights["classifier.0.0"], rows.pow(2))
+
+
+def test_activation_and_apoz_known_values():
+    model = build_model({**MLP, "image_size": 1, "hidden": [2]})
+    layer = model.classifier[0][0]
+    with torch.no_grad():  # unit 0 = relu(x), unit 1 = relu(-x)
+        layer.weight.copy_(torch.tensor([[1.0], [-1.0]]))
+        layer.bias.zero_()
+    x = torch.tensor([1.0, 2.0, -4.0, 3.0]).view(4, 1, 1, 1)
+    batches = [(x[:3], torch.zeros(3, dtype=torch.long)), (x[3:], torch.zeros(1, dtype=torch.long))]
+    act = importance.activation(model, batches, F.cross_entropy).units["classifier.0.0"]
+    apoz = importance.apoz(model, batches, F.cross_entropy).units["classifier.0.0"]
+    assert torch.allclose(act, torch.tensor([6.0 / 4, 4.0 / 4]))
+    assert torch.allclose(apoz, torch.tensor([1 - 1 / 4, 1 - 3 / 4]))
+
+
+def test_random_is_reproducible_from_the_seed():
+    model, batches = _tiny()
+    a, b, c = (importance.random(model, batches, F.cross_entropy, seed=s) for s in (1, 1, 2))
+    assert all(torch.equal(a.units[k], b.units[k]) for k in a.units)
+    assert not all(torch.equal(a.units[k], c.units[k]) for k in a.units)
+
+
+@pytest.mark.parametrize("method", sorted(importance.SCORERS))
+def test_every_criterion_scores_every_unit_and_weight(method):
+    model, batches = _tiny(CNN)
+    scores = importance.SCORERS[method](model, batches, F.cross_entropy, seed=0, probes=2)
+    for u in model.units():
+        assert scores.units[u.name].shape == (u.size,)
+        assert scores.weights[u.name].shape == u.layer.weight.shape
+        assert torch.isfinite(scores.units[u.name]).all()
+        if method != "hessian":  # an OBD saliency is negative where the curvature is
+            assert (scores.units[u.name] >= 0).all()
+    back = importance.from_tensors(importance.to_tensors(scores))
+    assert all(torch.equal(back.units[k], scores.units[k]) for k in scores.units)
+
+
+def test_agreement_is_one_for_the_truth_itself():
+    truth = {"a": torch.tensor([0.1, 0.5, 0.2, 0.9]), "b": torch.tensor([0.3, 0.0])}
+    assert importance.agreement(truth, truth) == {"spearman": pytest.approx(1.0), "topk_overlap": 1.0}
+    reverse = {k: -v for k, v in truth.items()}
+    assert importance.agreement(reverse, truth)["spearman"] == pytest.approx(-1.0)

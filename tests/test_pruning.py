@@ -1,0 +1,123 @@
+"""Pruning: which units go, that removing them equals masking them, and that masks stay fixed."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kdprune import pruning
+from kdprune.checkpoints import load_model, save_model
+from kdprune.models import build_model, count_params
+from kdprune.training import fit
+
+CNN = {"arch": "cnn", "in_channels": 1, "image_size": 8, "num_classes": 10, "channels": [8, 16], "hidden": [12]}
+MLP = {"arch": "mlp", "in_channels": 1, "image_size": 8, "num_classes": 10, "channels": [], "hidden": [16, 8]}
+
+
+def _randomised(spec: dict, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    model = build_model(spec).eval()
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.5, 0.5)
+    return model
+
+
+def _removal(model: torch.nn.Module, seed: int = 1) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {u.name: torch.randperm(u.size, generator=g)[: u.size // 2].sort().values for u in model.units()}
+
+
+@pytest.mark.parametrize("spec", [CNN, MLP], ids=["cnn", "mlp"])
+def test_structurally_pruned_model_equals_its_masked_original(spec):
+    model = _randomised(spec)
+    x = torch.randn(16, 1, 8, 8)
+    remove = _removal(model)
+    masked = copy.deepcopy(model)
+    pruning.mask_units(masked, remove)
+    pruning.remove_units(model, x[:1], remove)
+    assert [u.size for u in model.units()] == [u.size - len(remove[u.name]) for u in masked.units()]
+    assert count_params(model) < count_params(masked)
+    with torch.no_grad():
+        assert torch.allclose(model(x), masked(x), rtol=1e-4, atol=1e-5)
+
+
+def test_pruned_model_save_load_round_trip(tmp_path):
+    model = _randomised(CNN)
+    x = torch.randn(4, 1, 8, 8)
+    pruning.remove_units(model, x[:1], _removal(model))
+    save_model(tmp_path, model, CNN)
+    loaded, spec = load_model(tmp_path)
+    assert spec["channels"] == [4, 8] and spec["hidden"] == [6]
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+
+
+def test_global_selection_removes_the_amount_and_keeps_one_unit_per_layer():
+    scores = {"a": torch.tensor([0.1, 0.2, 0.3, 0.4]), "b": torch.tensor([10.0, 20.0]), "c": torch.tensor([5.0, 1.0, 9.0])}
+    chosen = pruning.select_units(scores, 0.5, "global")
+    assert sum(len(v) for v in chosen.values()) == int(0.5 * 9)
+    # after mean-normalising, a's lowest (0.4 of its mean) and c's 1.0 (0.2 of its mean) go first
+    assert 1 in chosen["c"].tolist() and 0 in chosen["a"].tolist()
+    almost_all = pruning.select_units(scores, 0.99, "global")
+    assert all(len(almost_all[k]) == len(v) - 1 for k, v in scores.items())
+
+
+def test_layer_selection_prunes_each_layer_by_the_amount():
+    scores = {"a": torch.tensor([4.0, 1.0, 3.0, 2.0]), "b": torch.tensor([1.0, 2.0])}
+    chosen = pruning.select_units(scores, 0.5, "layer")
+    assert chosen["a"].tolist() == [1, 3] and chosen["b"].tolist() == [0]
+    assert pruning.select_units(scores, 0.99, "layer")["b"].tolist() == [0]
+
+
+def test_global_normalisation_is_scale_free_per_layer():
+    scores = {"a": torch.tensor([1.0, 2.0, 3.0]), "b": torch.tensor([1.0, 2.0, 3.0])}
+    scaled = {"a": scores["a"], "b": scores["b"] * 1000}
+    assert {k: v.tolist() for k, v in pruning.select_units(scores, 0.34, "global").items()} == \
+        {k: v.tolist() for k, v in pruning.select_units(scaled, 0.34, "global").items()}
+
+
+@pytest.mark.parametrize("scope", ["global", "layer"])
+def test_weight_selection_zeroes_the_amount_and_spares_a_weight_per_unit(scope):
+    g = torch.Generator().manual_seed(0)
+    scores = {"a": torch.rand(6, 10, generator=g), "b": torch.rand(4, 3, 3, 3, generator=g) * 100}
+    masks = pruning.select_weights(scores, 0.8, scope)
+    total = sum(m.numel() for m in masks.values())
+    kept = sum(int(m.sum()) for m in masks.values())
+    assert abs((total - kept) / total - 0.8) < 0.05
+    for m in masks.values():
+        assert m.reshape(m.shape[0], -1).any(1).all()
+
+
+def test_unstructured_masks_stay_fixed_through_fine_tuning():
+    model = _randomised(MLP)
+    g = torch.Generator().manual_seed(0)
+    scores = {u.name: torch.rand(u.layer.weight.shape, generator=g) for u in model.units()}
+    masks = pruning.prune(model, {}, scores, 0.7, "global", False, torch.randn(1, 1, 8, 8))
+    before = {u.name: u.layer.weight.detach().clone() for u in model.units()}
+    assert all(torch.equal(before[k] == 0, ~masks[k]) for k in masks)
+    pruning.apply_weight_masks(model, masks)
+    x, y = torch.randn(64, 1, 8, 8), torch.randint(0, 10, (64,))
+
+    class Cfg:
+        epochs, batch_size, optimizer, lr, weight_decay = 3, 16, "adam", 0.01, 0.0
+
+    fit(model, (x, y), (x, y), F.cross_entropy, Cfg, seed=0, device=torch.device("cpu"))
+    pruning.bake_weight_masks(model)
+    for u in model.units():
+        w = u.layer.weight.detach()
+        assert torch.all(w[~masks[u.name]] == 0)
+        assert not torch.equal(w[masks[u.name]], before[u.name][masks[u.name]])  # the rest did train
+    assert set(model.state_dict()) == set(build_model(MLP).state_dict())
+
+
+def test_prune_refuses_scores_for_other_layers():
+    model = _randomised(CNN)
+    with pytest.raises(ValueError, match="scores are for layers"):
+        pruning.prune(model, {"nope": torch.ones(3)}, {}, 0.5, "global", True, torch.randn(1, 1, 8, 8))
