@@ -14,7 +14,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from kdprune.checkpoints import load_model, load_tensors
     from kdprune.files import staged_dir
-    from kdprune.data import load_split
+    from kdprune.data import labelled_subset, load_split
     from kdprune.pruning import apply_weight_masks, bake_weight_masks
     from kdprune.tracking import log_epoch, stage_run
     from kdprune.training import fit, resolve_device, seed_everything
@@ -22,14 +22,18 @@ def main(argv: list[str] | None = None) -> None:
     model, spec = load_model(args.pruned)
     if (args.pruned / "masks.pt").exists():
         apply_weight_masks(model, load_tensors(args.pruned / "masks.pt"))
+    # the labels the student may see (student.label_fraction) are the labels fine-tuning may see
     if p.finetune.distill:
         stage.check_provenance(args.soft_labels, args.teacher, args.data)
-        train, loss = stage.with_soft_labels(args.data, args.soft_labels), stage.kd(p.distill)
+        train = stage.with_soft_labels(args.data, args.soft_labels, p.student.label_fraction, p.seed)
+        loss = stage.kd(p.distill)
     else:
-        train, loss = load_split(args.data, "train"), F.cross_entropy
+        x, y = load_split(args.data, "train")
+        keep = labelled_subset(y, p.student.label_fraction, p.seed)
+        train, loss = (x[keep], y[keep]), F.cross_entropy
     val = load_split(args.data, "val")
     seed_everything(p.seed)
-    logged = stage.section(p, "finetune", "distill", "seed", "device")
+    logged = stage.section(p, "finetune", "distill", "seed", "device", "student.label_fraction")
     with stage_run("finetune", logged, inputs=[args.data, args.pruned, args.soft_labels]) as run, \
             staged_dir(args.out) as out:
         history = fit(model, train, val, loss, p.finetune, p.seed, resolve_device(p.device), log_epoch)

@@ -15,7 +15,8 @@ def main(argv: list[str] | None = None) -> None:
 
     stage.check_provenance(args.soft_labels, args.teacher, args.data)
     spec = stage.model_spec(p.student, load_meta(args.data))
-    train, val = stage.with_soft_labels(args.data, args.soft_labels), load_split(args.data, "val")
+    train = stage.with_soft_labels(args.data, args.soft_labels, p.student.label_fraction, p.seed)
+    val = load_split(args.data, "val")
     seed_everything(p.seed)
     model = build_model(spec)
     logged = stage.section(p, "student", "distill", "seed", "device")

@@ -68,8 +68,9 @@ def stage_paths(root: Path) -> dict[str, dict[str, Path]]:
                      "out": d["finetuned"], "plots": root / "plots/finetune.csv"},
         "evaluate": {"data": d["data"], "teacher": d["teacher"], "student_scratch": d["scratch"],
                      "student": d["student"], "pruned": d["pruned"], "finetuned": d["finetuned"],
-                     "metrics": root / "metrics/evaluate.json", "report": root / "reports/comparison.md",
-                     "plot": root / "plots/tradeoff.png"},
+                     "metrics": root / "metrics/evaluate.json", "per_class": root / "metrics/per_class.json",
+                     "report": root / "reports/comparison.md", "plot": root / "plots/tradeoff.png",
+                     "confusion": root / "plots/confusion.png"},
     }
 
 

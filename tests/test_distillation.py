@@ -73,3 +73,16 @@ def test_continuous_in_alpha_with_ce_and_kl_at_the_ends():
 def test_zero_when_student_matches_teacher_and_alpha_is_one():
     z = torch.randn(4, 5)
     assert kd_loss(z, z.clone(), torch.zeros(4, dtype=torch.long), 2.0, 1.0).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_unlabelled_samples_count_in_the_soft_term_only():
+    from kdprune.distillation import UNLABELLED
+
+    s, t = torch.tensor([c[0] for c in CASES]), torch.tensor([c[1] for c in CASES])
+    y = torch.tensor([CASES[0][2], UNLABELLED, UNLABELLED])
+    soft_all = kd_loss(s, t, y, 2.0, 1.0).item()
+    assert soft_all == pytest.approx(sum(_by_hand(*c[:3], 2.0, 1.0) for c in CASES) / 3, rel=1e-5)
+    hard = kd_loss(s, t, y, 2.0, 0.0).item()
+    assert hard == pytest.approx(_by_hand(*CASES[0][:3], 2.0, 0.0), rel=1e-5)  # the labelled sample alone
+    none = torch.full((3,), UNLABELLED)
+    assert kd_loss(s, t, none, 2.0, 0.0).item() == 0.0

@@ -113,3 +113,29 @@ def test_pruned_model_rebuilds_exactly_from_its_spec(pipeline):
     assert sum(spec["channels"]) + sum(spec["hidden"]) < sum(student_spec["channels"]) + sum(student_spec["hidden"])
     assert all(w >= 1 for w in spec["channels"] + spec["hidden"])
     assert count_params(pruned) < count_params(student)
+
+
+def test_same_params_same_seed_give_identical_bytes(tmp_path, mlflow_store):
+    from tests.conftest import run_stage, stage_paths, write_params
+
+    params = write_params(tmp_path / "params.yaml")
+    for run in ("a", "b"):
+        paths = stage_paths(tmp_path / run)
+        for name in ("prepare", "train_teacher", "soft_labels", "train_student"):
+            run_stage(name, params, **paths[name])
+    for rel in ("data/prepared/train.pt", "data/prepared/test.pt", "models/teacher/model.pt",
+                "artifacts/soft_labels/logits.pt", "models/student/model.pt"):
+        assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes(), rel
+
+
+def test_soft_labels_from_another_teacher_are_refused_naming_both(pipeline, tmp_path, mlflow_store):
+    from kdprune.errors import CheckpointError
+    from tests.conftest import run_stage
+
+    paths = {**pipeline["paths"]["train_student"], "out": tmp_path / "student",
+             "plots": tmp_path / "curve.csv", "teacher": pipeline["root"] / "models/student_scratch"}
+    with pytest.raises(CheckpointError) as e:
+        run_stage("train_student", pipeline["params"], **paths)
+    assert str(pipeline["root"] / "artifacts/soft_labels/provenance.json") in str(e.value)
+    assert str(pipeline["root"] / "models/student_scratch/model.pt") in str(e.value)
+    assert not (tmp_path / "student").exists()

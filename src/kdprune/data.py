@@ -99,6 +99,18 @@ def prepare(name: str, raw_dir: Path, out_dir: Path, val_fraction: float, test_f
     return meta
 
 
+def labelled_subset(y: torch.Tensor, fraction: float, seed: int) -> torch.Tensor:
+    """A stratified boolean mask (N,) of the samples whose hard labels may be used."""
+    if fraction >= 1.0:
+        return torch.ones(len(y), dtype=torch.bool)
+    from sklearn.model_selection import train_test_split
+
+    keep, _ = train_test_split(np.arange(len(y)), train_size=fraction, stratify=y.numpy(), random_state=seed)
+    mask = torch.zeros(len(y), dtype=torch.bool)
+    mask[torch.from_numpy(keep)] = True
+    return mask
+
+
 def load_meta(data_dir: str | Path) -> dict[str, Any]:
     return read_json(Path(data_dir) / META_FILE)
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from kdprune.checkpoints import MODEL_FILE, load_model
+from kdprune.checkpoints import MODEL_FILE
 from kdprune.measure import count_macs, count_nonzero, gzip_size, latency_ms
 from kdprune.models import count_params
 from kdprune.training import predict
@@ -23,10 +23,19 @@ def measure(model: torch.nn.Module, model_dir: Path, x: torch.Tensor, y: torch.T
     return out
 
 
-def compare(dirs: dict[str, Path], x: torch.Tensor, y: torch.Tensor, cfg: Any) -> dict[str, dict[str, Any]]:
+def confusion(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(K, K) counts: row = true class, column = predicted class."""
+    preds = predict(model, x).argmax(1)
+    return torch.bincount(y * num_classes + preds, minlength=num_classes**2).view(num_classes, num_classes)
+
+
+def per_class_accuracy(counts: torch.Tensor) -> dict[str, float]:
+    return {str(k): (counts[k, k] / counts[k].sum().clamp_min(1)).item() for k in range(len(counts))}
+
+
+def compare(models: dict[str, torch.nn.Module], dirs: dict[str, Path], x: torch.Tensor, y: torch.Tensor,
+            cfg: Any) -> dict[str, dict[str, Any]]:
     """Measure every model; add ratios against the teacher and the student, and what distillation added."""
-    torch.manual_seed(0)
-    models = {name: load_model(d)[0] for name, d in dirs.items()}
     results = {name: measure(m, dirs[name], x, y, cfg) for name, m in models.items()}
     teacher_preds = predict(models["teacher"], x).argmax(1)
     big = f"latency_ms_b{max(cfg.batch_sizes)}"

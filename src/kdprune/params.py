@@ -29,7 +29,7 @@ def _widths(*default: int) -> Any:
     return field(default_factory=lambda: list(default), metadata={"each": (1, 1 << 16, False, False)})
 
 
-Arch = Literal["cnn", "mlp"]
+Arch = Literal["cnn", "mlp", "resnet"]
 Optimizer = Literal["adam", "sgd"]
 Criterion = Literal["l1", "l2", "taylor", "hessian", "fisher", "activation", "apoz", "random"]
 CRITERIA: tuple[str, ...] = typing.get_args(Criterion)
@@ -54,6 +54,12 @@ class TrainParams:
     optimizer: Optimizer = "adam"
     lr: float = _between(0.002, 0.0, 10.0, lo_open=True)
     weight_decay: float = _between(0.0, 0.0, 1.0)
+
+
+@dataclass(frozen=True)
+class StudentParams(TrainParams):
+    """The student (distilled, and from scratch as the control)."""
+    label_fraction: float = _between(1.0, 0.0, 1.0, lo_open=True)  # of the train split whose hard labels it sees
 
 
 @dataclass(frozen=True)
@@ -96,6 +102,8 @@ class EvaluateParams:
     threads: int = _between(1, 1, 1024)
     warmup: int = _between(5, 0, 10_000)
     repeats: int = _between(30, 1, 100_000)
+    registered_model: str = "auto"  # MLflow registry name for the fine-tuned model; auto: kdprune-<data.name>
+    max_accuracy_drop: float = _between(0.01, 0.0, 1.0)  # register only within this drop against the student
 
 
 @dataclass(frozen=True)
@@ -104,7 +112,7 @@ class Params:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     data: DataParams = field(default_factory=DataParams)
     teacher: TrainParams = field(default_factory=lambda: TrainParams(channels=[64, 128], hidden=[256]))
-    student: TrainParams = field(default_factory=TrainParams)
+    student: StudentParams = field(default_factory=StudentParams)
     distill: DistillParams = field(default_factory=DistillParams)
     score: ScoreParams = field(default_factory=ScoreParams)
     prune: PruneParams = field(default_factory=PruneParams)
@@ -202,6 +210,8 @@ def _cross_checks(p: Params) -> list[str]:
             errors.append(f"{name}.channels: an mlp has no conv layers, must be [], got {t.channels!r}")
         if t.arch == "cnn" and not t.channels:
             errors.append(f"{name}.channels: a cnn needs at least one conv layer")
+        if t.arch == "resnet" and not t.channels:  # resnet channels are stage widths, one block each
+            errors.append(f"{name}.channels: a resnet needs at least one stage width")
     for key in ("channels", "hidden"):
         s, t = getattr(p.student, key), getattr(p.teacher, key)
         if p.student.arch == p.teacher.arch and any(a > b for a, b in zip(s, t)):

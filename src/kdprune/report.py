@@ -55,6 +55,30 @@ def plot_tradeoff(models: dict[str, dict[str, Any]], path: Path) -> None:
     _save_figure(fig, path)
 
 
+def plot_confusion(matrices: dict[str, Any], path: Path) -> None:
+    """One confusion matrix per model (rows: true class, columns: predicted), side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(matrices), figsize=(3.2 * len(matrices), 3.2), squeeze=False)
+    for ax, (name, counts) in zip(axes[0], matrices.items()):
+        ax.imshow(counts.numpy(), cmap="Blues")
+        k = len(counts)
+        for i in range(k):
+            for j in range(k):
+                if counts[i, j] and i != j:  # only the mistakes: the diagonal is read off the colour
+                    ax.text(j, i, int(counts[i, j]), ha="center", va="center", fontsize=7, color="red")
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("predicted", fontsize=8)
+        ax.set_xticks(range(k))
+        ax.set_yticks(range(k))
+        ax.tick_params(labelsize=6)
+    axes[0][0].set_ylabel("true", fontsize=8)
+    _save_figure(fig, path)
+
+
 def plot_oracle(unit_scores: dict[str, dict[str, Any]], truth: dict[str, Any], path: Path) -> None:
     """Each criterion's unit ranks against the ranks of the true loss change of removing the unit."""
     import matplotlib

@@ -46,8 +46,12 @@ def section(p: Params, *names: str) -> dict[str, Any]:
 
 
 def model_spec(cfg: Any, meta: dict[str, Any]) -> dict[str, Any]:
+    """The spec to build a model of `cfg` for this data; a resnet's stage widths are expanded here."""
+    from kdprune.models import spec_channels
+
     return {"arch": cfg.arch, "in_channels": meta["in_channels"], "image_size": meta["image_size"],
-            "num_classes": meta["num_classes"], "channels": list(cfg.channels), "hidden": list(cfg.hidden)}
+            "num_classes": meta["num_classes"], "channels": spec_channels(cfg.arch, list(cfg.channels)),
+            "hidden": list(cfg.hidden)}
 
 
 def write_history(path: Path, history: list[dict[str, float]]) -> None:
@@ -82,18 +86,22 @@ def save_trained(out: Path, model: Any, spec: dict[str, Any], history: list[dict
     write_run_record(out, run)
 
 
-def train_on_labels(name: str, p: Params, cfg: Any, logged: dict[str, Any], args: argparse.Namespace) -> None:
-    """Train a model of `cfg`'s architecture on hard labels (teacher, from-scratch student)."""
+def train_on_labels(name: str, p: Params, cfg: Any, logged: dict[str, Any], args: argparse.Namespace,
+                    label_fraction: float = 1.0) -> None:
+    """Train a model of `cfg`'s architecture on hard labels (teacher, from-scratch student),
+    on the `label_fraction` of the train split whose labels it may see."""
     import torch.nn.functional as F
 
-    from kdprune.data import load_meta, load_split
+    from kdprune.data import labelled_subset, load_meta, load_split
     from kdprune.files import staged_dir
     from kdprune.models import build_model
     from kdprune.tracking import log_epoch, stage_run
     from kdprune.training import fit, resolve_device, seed_everything
 
     spec = model_spec(cfg, load_meta(args.data))
-    train, val = load_split(args.data, "train"), load_split(args.data, "val")
+    (x, y), val = load_split(args.data, "train"), load_split(args.data, "val")
+    keep = labelled_subset(y, label_fraction, p.seed)
+    train = (x[keep], y[keep])
     seed_everything(p.seed)
     model = build_model(spec)
     with stage_run(name, logged, inputs=[args.data]) as run, staged_dir(args.out) as out:
@@ -101,15 +109,20 @@ def train_on_labels(name: str, p: Params, cfg: Any, logged: dict[str, Any], args
         save_trained(out, model.cpu(), spec, history, args.plots, run, val[0])
 
 
-def with_soft_labels(data_dir: Path, soft_dir: Path) -> tuple[Any, Any, Any]:
-    """(x, y, teacher logits) of the train split."""
+def with_soft_labels(data_dir: Path, soft_dir: Path, label_fraction: float = 1.0, seed: int = 0) -> tuple:
+    """(x, y, teacher logits) of the train split; y is UNLABELLED outside the `label_fraction`
+    whose hard labels the student may see (the same stratified subset train_scratch sees)."""
+    import torch
+
     from kdprune.checkpoints import load_tensors
-    from kdprune.data import load_split
+    from kdprune.data import labelled_subset, load_split
+    from kdprune.distillation import UNLABELLED
 
     x, y = load_split(data_dir, "train")
     logits = load_tensors(soft_dir / "logits.pt")["train"]
     if logits.shape[0] != len(y):
         raise CheckpointError(f"{soft_dir / 'logits.pt'} has {logits.shape[0]} rows, {data_dir} has {len(y)}")
+    y = torch.where(labelled_subset(y, label_fraction, seed), y, UNLABELLED)
     return x, y, logits
 
 

@@ -9,6 +9,7 @@ from typing import Callable, Protocol
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 
 LossFn = Callable[..., torch.Tensor]  # loss_fn(logits, *targets) -> scalar
 EpochHook = Callable[[int, dict[str, float]], None]
@@ -67,7 +68,8 @@ def fit(model: nn.Module, train: tuple[torch.Tensor, ...], val: tuple[torch.Tens
     history = []
     for epoch in range(1, cfg.epochs + 1):
         start = time.perf_counter()
-        train_loss = _train_epoch(model, train, loss_fn, optimizer, cfg.batch_size, generator, device)
+        train_loss = _train_epoch(model, train, loss_fn, optimizer, cfg.batch_size, generator, device,
+                                  f"epoch {epoch}/{cfg.epochs}")
         schedule.step()
         val_metrics = evaluate(model, *val)
         row = {"train_loss": train_loss, "val_loss": val_metrics["loss"], "val_accuracy": val_metrics["accuracy"],
@@ -82,12 +84,13 @@ def fit(model: nn.Module, train: tuple[torch.Tensor, ...], val: tuple[torch.Tens
 
 def _train_epoch(model: nn.Module, train: tuple[torch.Tensor, ...], loss_fn: LossFn,
                  optimizer: torch.optim.Optimizer, batch_size: int, generator: torch.Generator,
-                 device: torch.device) -> float:
+                 device: torch.device, desc: str) -> float:
+    """One pass over the shuffled train set; a progress bar on a terminal, nothing otherwise."""
     model.train()
     n = len(train[0])
     order = torch.randperm(n, generator=generator)
     total = 0.0
-    for i in range(0, n, batch_size):
+    for i in tqdm(range(0, n, batch_size), desc=desc, leave=False, disable=not sys.stderr.isatty()):
         idx = order[i:i + batch_size]
         x, *targets = (t[idx].to(device) for t in train)
         if len(x) < 2 and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
