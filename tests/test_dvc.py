@@ -75,3 +75,37 @@ def test_an_experiment_on_prune_amount_reruns_only_what_reads_it(project):
     out = _sh(["dvc", "exp", "run", "-S", "prune.amount=0.7"], root, env)
     assert RAN.findall(out.stdout) == ["validate", "prune", "finetune", "evaluate"]
     assert yaml.safe_load((root / "params.yaml").read_text())["prune"]["amount"] == 0.7
+
+
+def test_a_queued_sweep_with_two_workers_on_a_fresh_store_loses_no_run(project):
+    """Two experiments, two workers, a brand-new default store: both summary runs land, in `kdprune`,
+    with their own params, and the upstream stages are reused, not retrained."""
+    import time
+
+    import mlflow
+
+    root, env = project
+    env = {k: v for k, v in env.items() if k != "MLFLOW_TRACKING_URI"}  # the default store, from temp copies
+    (root / "mlflow.db").rename(root / "mlflow.old.db")
+    _sh(["dvc", "exp", "run", "--queue", "-S", "prune.amount=0.6,0.8"], root, env)
+    _sh(["dvc", "queue", "start", "-j", "2"], root, env)
+    deadline = time.monotonic() + 420
+    while time.monotonic() < deadline:
+        status = _sh(["dvc", "queue", "status"], root, env).stdout
+        if not re.search(r"\b(Queued|Running)\b", status):
+            break
+        time.sleep(3)
+    _sh(["dvc", "queue", "stop"], root, env, check=False)
+    assert status.count("Success") == 2, status
+    client = mlflow.MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    assert sorted(e.name for e in client.search_experiments()) == ["Default", "kdprune"]
+    exp = client.get_experiment_by_name("kdprune")
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    summaries = [r for r in runs if r.data.tags.get("pipeline.kind") == "summary"]
+    assert sorted(r.data.params["prune.amount"] for r in summaries) == ["0.6", "0.8"]
+    assert all(r.info.status == "FINISHED" for r in runs)
+    assert all(r.data.tags.get("dvc.exp_name") for r in summaries)
+    stages = sorted(r.data.tags["pipeline.stage"] for r in runs if r.data.tags.get("pipeline.kind") == "stage")
+    assert stages == sorted(["prune", "finetune", "evaluate"] * 2)  # teacher and students reused
+    default = client.get_experiment_by_name("Default")
+    assert client.search_runs([default.experiment_id]) == []

@@ -139,3 +139,22 @@ def test_soft_labels_from_another_teacher_are_refused_naming_both(pipeline, tmp_
     assert str(pipeline["root"] / "artifacts/soft_labels/provenance.json") in str(e.value)
     assert str(pipeline["root"] / "models/student_scratch/model.pt") in str(e.value)
     assert not (tmp_path / "student").exists()
+
+
+def test_the_finetuned_model_is_registered_only_within_the_accuracy_drop(pipeline, tmp_path, monkeypatch):
+    from tests.conftest import load_stage, write_params
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", pipeline["uri"])
+    evaluate = load_stage("evaluate")
+    p = evaluate.load_params(write_params(tmp_path / "p.yaml", evaluate={"registered_model": "kd-test"}))
+    finetuned = {"accuracy": 0.9, "accuracy_drop_vs_student": 0.02, "params_vs_student": 0.3}
+    verdict = evaluate.register(p, finetuned, pipeline["root"] / "models/finetuned")
+    assert verdict.startswith("not registered in kd-test: accuracy drop against the student 0.0200 exceeds")
+    client = mlflow.MlflowClient(pipeline["uri"])
+    assert client.search_registered_models("name = 'kd-test'") == []
+    verdict = evaluate.register(p, {**finetuned, "accuracy_drop_vs_student": 0.005},
+                                pipeline["root"] / "models/finetuned")
+    assert verdict == "registered the fine-tuned model as kd-test version 1"
+    (version,) = client.search_model_versions("name = 'kd-test'")
+    assert version.tags["params_vs_student"] == "0.3"
+    assert version.run_id == json.loads((pipeline["root"] / "models/finetuned/mlflow_run.json").read_text())["run_id"]

@@ -82,8 +82,7 @@ def save_trained(out: Path, model: Any, spec: dict[str, Any], history: list[dict
 
     save_model(out, model, spec)
     write_history(plots, history)
-    log_model(model, example)
-    write_run_record(out, run)
+    write_run_record(out, run, model_uri=log_model(model, example))
 
 
 def train_on_labels(name: str, p: Params, cfg: Any, logged: dict[str, Any], args: argparse.Namespace,
