@@ -1,7 +1,11 @@
 """evaluate: every model side by side on the test split, and the MLflow summary run of this pipeline."""
 
+from __future__ import annotations
+
+from pathlib import Path
+
 from kdprune import stage
-from kdprune.params import load_params
+from kdprune.params import Params, load_params
 
 MODELS = ("teacher", "student_scratch", "student", "pruned", "finetuned")
 
@@ -35,7 +39,26 @@ def main(argv: list[str] | None = None) -> None:
         log_epoch(0, headline)
         summary_run(flatten(p), headline, {**run.upstream, "evaluate": run.run_id},
                     [args.metrics, args.per_class, args.report, args.plot, args.confusion])
+        verdict = register(p, results["finetuned"], args.finetuned)
     print(table)
+    print(verdict)
+
+
+def register(p: Params, finetuned: dict, finetuned_dir: Path) -> str:
+    """Register the fine-tuned model when its accuracy drop against the student is within bounds."""
+    from kdprune.files import RUN_FILE, read_json
+    from kdprune.tracking import register_model
+
+    name = f"kdprune-{p.data.name}" if p.evaluate.registered_model == "auto" else p.evaluate.registered_model
+    drop, limit = finetuned["accuracy_drop_vs_student"], p.evaluate.max_accuracy_drop
+    if drop > limit:
+        return (f"not registered in {name}: accuracy drop against the student {drop:.4f} "
+                f"exceeds evaluate.max_accuracy_drop {limit}")
+    keys = ("accuracy", "accuracy_drop_vs_student", "params_vs_student", "params_vs_teacher", "macs_vs_student",
+            "speedup_b256_vs_student")
+    tags = {k: round(finetuned[k], 6) for k in keys if k in finetuned}
+    version = register_model(read_json(finetuned_dir / RUN_FILE)["model_uri"], name, tags)
+    return f"registered the fine-tuned model as {name} version {version}"
 
 
 if __name__ == "__main__":
