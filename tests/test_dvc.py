@@ -109,3 +109,6 @@ def test_a_queued_sweep_with_two_workers_on_a_fresh_store_loses_no_run(project):
     assert stages == sorted(["prune", "finetune", "evaluate"] * 2)  # teacher and students reused
     default = client.get_experiment_by_name("Default")
     assert client.search_runs([default.experiment_id]) == []
+    report = _sh(["kdprune", "report", "--out", str(root / "reports")], root, env).stdout
+    assert [line.split(" | ")[1] for line in report.splitlines() if line.startswith("| 0.")] == ["1", "1"]
+    assert (root / "reports/pareto.png").exists()

@@ -70,11 +70,19 @@ def test_hessian_scores_are_obd_saliencies():
         h_w = diag[: u.layer.weight.numel()].view_as(u.layer.weight)
         h_b = diag[u.layer.weight.numel():]
         expected_w = 0.5 * h_w * u.layer.weight.detach() ** 2
-        expected_u = expected_w.sum(1) + 0.5 * h_b * u.layer.bias.detach() ** 2
+        full = _exact_hessian(model, params, batches)
+        expected_u = torch.zeros(u.size)
+        for j in range(u.size):  # 0.5 d^T H d, d = the removal step of unit j (its row and its bias)
+            d = torch.cat([torch.zeros_like(u.layer.weight).index_copy(0, torch.tensor([j]),
+                                                                       u.layer.weight.detach()[j:j + 1]).flatten(),
+                           torch.zeros_like(u.layer.bias).index_copy(0, torch.tensor([j]),
+                                                                     u.layer.bias.detach()[j:j + 1])])
+            expected_u[j] = 0.5 * d @ full @ d
         got_w = scores.weights[u.name]
         assert (got_w - expected_w).abs().sum() < 0.15 * expected_w.abs().sum()  # Hutchinson noise only
         assert torch.corrcoef(torch.stack([got_w.flatten(), expected_w.flatten()]))[0, 1] > 0.95
-        assert spearmanr(scores.units[u.name], expected_u).statistic > 0.9
+        assert spearmanr(scores.units[u.name], expected_u).statistic >= 0.8  # 5 units: one near-tie may swap
+        assert (scores.units[u.name] - expected_u).abs().sum() < 0.15 * expected_u.abs().sum()
 
 
 def test_taylor_ranks_units_like_the_true_loss_change_of_removing_them():

@@ -20,6 +20,7 @@ def measure(model: torch.nn.Module, model_dir: Path, x: torch.Tensor, y: torch.T
            "size_bytes": (model_dir / MODEL_FILE).stat().st_size, "gzip_bytes": gzip_size(model_dir / MODEL_FILE)}
     for b in cfg.batch_sizes:
         out[f"latency_ms_b{b}"] = latency_ms(model, x, b, cfg.threads, cfg.warmup, cfg.repeats)
+        out[f"throughput_b{b}"] = b / out[f"latency_ms_b{b}"] * 1e3  # samples per second
     return out
 
 

@@ -98,18 +98,45 @@ def hessian_diagonal(model: nn.Module, params: list[torch.Tensor], batches: Batc
     return [d.detach() / probes for d in diag]
 
 
+def unit_quadratic(model: nn.Module, units: list, batches: Batches, loss_fn: LossFn, probes: int,
+                   generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """Hutchinson over units: E_r[r_j * d_j^T H v], v = sum_k r_k d_k, estimates d_j^T H d_j per unit j.
+
+    d_j is the removal step of unit j (its gate values, zero elsewhere); r is Rademacher per unit,
+    so the cross terms between units cancel in expectation while those inside a unit (a BatchNorm
+    scale with its shift, a weight row with its bias) are kept: the group OBD saliency, not the
+    sum of diagonal terms, which would drop exactly those within-unit couplings.
+    """
+    gates = [p for u in units for p in u.gates]
+    grads = torch.autograd.grad(_mean_loss(model, batches, loss_fn), gates, create_graph=True)
+    acc = {u.name: torch.zeros(u.size) for u in units}
+    for _ in range(probes):
+        signs = {u.name: torch.randint(0, 2, (u.size,), generator=generator).float() * 2 - 1 for u in units}
+        vs = [p.detach() * signs[u.name].view(-1, *[1] * (p.dim() - 1)) for u in units for p in u.gates]
+        hvs = torch.autograd.grad(grads, gates, grad_outputs=vs, retain_graph=True)
+        i = 0
+        for u in units:
+            dhv = sum(_rows(p.detach() * hv) for p, hv in zip(u.gates, hvs[i:i + len(u.gates)]))  # (n,)
+            acc[u.name] += signs[u.name] * dhv
+            i += len(u.gates)
+    return {k: v / probes for k, v in acc.items()}
+
+
 def hessian(model: nn.Module, batches: Batches, loss_fn: LossFn, seed: int = 0, probes: int = 32) -> Scores:
-    """Optimal Brain Damage (LeCun et al. 1990): saliency 0.5 * h_ii * w_i^2, diag(H) by Hutchinson."""
+    """Optimal Brain Damage (LeCun et al. 1990): the second-order loss change of a removal.
+
+    Per weight 0.5 * h_ii * w_i^2 with diag(H) by Hutchinson; per unit 0.5 * d^T H d over the
+    unit's removal step d (see unit_quadratic). The first-order term is left out, as OBD assumes
+    a minimum; compare `taylor` for the first-order estimate.
+    """
     model.eval()
     units = model.units()
-    gates = [p for u in units for p in u.gates]
+    generator = torch.Generator().manual_seed(seed)
     weights = [u.layer.weight for u in units]
-    params = list({id(p): p for p in gates + weights}.values())
-    diag = dict(zip(map(id, params), hessian_diagonal(model, params, batches, loss_fn, probes,
-                                                        torch.Generator().manual_seed(seed))))
-    obd = lambda p: 0.5 * diag[id(p)] * p.detach() ** 2  # noqa: E731
-    return Scores({u.name: sum(_rows(obd(p)) for p in u.gates) for u in units},
-                  {u.name: obd(u.layer.weight) for u in units})
+    diag = hessian_diagonal(model, weights, batches, loss_fn, probes, generator)
+    quad = unit_quadratic(model, units, batches, loss_fn, probes, generator)
+    return Scores({u.name: 0.5 * quad[u.name] for u in units},
+                  {u.name: 0.5 * d * u.layer.weight.detach() ** 2 for u, d in zip(units, diag)})
 
 
 def fisher(model: nn.Module, batches: Batches, loss_fn: LossFn, seed: int = 0, probes: int = 0) -> Scores:

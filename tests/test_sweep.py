@@ -1,0 +1,78 @@
+"""`kdprune report`: grouping summary runs over seeds, the Pareto front, the files and the table."""
+
+from __future__ import annotations
+
+import statistics
+
+import mlflow
+import pytest
+
+from kdprune import cli, sweep
+from kdprune.tracking import summary_run
+
+BASE = {"prune.criterion": "taylor", "prune.structured": True, "teacher.epochs": 20}
+
+
+def _metrics(acc: float, params: float) -> dict[str, float]:
+    m = {"finetuned.accuracy": acc, "finetuned.params": params, "finetuned.macs": params * 10,
+         "finetuned.latency_ms_b256": params / 1000, "finetuned.params_vs_student": params / 36000,
+         "finetuned.accuracy_drop_vs_student": 0.99 - acc, "student.distill_gain": 0.01}
+    for ref, p in (("teacher", 200_000), ("student", 36_000)):
+        m |= {f"{ref}.accuracy": 0.99, f"{ref}.params": p, f"{ref}.macs": p * 10, f"{ref}.latency_ms_b256": p / 1000}
+    return m
+
+
+@pytest.fixture
+def sweep_store(mlflow_store: str) -> str:
+    """Four summary runs: prune.amount 0.5 and 0.8, seeds 0 and 1 each."""
+    for amount, seed, acc, params in ((0.5, 0, 0.98, 9000), (0.5, 1, 0.96, 9100), (0.8, 0, 0.90, 2000),
+                                      (0.8, 1, 0.94, 2100)):
+        summary_run({**BASE, "prune.amount": amount, "seed": seed}, _metrics(acc, params), {}, [])
+    return mlflow_store
+
+
+def test_runs_are_grouped_over_seeds_with_mean_std_and_n(sweep_store):
+    rows = sweep.group(sweep.summary_runs("kdprune"))
+    assert [r["prune.amount"] for r in rows] == ["0.5", "0.8"]
+    assert all(set(r) >= {"prune.amount", "n", "seeds"} and "prune.criterion" not in r for r in rows)
+    assert [r["n"] for r in rows] == [2, 2] and rows[0]["seeds"] == "0 1"
+    assert rows[0]["finetuned.accuracy.mean"] == pytest.approx(0.97)
+    assert rows[1]["finetuned.accuracy.std"] == pytest.approx(statistics.stdev([0.90, 0.94]))
+    assert rows[1]["finetuned.params.mean"] == pytest.approx(2050)
+
+
+def test_only_finished_summary_runs_count(sweep_store):
+    client = mlflow.MlflowClient(sweep_store)
+    exp = client.get_experiment_by_name("kdprune")
+    client.set_terminated(client.create_run(exp.experiment_id, tags={"pipeline.kind": "summary"}).info.run_id,
+                          "FAILED")
+    client.create_run(exp.experiment_id, tags={"pipeline.kind": "stage"})
+    assert len(sweep.summary_runs("kdprune")) == 4
+
+
+def test_pareto_front():
+    points = [(1.0, 0.90), (2.0, 0.95), (3.0, 0.94), (4.0, 0.99), (2.0, 0.93)]
+    assert sweep.pareto_front(points) == [0, 1, 3]
+
+
+def test_the_command_prints_one_row_per_setting_and_writes_three_files(sweep_store, tmp_path, capsys):
+    cli.main(["report", "--out", str(tmp_path / "reports"), "--log"])
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| 0.")]
+    assert len(rows) == 2 and all(" | 2 | " in r for r in rows)
+    assert "0.97 ± 0.014" in rows[0]
+    for name in ("sweep.md", "sweep.csv", "pareto.png"):
+        assert (tmp_path / "reports" / name).stat().st_size > 0
+    assert (tmp_path / "reports/pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "reports/sweep.csv").read_text().splitlines()[0].startswith("prune.amount,n,seeds,")
+    logged = mlflow.MlflowClient(sweep_store).search_runs(
+        [mlflow.MlflowClient(sweep_store).get_experiment_by_name("kdprune").experiment_id],
+        "tags.`pipeline.kind` = 'report'")
+    assert len(logged) == 1 and logged[0].info.status == "FINISHED"
+
+
+def test_an_empty_experiment_is_a_clear_error(mlflow_store, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["report", "--experiment", "nothing-here"])
+    assert e.value.code == 2
+    assert "has no experiment 'nothing-here'" in capsys.readouterr().err
