@@ -12,6 +12,7 @@ def main(argv: list[str] | None = None) -> None:
     p = load_params(args.params)
     import torch.nn.functional as F
 
+    from kdprune import soft_labels, trainer
     from kdprune.checkpoints import load_model, load_tensors
     from kdprune.files import staged_dir
     from kdprune.data import labelled_subset, load_split
@@ -24,9 +25,9 @@ def main(argv: list[str] | None = None) -> None:
         apply_weight_masks(model, load_tensors(args.pruned / "masks.pt"))
     # the labels the student may see (student.label_fraction) are the labels fine-tuning may see
     if p.finetune.distill:
-        stage.check_provenance(args.soft_labels, args.teacher, args.data)
-        train = stage.with_soft_labels(args.data, args.soft_labels, p.student.label_fraction, p.seed)
-        loss = stage.kd(p.distill)
+        soft_labels.check_provenance(args.soft_labels, args.teacher, args.data)
+        train = soft_labels.load_train(args.data, args.soft_labels, p.student.label_fraction, p.seed)
+        loss = soft_labels.loss(p.distill)
     else:
         x, y = load_split(args.data, "train")
         keep = labelled_subset(y, p.student.label_fraction, p.seed)
@@ -38,7 +39,7 @@ def main(argv: list[str] | None = None) -> None:
             staged_dir(args.out) as out:
         history = fit(model, train, val, loss, p.finetune, p.seed, resolve_device(p.device), log_epoch)
         bake_weight_masks(model)
-        stage.save_trained(out, model.cpu(), spec, history, args.plots, run, val[0])
+        trainer.save_trained(out, model.cpu(), spec, history, args.plots, run, val[0])
 
 
 if __name__ == "__main__":

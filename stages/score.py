@@ -16,13 +16,13 @@ def main(argv: list[str] | None = None) -> None:
     from kdprune import importance
     from kdprune.checkpoints import load_model, save_tensors
     from kdprune.files import staged_dir, write_json
-    from kdprune.data import load_split
+    from kdprune.data import batches, load_split
     from kdprune.report import plot_oracle
     from kdprune.tracking import log_epoch, stage_run, write_run_record
 
     model, _ = load_model(args.student)
-    train = stage.batches(*load_split(args.data, "train"), p.score.batch_size, p.score.samples, p.seed)
-    held = stage.batches(*load_split(args.data, p.score.oracle_split), p.score.batch_size)
+    train = batches(*load_split(args.data, "train"), p.score.batch_size, p.score.samples, p.seed)
+    held = batches(*load_split(args.data, p.score.oracle_split), p.score.batch_size)
     with stage_run("score", stage.section(p, "score", "seed"), inputs=[args.data, args.student]) as run, \
             staged_dir(args.out) as out:
         scores = {m: importance.SCORERS[m](model, train, F.cross_entropy, seed=p.seed, probes=p.score.probes)

@@ -10,20 +10,18 @@ from kdprune.params import load_params
 def main(argv: list[str] | None = None) -> None:
     args = stage.parser(__doc__, "data", "teacher", "out").parse_args(argv)
     load_params(args.params)
-    from kdprune.checkpoints import load_model, save_tensors
-    from kdprune.files import sha256, staged_dir, write_json
-    from kdprune.data import load_meta, load_split
+    from kdprune import soft_labels
+    from kdprune.checkpoints import load_model
+    from kdprune.data import load_split
+    from kdprune.files import staged_dir
     from kdprune.tracking import log_epoch, stage_run, write_run_record
     from kdprune.training import predict
 
     teacher, _ = load_model(args.teacher)
     x, y = load_split(args.data, "train")
-    provenance = {"teacher_sha256": sha256(args.teacher / "model.pt"),
-                  "train_sha256": load_meta(args.data)["sha256"]["train"]}
     with stage_run("soft_labels", {}, inputs=[args.data, args.teacher]) as run, staged_dir(args.out) as out:
         logits = predict(teacher, x)  # (N, K)
-        save_tensors(out / "logits.pt", {"train": logits})
-        write_json(out / "provenance.json", provenance)
+        soft_labels.save(out, logits, args.teacher, args.data)
         write_run_record(out, run)
         log_epoch(0, {"teacher_train_accuracy": (logits.argmax(1) == y).float().mean().item()})
 

@@ -7,7 +7,9 @@ from kdprune.params import load_params
 def main(argv: list[str] | None = None) -> None:
     args = stage.parser(__doc__, "data", "out", "plots").parse_args(argv)
     p = load_params(args.params)
-    stage.train_on_labels("train_scratch", p, p.student, stage.section(p, "student", "seed", "device"), args,
+    from kdprune import trainer
+
+    trainer.train_on_labels("train_scratch", p, p.student, stage.section(p, "student", "seed", "device"), args,
                           label_fraction=p.student.label_fraction)
 
 

@@ -7,7 +7,9 @@ from kdprune.params import load_params
 def main(argv: list[str] | None = None) -> None:
     args = stage.parser(__doc__, "data", "out", "plots").parse_args(argv)
     p = load_params(args.params)
-    stage.train_on_labels("train_teacher", p, p.teacher, stage.section(p, "teacher", "seed", "device"), args)
+    from kdprune import trainer
+
+    trainer.train_on_labels("train_teacher", p, p.teacher, stage.section(p, "teacher", "seed", "device"), args)
 
 
 if __name__ == "__main__":

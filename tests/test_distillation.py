@@ -76,7 +76,7 @@ def test_zero_when_student_matches_teacher_and_alpha_is_one():
 
 
 def test_unlabelled_samples_count_in_the_soft_term_only():
-    from kdprune.distillation import UNLABELLED
+    from kdprune.data import UNLABELLED
 
     s, t = torch.tensor([c[0] for c in CASES]), torch.tensor([c[1] for c in CASES])
     y = torch.tensor([CASES[0][2], UNLABELLED, UNLABELLED])

@@ -121,3 +121,40 @@ def test_prune_refuses_scores_for_other_layers():
     model = _randomised(CNN)
     with pytest.raises(ValueError, match="scores are for layers"):
         pruning.prune(model, {"nope": torch.ones(3)}, {}, 0.5, "global", True, torch.randn(1, 1, 8, 8))
+
+
+def _magnitude(model: torch.nn.Module) -> tuple[dict, dict]:
+    units = model.units()
+    return ({u.name: u.layer.weight.detach().abs().reshape(u.size, -1).sum(1) for u in units},
+            {u.name: u.layer.weight.detach().abs() for u in units})
+
+
+def test_iterative_unstructured_masks_only_grow_and_reach_the_amount():
+    model = _randomised(MLP)
+    seen: list[dict] = []
+
+    def recover(m: torch.nn.Module) -> None:  # a stand-in fine-tune that moves every weight it may
+        seen.append({u.name: u.layer.weight.detach().clone() for u in m.units()})
+        with torch.no_grad():
+            for u in m.units():
+                u.layer.weight.add_(0.5)
+
+    masks = pruning.iterative_prune(model, _magnitude, 0.9, 3, "global", False, torch.randn(1, 1, 8, 8), recover)
+    assert len(seen) == 2  # between rounds, not after the last
+    for u in model.units():
+        w = u.layer.weight.detach()
+        assert torch.all(w[~masks[u.name]] == 0)
+        for before in seen:  # zero in an earlier round -> still zero now
+            assert torch.all(w[before[u.name] == 0] == 0)
+    total = sum(m.numel() for m in masks.values())
+    assert abs(1 - sum(int(m.sum()) for m in masks.values()) / total - 0.9) < 0.03
+
+
+def test_iterative_structured_pruning_reaches_the_amount_in_rounds():
+    model = _randomised(CNN)
+    sizes = []
+    n0 = sum(u.size for u in model.units())
+    pruning.iterative_prune(model, _magnitude, 0.75, 2, "global", True, torch.randn(1, 1, 8, 8),
+                            lambda m: sizes.append(sum(u.size for u in m.units())))
+    assert sizes == [n0 - int(0.5 * n0)]  # round 1: 1 - (1 - 0.75) ** 0.5 = half of the units
+    assert abs(sum(u.size for u in model.units()) - 0.25 * n0) <= 2

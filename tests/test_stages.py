@@ -46,7 +46,7 @@ def test_evaluate_reports_every_model(pipeline):
 def test_student_is_at_most_a_quarter_of_the_default_teacher():
     from kdprune.models import build_model
     from kdprune.params import load_params
-    from kdprune.stage import model_spec
+    from kdprune.trainer import model_spec
     from tests.conftest import REPO
 
     p = load_params(REPO / "params.yaml")
@@ -158,3 +158,20 @@ def test_the_finetuned_model_is_registered_only_within_the_accuracy_drop(pipelin
     (version,) = client.search_model_versions("name = 'kd-test'")
     assert version.tags["params_vs_student"] == "0.3"
     assert version.run_id == json.loads((pipeline["root"] / "models/finetuned/mlflow_run.json").read_text())["run_id"]
+
+
+def test_prune_in_rounds_and_unstructured_masks_survive_finetuning(pipeline, tmp_path, mlflow_store):
+    from tests.conftest import run_stage, write_params
+
+    params = write_params(tmp_path / "p.yaml", prune={"structured": False, "amount": 0.8, "steps": 3,
+                                                      "round_epochs": 1})
+    paths = pipeline["paths"]
+    run_stage("prune", params, **{**paths["prune"], "out": tmp_path / "pruned"})
+    run_stage("finetune", params, **{**paths["finetune"], "pruned": tmp_path / "pruned",
+                                     "out": tmp_path / "finetuned", "plots": tmp_path / "ft.csv"})
+    masks = torch.load(tmp_path / "pruned/masks.pt", weights_only=True)
+    model, _ = load_model(tmp_path / "finetuned")
+    zeroed = sum(int((~m).sum()) for m in masks.values())
+    assert zeroed / sum(m.numel() for m in masks.values()) == pytest.approx(0.8, abs=0.03)
+    for u in model.units():
+        assert torch.all(u.layer.weight[~masks[u.name]] == 0)

@@ -14,6 +14,7 @@ from kdprune.errors import CheckpointError, DataError
 from kdprune.files import read_json, sha256, write_json
 
 SPLITS = ("train", "val", "test")
+UNLABELLED = -1  # a label withheld from the student (student.label_fraction < 1)
 META_FILE = "meta.json"
 
 
@@ -126,3 +127,12 @@ def load_split(data_dir: str | Path, name: str) -> tuple[torch.Tensor, torch.Ten
     std = torch.tensor(meta["std"]).view(1, -1, 1, 1).clamp_min(1e-8)
     x = (blob["x"].float() / meta["scale"] - mean) / std
     return x.float(), blob["y"].long()
+
+
+def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, limit: int | None = None, seed: int | None = None) -> list[tuple]:
+    """[(x, y), ...] in chunks of batch_size: the first `limit` samples, shuffled by `seed` when given."""
+    if seed is not None:
+        order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+        x, y = x[order], y[order]
+    n = len(y) if limit is None else min(limit, len(y))
+    return [(x[i:min(i + batch_size, n)], y[i:min(i + batch_size, n)]) for i in range(0, n, batch_size)]

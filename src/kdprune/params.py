@@ -84,6 +84,9 @@ class PruneParams:
     amount: float = _between(0.5, 0.0, 1.0, hi_open=True)
     structured: bool = True
     scope: Literal["global", "layer"] = "global"
+    steps: int = _between(1, 1, 100)  # rounds to reach the amount in, re-scoring and recovering between them
+    round_epochs: int = _between(2, 0, 1000)  # recovery fine-tune between rounds (hard labels, Adam)
+    round_lr: float = _between(0.001, 0.0, 10.0, lo_open=True)
 
 
 @dataclass(frozen=True)

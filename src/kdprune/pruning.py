@@ -5,6 +5,8 @@ Knows nothing of how scores were made (see importance.py); it only ranks them.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 from torch.nn.utils import prune as torch_prune
@@ -19,7 +21,7 @@ def normalise(scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     against its own layer's typical unit, so the global cut removes what is weak *where it is*.
     The magnitude, not the signed mean: an OBD saliency can be negative where curvature is.
     """
-    return {k: v / v.abs().mean().clamp_min(1e-12) for k, v in scores.items()}
+    return {k: v / v[v.isfinite()].abs().mean().clamp_min(1e-12) for k, v in scores.items()}
 
 
 def select_units(scores: dict[str, torch.Tensor], amount: float, scope: str) -> dict[str, torch.Tensor]:
@@ -116,4 +118,35 @@ def prune(model: nn.Module, unit_scores: dict[str, torch.Tensor], weight_scores:
     masks = select_weights(weight_scores, amount, scope)
     apply_weight_masks(model, masks)
     bake_weight_masks(model)
+    return masks
+
+
+ScoreFn = Callable[[nn.Module], tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]]
+
+
+def iterative_prune(model: nn.Module, score: ScoreFn, amount: float, steps: int, scope: str, structured: bool,
+                    example: torch.Tensor, recover: Callable[[nn.Module], None]) -> dict[str, torch.Tensor] | None:
+    """Reach `amount` in `steps` rounds (Han et al. 2015): score the current model, prune it to the
+    round's target, recover with a short fine-tune, repeat; no recovery after the last round.
+
+    The targets 1 - (1 - amount)^(k / steps) remove the same share of what is left each round.
+    Unstructured masks only grow: a weight pruned in one round stays pruned.
+    """
+    masks: dict[str, torch.Tensor] | None = None
+    done = 0.0
+    for k in range(1, steps + 1):
+        target = 1 - (1 - amount) ** (k / steps)
+        units, weights = score(model)
+        if structured:
+            prune(model, units, weights, 1 - (1 - target) / (1 - done), scope, True, example)
+        else:
+            if masks is not None:  # already pruned: ranked below everything, so it stays pruned
+                weights = {n: w.masked_fill(~masks[n], float("-inf")) for n, w in weights.items()}
+            masks = prune(model, units, weights, target, scope, False, example)
+        done = target
+        if k < steps:
+            if masks is not None:
+                apply_weight_masks(model, masks)
+            recover(model)
+            bake_weight_masks(model)
     return masks
