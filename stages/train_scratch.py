@@ -10,7 +10,7 @@ def main(argv: list[str] | None = None) -> None:
     from kdprune import trainer
 
     trainer.train_on_labels("train_scratch", p, p.student, stage.section(p, "student", "seed", "device"), args,
-                          label_fraction=p.student.label_fraction)
+                          label_fraction=p.student.label_fraction, l1=p.student.l1)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> None:
     with stage_run("train_student", logged, inputs=[args.data, args.soft_labels]) as run, \
             staged_dir(args.out) as out:
         history = fit(model, train, val, soft_labels.loss(p.distill), p.student, p.seed, resolve_device(p.device),
-                      log_epoch)
+                      log_epoch, l1=p.student.l1)
         trainer.save_trained(out, model.cpu(), spec, history, args.plots, run, val[0])
 
 

@@ -158,3 +158,17 @@ def test_iterative_structured_pruning_reaches_the_amount_in_rounds():
                             lambda m: sizes.append(sum(u.size for u in m.units())))
     assert sizes == [n0 - int(0.5 * n0)]  # round 1: 1 - (1 - 0.75) ** 0.5 = half of the units
     assert abs(sum(u.size for u in model.units()) - 0.25 * n0) <= 2
+
+
+def test_l1_training_shrinks_batchnorm_scales():
+    x, y = torch.randn(128, 1, 8, 8), torch.randint(0, 10, (128,))
+
+    class Cfg:
+        epochs, batch_size, optimizer, lr, weight_decay = 20, 32, "adam", 0.01, 0.0
+
+    norms = {}
+    for l1 in (0.0, 0.05):
+        model = _randomised(CNN)
+        fit(model, (x, y), (x, y), F.cross_entropy, Cfg, seed=0, device=torch.device("cpu"), l1=l1)
+        norms[l1] = sum(m.weight.abs().sum().item() for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    assert norms[0.05] < 0.7 * norms[0.0]

@@ -60,6 +60,7 @@ class TrainParams:
 class StudentParams(TrainParams):
     """The student (distilled, and from scratch as the control)."""
     label_fraction: float = _between(1.0, 0.0, 1.0, lo_open=True)  # of the train split whose hard labels it sees
+    l1: float = _between(0.0, 0.0, 1.0)  # L1 penalty on BatchNorm scales (network slimming), else on weights
 
 
 @dataclass(frozen=True)

@@ -43,9 +43,9 @@ def save_trained(out: Path, model: Any, spec: dict[str, Any], history: list[dict
 
 
 def train_on_labels(name: str, p: Params, cfg: Any, logged: dict[str, Any], args: argparse.Namespace,
-                    label_fraction: float = 1.0) -> None:
+                    label_fraction: float = 1.0, l1: float = 0.0) -> None:
     """Train a model of `cfg`'s architecture on hard labels (teacher, from-scratch student),
-    on the `label_fraction` of the train split whose labels it may see."""
+    on the `label_fraction` of the train split whose labels it may see, with an `l1` penalty."""
     import torch.nn.functional as F
 
     spec = model_spec(cfg, load_meta(args.data))
@@ -55,5 +55,6 @@ def train_on_labels(name: str, p: Params, cfg: Any, logged: dict[str, Any], args
     seed_everything(p.seed)
     model = build_model(spec)
     with stage_run(name, logged, inputs=[args.data]) as run, staged_dir(args.out) as out:
-        history = fit(model, train, val, F.cross_entropy, cfg, p.seed, resolve_device(p.device), log_epoch)
+        history = fit(model, train, val, F.cross_entropy, cfg, p.seed, resolve_device(p.device), log_epoch,
+                      l1=l1)
         save_trained(out, model.cpu(), spec, history, args.plots, run, val[0])

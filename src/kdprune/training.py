@@ -57,10 +57,18 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, fl
     return {"loss": F.cross_entropy(logits, y).item(), "accuracy": (logits.argmax(1) == y).float().mean().item()}
 
 
+def l1_penalty(model: nn.Module) -> torch.Tensor:
+    """Sum of |BatchNorm scale| where the model has BatchNorm (network slimming, Liu et al. 2017),
+    else of |w| over the prunable layers: sparsity that makes unimportant units easy to see."""
+    scales = [m.weight for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    return sum(p.abs().sum() for p in scales or [u.layer.weight for u in model.units()])
+
+
 def fit(model: nn.Module, train: tuple[torch.Tensor, ...], val: tuple[torch.Tensor, torch.Tensor],
         loss_fn: LossFn, cfg: OptimConfig, seed: int, device: torch.device,
-        on_epoch: EpochHook | None = None) -> list[dict[str, float]]:
-    """Train `model` in place on train = (x, y, *more targets); return one metrics dict per epoch."""
+        on_epoch: EpochHook | None = None, l1: float = 0.0) -> list[dict[str, float]]:
+    """Train `model` in place on train = (x, y, *more targets), plus `l1` * l1_penalty(model);
+    return one metrics dict per epoch."""
     model.to(device)
     optimizer = make_optimizer(model, cfg)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(cfg.epochs, 1))
@@ -68,7 +76,8 @@ def fit(model: nn.Module, train: tuple[torch.Tensor, ...], val: tuple[torch.Tens
     history = []
     for epoch in range(1, cfg.epochs + 1):
         start = time.perf_counter()
-        train_loss = _train_epoch(model, train, loss_fn, optimizer, cfg.batch_size, generator, device,
+        penalised = loss_fn if not l1 else lambda logits, *t: loss_fn(logits, *t) + l1 * l1_penalty(model)
+        train_loss = _train_epoch(model, train, penalised, optimizer, cfg.batch_size, generator, device,
                                   f"epoch {epoch}/{cfg.epochs}")
         schedule.step()
         val_metrics = evaluate(model, *val)
