@@ -42,6 +42,9 @@ def test_the_repo_defaults_are_valid():
     ("score: {methods: [l1]}", "prune.criterion: 'taylor' is not among score.methods ['l1']"),
     ("data: {name: imagenet}", "data.name: must be one of digits, mnist, fashion_mnist, cifar10"),
     ("prune: 0.5", "prune: must be a mapping, got 0.5"),
+    ("prune: {scope: sensitivity, structured: false}", "prune.scope: sensitivity spreads units across layers"),
+    ("student: {l1: -1}", "student.l1: must be in [0.0, 1.0], got -1"),
+    ("student: {label_fraction: 0}", "student.label_fraction: must be in (0.0, 1.0], got 0"),
     ("evaluate: {batch_sizes: 256}", "evaluate.batch_sizes: must be a list of an integer, got 256"),
 ])
 def test_bad_values_name_the_key(tmp_path, text, message):

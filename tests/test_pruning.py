@@ -172,3 +172,36 @@ def test_l1_training_shrinks_batchnorm_scales():
         fit(model, (x, y), (x, y), F.cross_entropy, Cfg, seed=0, device=torch.device("cpu"), l1=l1)
         norms[l1] = sum(m.weight.abs().sum().item() for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
     assert norms[0.05] < 0.7 * norms[0.0]
+
+
+def test_allocation_spends_the_amount_where_accuracy_is_cheapest():
+    fragile = [1.0, 0.5, 0.3, 0.2, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1]
+    robust = [1.0, 1.0, 1.0, 0.99, 0.98, 0.97, 0.9, 0.8, 0.6, 0.4]
+    counts = pruning.allocate({"a": fragile, "b": robust}, {"a": 10, "b": 10}, 0.25)
+    assert counts == {"a": 0, "b": 5}
+    everything = pruning.allocate({"a": fragile, "b": robust}, {"a": 10, "b": 10}, 0.99)
+    assert everything == {"a": 9, "b": 9}  # every layer keeps one unit
+
+
+def test_sensitivity_curves_start_at_the_intact_accuracy_and_prune_by_scores():
+    model = _randomised(CNN)
+    x = torch.randn(32, 1, 8, 8)
+    reference = model(x).detach()
+    agreement = lambda m: (m(x).argmax(1) == reference.argmax(1)).float().mean().item()  # noqa: E731
+    scores = {u.name: torch.arange(u.size, dtype=torch.float32) for u in model.units()}
+    curves = pruning.sensitivity(model, scores, agreement)
+    assert set(curves) == {u.name for u in model.units()}
+    assert all(len(c) == len(pruning.FRACTIONS) and c[0] == 1.0 for c in curves.values())
+    assert torch.equal(model(x), reference)  # measured on copies
+
+
+def test_sensitivity_scope_prunes_the_amount_and_stays_equivalent_to_masking():
+    model = _randomised(CNN)
+    x = torch.randn(32, 1, 8, 8)
+    reference = model(x).detach()
+    agreement = lambda m: (m(x).argmax(1) == reference.argmax(1)).float().mean().item()  # noqa: E731
+    g = torch.Generator().manual_seed(0)
+    scores = {u.name: torch.rand(u.size, generator=g) for u in model.units()}
+    n0 = sum(u.size for u in model.units())
+    pruning.prune(model, scores, {}, 0.5, "sensitivity", True, x[:1], agreement)
+    assert sum(u.size for u in model.units()) == n0 - int(0.5 * n0)

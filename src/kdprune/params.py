@@ -84,7 +84,7 @@ class PruneParams:
     criterion: Criterion = "taylor"
     amount: float = _between(0.5, 0.0, 1.0, hi_open=True)
     structured: bool = True
-    scope: Literal["global", "layer"] = "global"
+    scope: Literal["global", "layer", "sensitivity"] = "global"
     steps: int = _between(1, 1, 100)  # rounds to reach the amount in, re-scoring and recovering between them
     round_epochs: int = _between(2, 0, 1000)  # recovery fine-tune between rounds (hard labels, Adam)
     round_lr: float = _between(0.001, 0.0, 10.0, lo_open=True)
@@ -220,6 +220,8 @@ def _cross_checks(p: Params) -> list[str]:
         s, t = getattr(p.student, key), getattr(p.teacher, key)
         if p.student.arch == p.teacher.arch and any(a > b for a, b in zip(s, t)):
             errors.append(f"student.{key}: the student is wider than its teacher ({s} vs teacher.{key} {t})")
+    if p.prune.scope == "sensitivity" and not p.prune.structured:
+        errors.append("prune.scope: sensitivity spreads units across layers; it needs prune.structured: true")
     if not p.score.methods:
         errors.append("score.methods: list at least one criterion")
     if p.prune.criterion not in p.score.methods:

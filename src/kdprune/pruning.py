@@ -5,6 +5,7 @@ Knows nothing of how scores were made (see importance.py); it only ranks them.
 
 from __future__ import annotations
 
+import copy
 from typing import Callable
 
 import torch
@@ -68,6 +69,47 @@ def select_weights(scores: dict[str, torch.Tensor], amount: float, scope: str) -
     return masks
 
 
+FRACTIONS = tuple(i / 10 for i in range(10))  # where each layer's sensitivity curve is measured
+
+
+def sensitivity(model: nn.Module, scores: dict[str, torch.Tensor],
+                accuracy: Callable[[nn.Module], float]) -> dict[str, list[float]]:
+    """Per layer (a coupled group counts as one), accuracy with its lowest-scored FRACTIONS of units
+    masked and every other layer intact: how much each layer can lose on its own."""
+    curves = {}
+    for u in model.units():
+        curve = []
+        for f in FRACTIONS:
+            trial = copy.deepcopy(model)
+            k = min(int(f * u.size), u.size - 1)
+            mask_units(trial, {u.name: scores[u.name].argsort()[:k]})
+            curve.append(accuracy(trial))
+        curves[u.name] = curve
+    return curves
+
+
+def allocate(curves: dict[str, list[float]], sizes: dict[str, int], amount: float) -> dict[str, int]:
+    """Units to remove per layer so that `amount` of all units go where the curves say it costs least.
+
+    Greedy, one unit at a time, by the marginal accuracy loss read off each layer's curve
+    (linearly interpolated between FRACTIONS); ties go to the larger layer.
+    """
+    def loss(name: str, k: int) -> float:
+        f = k / sizes[name]
+        i = min(int(f * 10), len(FRACTIONS) - 2)
+        t = (f - FRACTIONS[i]) / (FRACTIONS[i + 1] - FRACTIONS[i])
+        return curves[name][0] - ((1 - t) * curves[name][i] + t * curves[name][i + 1])
+
+    counts = dict.fromkeys(sizes, 0)
+    for _ in range(int(amount * sum(sizes.values()))):
+        open_ = [n for n in sizes if counts[n] < sizes[n] - 1]
+        if not open_:
+            break
+        best = min(open_, key=lambda n: (loss(n, counts[n] + 1) - loss(n, counts[n]), -sizes[n]))
+        counts[best] += 1
+    return counts
+
+
 @torch.no_grad()
 def mask_units(model: nn.Module, remove: dict[str, torch.Tensor]) -> None:
     """Silence units in place by zeroing their gates: the masked twin of `remove_units`."""
@@ -106,14 +148,24 @@ def bake_weight_masks(model: nn.Module) -> None:
 
 
 def prune(model: nn.Module, unit_scores: dict[str, torch.Tensor], weight_scores: dict[str, torch.Tensor],
-          amount: float, scope: str, structured: bool, example: torch.Tensor) -> dict[str, torch.Tensor] | None:
-    """Prune `model` in place; return the weight masks (unstructured) or None (structured)."""
+          amount: float, scope: str, structured: bool, example: torch.Tensor,
+          accuracy: Callable[[nn.Module], float] | None = None) -> dict[str, torch.Tensor] | None:
+    """Prune `model` in place; return the weight masks (unstructured) or None (structured).
+
+    scope "sensitivity" (structured only) spreads the amount by each layer's sensitivity curve,
+    measured with `accuracy`."""
     expected = {u.name for u in model.units()}
     given = set(unit_scores if structured else weight_scores)
     if given != expected:
         raise ValueError(f"scores are for layers {sorted(given)}, the model has {sorted(expected)}")
     if structured:
-        remove_units(model, example, select_units(unit_scores, amount, scope))
+        if scope == "sensitivity":
+            counts = allocate(sensitivity(model, unit_scores, accuracy), {u.name: u.size for u in model.units()},
+                              amount)
+            remove = {n: unit_scores[n].argsort()[:k].sort().values for n, k in counts.items()}
+        else:
+            remove = select_units(unit_scores, amount, scope)
+        remove_units(model, example, remove)
         return None
     masks = select_weights(weight_scores, amount, scope)
     apply_weight_masks(model, masks)
@@ -125,7 +177,8 @@ ScoreFn = Callable[[nn.Module], tuple[dict[str, torch.Tensor], dict[str, torch.T
 
 
 def iterative_prune(model: nn.Module, score: ScoreFn, amount: float, steps: int, scope: str, structured: bool,
-                    example: torch.Tensor, recover: Callable[[nn.Module], None]) -> dict[str, torch.Tensor] | None:
+                    example: torch.Tensor, recover: Callable[[nn.Module], None],
+                    accuracy: Callable[[nn.Module], float] | None = None) -> dict[str, torch.Tensor] | None:
     """Reach `amount` in `steps` rounds (Han et al. 2015): score the current model, prune it to the
     round's target, recover with a short fine-tune, repeat; no recovery after the last round.
 
@@ -138,7 +191,7 @@ def iterative_prune(model: nn.Module, score: ScoreFn, amount: float, steps: int,
         target = 1 - (1 - amount) ** (k / steps)
         units, weights = score(model)
         if structured:
-            prune(model, units, weights, 1 - (1 - target) / (1 - done), scope, True, example)
+            prune(model, units, weights, 1 - (1 - target) / (1 - done), scope, True, example, accuracy)
         else:
             if masks is not None:  # already pruned: ranked below everything, so it stays pruned
                 weights = {n: w.masked_fill(~masks[n], float("-inf")) for n, w in weights.items()}

@@ -79,6 +79,30 @@ def plot_confusion(matrices: dict[str, Any], path: Path) -> None:
     _save_figure(fig, path)
 
 
+def plot_sensitivity(curves: dict[str, list[float]], fractions: tuple[float, ...], path: Path) -> None:
+    """Validation accuracy against the fraction of one layer's units pruned, one line per layer."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, curve in curves.items():
+        ax.plot(fractions, curve, marker="o", ms=3, label=name)
+    ax.set_xlabel("fraction of the layer's units pruned (alone)")
+    ax.set_ylabel("validation accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title("layer sensitivity")
+    _save_figure(fig, path)
+
+
+def sensitivity_csv(curves: dict[str, list[float]], fractions: tuple[float, ...]) -> str:
+    rows = ["fraction," + ",".join(curves)]
+    rows += [f"{f}," + ",".join(f"{c[i]:.6f}" for c in curves.values()) for i, f in enumerate(fractions)]
+    return "\n".join(rows) + "\n"
+
+
 def plot_oracle(unit_scores: dict[str, dict[str, Any]], truth: dict[str, Any], path: Path) -> None:
     """Each criterion's unit ranks against the ranks of the true loss change of removing the unit."""
     import matplotlib

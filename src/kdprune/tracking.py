@@ -253,6 +253,14 @@ def log_epoch(step: int, metrics: dict[str, float]) -> None:
         mlflow.log_metrics(metrics, step=step)
 
 
+def log_artifact(path: Path) -> None:
+    """A file of this stage's (a plot) attached to its run."""
+    import mlflow
+
+    with _held():
+        mlflow.log_artifact(str(path))
+
+
 def log_model(model: Any, example: Any, name: str = "model") -> str:
     """The model as an MLflow pt2 artifact (torch.export: no pickle), with an input example; its URI."""
     import mlflow
