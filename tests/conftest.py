@@ -75,6 +75,31 @@ def stage_paths(root: Path) -> dict[str, dict[str, Path]]:
     }
 
 
+def randomised(spec: dict[str, Any], seed: int = 0) -> Any:
+    """A model of `spec` in eval mode with non-trivial BatchNorm statistics, so BN gates matter."""
+    import torch
+
+    from kdprune.models import build_model
+
+    torch.manual_seed(seed)
+    model = build_model(spec).eval()
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.5, 0.5)
+    return model
+
+
+def half_removal(model: Any, seed: int = 1) -> dict[str, Any]:
+    """A random half of every layer's units, as remove_units / mask_units take them."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return {u.name: torch.randperm(u.size, generator=g)[: u.size // 2].sort().values for u in model.units()}
+
+
 STAGES = list(stage_paths(Path(".")))
 
 

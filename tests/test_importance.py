@@ -190,9 +190,14 @@ def test_random_is_reproducible_from_the_seed():
     assert not all(torch.equal(a.units[k], c.units[k]) for k in a.units)
 
 
+RESNET = {"arch": "resnet", "in_channels": 1, "image_size": 8, "num_classes": 4, "channels": [3, 4, 4, 4],
+          "hidden": [4]}
+
+
+@pytest.mark.parametrize("spec", [CNN, RESNET], ids=["cnn", "resnet"])
 @pytest.mark.parametrize("method", sorted(importance.SCORERS))
-def test_every_criterion_scores_every_unit_and_weight(method):
-    model, batches = _tiny(CNN)
+def test_every_criterion_scores_every_unit_and_weight(method, spec):
+    model, batches = _tiny(spec)
     scores = importance.SCORERS[method](model, batches, F.cross_entropy, seed=0, probes=2)
     for u in model.units():
         assert scores.units[u.name].shape == (u.size,)

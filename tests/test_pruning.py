@@ -12,33 +12,17 @@ from kdprune import pruning
 from kdprune.checkpoints import load_model, save_model
 from kdprune.models import build_model, count_params
 from kdprune.training import fit
+from tests.conftest import half_removal, randomised
 
 CNN = {"arch": "cnn", "in_channels": 1, "image_size": 8, "num_classes": 10, "channels": [8, 16], "hidden": [12]}
 MLP = {"arch": "mlp", "in_channels": 1, "image_size": 8, "num_classes": 10, "channels": [], "hidden": [16, 8]}
 
 
-def _randomised(spec: dict, seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    model = build_model(spec).eval()
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.uniform_(-1, 1)
-            m.running_var.uniform_(0.5, 2)
-            m.weight.data.uniform_(0.5, 1.5)
-            m.bias.data.uniform_(-0.5, 0.5)
-    return model
-
-
-def _removal(model: torch.nn.Module, seed: int = 1) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return {u.name: torch.randperm(u.size, generator=g)[: u.size // 2].sort().values for u in model.units()}
-
-
 @pytest.mark.parametrize("spec", [CNN, MLP], ids=["cnn", "mlp"])
 def test_structurally_pruned_model_equals_its_masked_original(spec):
-    model = _randomised(spec)
+    model = randomised(spec)
     x = torch.randn(16, 1, 8, 8)
-    remove = _removal(model)
+    remove = half_removal(model)
     masked = copy.deepcopy(model)
     pruning.mask_units(masked, remove)
     pruning.remove_units(model, x[:1], remove)
@@ -49,9 +33,9 @@ def test_structurally_pruned_model_equals_its_masked_original(spec):
 
 
 def test_pruned_model_save_load_round_trip(tmp_path):
-    model = _randomised(CNN)
+    model = randomised(CNN)
     x = torch.randn(4, 1, 8, 8)
-    pruning.remove_units(model, x[:1], _removal(model))
+    pruning.remove_units(model, x[:1], half_removal(model))
     save_model(tmp_path, model, CNN)
     loaded, spec = load_model(tmp_path)
     assert spec["channels"] == [4, 8] and spec["hidden"] == [6]
@@ -96,7 +80,7 @@ def test_weight_selection_zeroes_the_amount_and_spares_a_weight_per_unit(scope):
 
 
 def test_unstructured_masks_stay_fixed_through_fine_tuning():
-    model = _randomised(MLP)
+    model = randomised(MLP)
     g = torch.Generator().manual_seed(0)
     scores = {u.name: torch.rand(u.layer.weight.shape, generator=g) for u in model.units()}
     masks = pruning.prune(model, {}, scores, 0.7, "global", False, torch.randn(1, 1, 8, 8))
@@ -118,7 +102,7 @@ def test_unstructured_masks_stay_fixed_through_fine_tuning():
 
 
 def test_prune_refuses_scores_for_other_layers():
-    model = _randomised(CNN)
+    model = randomised(CNN)
     with pytest.raises(ValueError, match="scores are for layers"):
         pruning.prune(model, {"nope": torch.ones(3)}, {}, 0.5, "global", True, torch.randn(1, 1, 8, 8))
 
@@ -130,7 +114,7 @@ def _magnitude(model: torch.nn.Module) -> tuple[dict, dict]:
 
 
 def test_iterative_unstructured_masks_only_grow_and_reach_the_amount():
-    model = _randomised(MLP)
+    model = randomised(MLP)
     seen: list[dict] = []
 
     def recover(m: torch.nn.Module) -> None:  # a stand-in fine-tune that moves every weight it may
@@ -151,7 +135,7 @@ def test_iterative_unstructured_masks_only_grow_and_reach_the_amount():
 
 
 def test_iterative_structured_pruning_reaches_the_amount_in_rounds():
-    model = _randomised(CNN)
+    model = randomised(CNN)
     sizes = []
     n0 = sum(u.size for u in model.units())
     pruning.iterative_prune(model, _magnitude, 0.75, 2, "global", True, torch.randn(1, 1, 8, 8),
@@ -168,7 +152,7 @@ def test_l1_training_shrinks_batchnorm_scales():
 
     norms = {}
     for l1 in (0.0, 0.05):
-        model = _randomised(CNN)
+        model = randomised(CNN)
         fit(model, (x, y), (x, y), F.cross_entropy, Cfg, seed=0, device=torch.device("cpu"), l1=l1)
         norms[l1] = sum(m.weight.abs().sum().item() for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
     assert norms[0.05] < 0.7 * norms[0.0]
@@ -184,7 +168,7 @@ def test_allocation_spends_the_amount_where_accuracy_is_cheapest():
 
 
 def test_sensitivity_curves_start_at_the_intact_accuracy_and_prune_by_scores():
-    model = _randomised(CNN)
+    model = randomised(CNN)
     x = torch.randn(32, 1, 8, 8)
     reference = model(x).detach()
     agreement = lambda m: (m(x).argmax(1) == reference.argmax(1)).float().mean().item()  # noqa: E731
@@ -196,7 +180,7 @@ def test_sensitivity_curves_start_at_the_intact_accuracy_and_prune_by_scores():
 
 
 def test_sensitivity_scope_prunes_the_amount_and_stays_equivalent_to_masking():
-    model = _randomised(CNN)
+    model = randomised(CNN)
     x = torch.randn(32, 1, 8, 8)
     reference = model(x).detach()
     agreement = lambda m: (m(x).argmax(1) == reference.argmax(1)).float().mean().item()  # noqa: E731

@@ -14,28 +14,12 @@ from kdprune.checkpoints import load_model, save_model
 from kdprune.errors import ParamsError
 from kdprune.models import build_model, count_params, spec_channels, spec_of
 from kdprune.params import load_params
+from tests.conftest import half_removal, randomised
 
 
 def _spec(image_size: int = 8, stages: Sequence[int] = (6, 8, 6), hidden: Sequence[int] = (5,)) -> dict:
     return {"arch": "resnet", "in_channels": 3, "image_size": image_size, "num_classes": 4,
             "channels": spec_channels("resnet", list(stages)), "hidden": list(hidden)}
-
-
-def _randomised(spec: dict, seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    model = build_model(spec).eval()
-    for m in model.modules():  # non-trivial BatchNorm statistics, so the BN gates matter
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.uniform_(-1, 1)
-            m.running_var.uniform_(0.5, 2)
-            m.weight.data.uniform_(0.5, 1.5)
-            m.bias.data.uniform_(-0.5, 0.5)
-    return model
-
-
-def _removal(model: torch.nn.Module, seed: int = 1) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return {u.name: torch.randperm(u.size, generator=g)[: u.size // 2].sort().values for u in model.units()}
 
 
 def _batches(spec: dict, n: int = 32, seed: int = 1) -> list:
@@ -63,9 +47,9 @@ def test_stage_widths_expand_to_one_width_per_prunable_conv_in_unit_order():
 @pytest.mark.parametrize("image_size", [8, 32])
 def test_structurally_pruned_resnet_equals_its_masked_original(image_size):
     spec = _spec(image_size)
-    model = _randomised(spec)
+    model = randomised(spec)
     x = torch.randn(8, 3, image_size, image_size)
-    remove = _removal(model)
+    remove = half_removal(model)
     masked = copy.deepcopy(model)
     pruning.mask_units(masked, remove)
     pruning.remove_units(model, x[:1], remove)
@@ -82,9 +66,9 @@ def test_structurally_pruned_resnet_equals_its_masked_original(image_size):
 
 def test_pruned_resnet_save_load_round_trip(tmp_path):
     spec = _spec(32)
-    model = _randomised(spec)
+    model = randomised(spec)
     x = torch.randn(4, 3, 32, 32)
-    pruning.remove_units(model, x[:1], _removal(model))
+    pruning.remove_units(model, x[:1], half_removal(model))
     save_model(tmp_path, model, spec)
     loaded, saved = load_model(tmp_path)
     assert saved["channels"] == [3, 3, 4, 4, 3, 3] and saved["hidden"] == [3]
@@ -92,24 +76,10 @@ def test_pruned_resnet_save_load_round_trip(tmp_path):
         assert torch.equal(loaded(x), model(x))
 
 
-@pytest.mark.parametrize("method", sorted(importance.SCORERS))
-def test_every_criterion_scores_every_resnet_unit_and_weight(method):
-    spec = _spec(stages=[3, 4], hidden=[4])
-    model, batches = _randomised(spec), _batches(spec)
-    scores = importance.SCORERS[method](model, batches, F.cross_entropy, seed=0, probes=2)
-    assert set(scores.units) == {u.name for u in model.units()}
-    for u in model.units():
-        assert scores.units[u.name].shape == (u.size,)
-        assert scores.weights[u.name].shape == u.layer.weight.shape
-        assert torch.isfinite(scores.units[u.name]).all()
-        if method != "hessian":  # an OBD saliency is negative where the curvature is
-            assert (scores.units[u.name] >= 0).all()
-
-
 @pytest.mark.parametrize("name", ["stem.0", "blocks.1.shortcut.0", "blocks.1.conv1"])
 def test_removal_loss_change_is_the_loss_with_the_channel_removed(name):
     spec = _spec(stages=[3, 4], hidden=[])  # no hidden layer whose dead ReLUs would hide the stream
-    model, batches = _randomised(spec), _batches(spec)
+    model, batches = randomised(spec), _batches(spec)
     truth = importance.removal_loss_change(model, batches, F.cross_entropy)
     assert truth[name].abs().max() > 1e-3  # some channel matters, so agreement is not 0 == 0
     x, y = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
