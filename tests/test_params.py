@@ -43,6 +43,7 @@ def test_the_repo_defaults_are_valid():
     ("data: {name: imagenet}", "data.name: must be one of digits, mnist, fashion_mnist, cifar10"),
     ("prune: 0.5", "prune: must be a mapping, got 0.5"),
     ("prune: {scope: sensitivity, structured: false}", "prune.scope: sensitivity spreads units across layers"),
+    ("evaluate: {batch_sizes: [1, 64]}", "evaluate.batch_sizes: must include 1 and 256"),
     ("student: {l1: -1}", "student.l1: must be in [0.0, 1.0], got -1"),
     ("student: {label_fraction: 0}", "student.label_fraction: must be in (0.0, 1.0], got 0"),
     ("evaluate: {batch_sizes: 256}", "evaluate.batch_sizes: must be a list of an integer, got 256"),

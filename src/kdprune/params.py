@@ -220,6 +220,9 @@ def _cross_checks(p: Params) -> list[str]:
         s, t = getattr(p.student, key), getattr(p.teacher, key)
         if p.student.arch == p.teacher.arch and any(a > b for a, b in zip(s, t)):
             errors.append(f"student.{key}: the student is wider than its teacher ({s} vs teacher.{key} {t})")
+    if not {1, 256} <= set(p.evaluate.batch_sizes):
+        errors.append(f"evaluate.batch_sizes: must include 1 and 256 (the headline latencies), "
+                      f"got {p.evaluate.batch_sizes}")
     if p.prune.scope == "sensitivity" and not p.prune.structured:
         errors.append("prune.scope: sensitivity spreads units across layers; it needs prune.structured: true")
     if not p.score.methods:
