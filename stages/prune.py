@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> None:
     from kdprune.importance import from_tensors
     from kdprune.models import count_params
     from kdprune.files import write_atomic
-    from kdprune.pruning import FRACTIONS, iterative_prune, sensitivity
+    from kdprune.pruning import FRACTIONS, ScoresMismatch, iterative_prune, sensitivity
     from kdprune.report import plot_sensitivity, sensitivity_csv
     from kdprune.tracking import log_artifact, log_epoch, stage_run, write_run_record
     from kdprune.training import evaluate
@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> None:
     x_val, y_val = load_split(args.data, "val")
     accuracy = lambda m: evaluate(m, x_val, y_val)["accuracy"]  # noqa: E731
     before = accuracy(model)
-    logged = stage.section(p, "prune", "seed", "score.samples", "score.batch_size", "score.probes",
+    logged = stage.section(p, "prune", "seed", "device", "score.samples", "score.batch_size", "score.probes",
                            "student.label_fraction", "finetune.batch_size")
     with stage_run("prune", logged, inputs=[args.data, args.student, args.scores]) as run, \
             staged_dir(args.out) as out:
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> None:
             curves = sensitivity(model, scores.units, accuracy)
             masks = iterative_prune(model, rescorer(p, args.data, scores), p.prune.amount, p.prune.steps,
                                     p.prune.scope, p.prune.structured, x_val[:1], recoverer(p, args.data), accuracy)
-        except (ValueError, KeyError) as e:
+        except ScoresMismatch as e:
             raise CheckpointError(f"{scores_file}: {e}") from e
         write_atomic(out / "sensitivity.csv", sensitivity_csv(curves, FRACTIONS))
         plot_sensitivity(curves, FRACTIONS, args.plot)

@@ -66,3 +66,17 @@ def test_every_params_key_a_stage_logs_is_declared():
         declared = {p if isinstance(p, str) else next(iter(p)) for p in stage.get("params", [])}
         if "params.yaml" not in declared:  # `- params.yaml:` reads the whole file
             assert logged <= declared, (name, logged - declared)
+
+
+def test_every_param_a_stage_script_reads_is_declared():
+    """Each `p.<section>.<key>` or `p.<key>` a stage script reads is under its `params:` in dvc.yaml."""
+    for name, stage in _stages().items():
+        if name == "validate":
+            continue
+        declared = {p if isinstance(p, str) else next(iter(p)) for p in stage.get("params", [])}
+        if "params.yaml" in declared:
+            continue
+        text = (REPO / "stages" / f"{name}.py").read_text()
+        for section, key in re.findall(r"\bp\.(\w+)(?:\.(\w+))?", text):
+            read = f"{section}.{key}" if key else section
+            assert section in declared or read in declared, (name, read)

@@ -189,3 +189,12 @@ def test_sensitivity_scope_prunes_the_amount_and_stays_equivalent_to_masking():
     n0 = sum(u.size for u in model.units())
     pruning.prune(model, scores, {}, 0.5, "sensitivity", True, x[:1], agreement)
     assert sum(u.size for u in model.units()) == n0 - int(0.5 * n0)
+
+
+def test_weight_selection_hits_the_amount_exactly_when_scores_tie():
+    scores = {"a": torch.ones(4, 5), "b": torch.ones(2, 5) * 3}  # every weight of a layer tied
+    for scope in ("global", "layer"):
+        masks = pruning.select_weights(scores, 0.3, scope)
+        dropped = sum(int((~m).sum()) for m in masks.values())
+        # the 9 (or 6 + 3) lowest by position; a row emptied by that keeps one weight back
+        assert dropped == (9 - 1 if scope == "global" else 6 - 1 + 3), scope

@@ -33,6 +33,7 @@ Arch = Literal["cnn", "mlp", "resnet"]
 Optimizer = Literal["adam", "sgd"]
 Criterion = Literal["l1", "l2", "taylor", "hessian", "fisher", "activation", "apoz", "random"]
 CRITERIA: tuple[str, ...] = typing.get_args(Criterion)
+IMAGE_SIZE = {"digits": 8, "mnist": 28, "fashion_mnist": 28, "cifar10": 32}  # each conv stage halves it
 
 
 @dataclass(frozen=True)
@@ -220,6 +221,16 @@ def _cross_checks(p: Params) -> list[str]:
         s, t = getattr(p.student, key), getattr(p.teacher, key)
         if p.student.arch == p.teacher.arch and any(a > b for a, b in zip(s, t)):
             errors.append(f"student.{key}: the student is wider than its teacher ({s} vs teacher.{key} {t})")
+    for name in ("teacher", "student"):
+        t = getattr(p, name)
+        size, depth = IMAGE_SIZE[p.data.name], len(t.channels)
+        if t.arch in ("cnn", "resnet") and size >> (depth - (t.arch == "resnet")) < 1:
+            errors.append(f"{name}.channels: {depth} downsampling stages shrink {p.data.name}'s {size}x{size} "
+                          f"images below one pixel")
+    if p.student.arch == "mlp" and not p.student.hidden:
+        errors.append("student.hidden: an mlp student needs a hidden layer: there is nothing else to prune")
+    if not p.evaluate.registered_model.strip():
+        errors.append("evaluate.registered_model: must name a registered model, or be auto")
     if not {1, 256} <= set(p.evaluate.batch_sizes):
         errors.append(f"evaluate.batch_sizes: must include 1 and 256 (the headline latencies), "
                       f"got {p.evaluate.batch_sizes}")

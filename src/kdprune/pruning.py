@@ -51,21 +51,19 @@ def select_weights(scores: dict[str, torch.Tensor], amount: float, scope: str) -
     """Boolean keep-masks per layer weight: the lowest-scored `amount` of weights are dropped,
     globally (after normalising) or per layer; every unit keeps at least its best weight."""
     norm = normalise(scores) if scope == "global" else scores
-    if scope == "global":
-        flat = torch.cat([v.flatten() for v in norm.values()])
-        k = int(amount * len(flat))
-        threshold = flat.kthvalue(k).values if k > 0 else flat.min() - 1
-        masks = {n: v > threshold for n, v in norm.items()}
-    else:
-        masks = {}
-        for n, v in norm.items():
-            k = int(amount * v.numel())
-            threshold = v.flatten().kthvalue(k).values if k > 0 else v.min() - 1
-            masks[n] = v > threshold
-    for n, v in norm.items():  # no unit may lose every incoming weight
-        rows = v.reshape(v.shape[0], -1)
-        best = torch.zeros_like(rows, dtype=torch.bool).scatter_(1, rows.argmax(1, keepdim=True), True)
-        masks[n] = masks[n] | best.view_as(v)
+    groups = [list(norm)] if scope == "global" else [[n] for n in norm]
+    masks = {}
+    for names in groups:
+        flat = torch.cat([norm[n].flatten() for n in names])
+        keep = torch.ones_like(flat, dtype=torch.bool)
+        # exactly the k lowest, ties broken by position: a threshold would drop every tied weight
+        keep[flat.argsort(stable=True)[: int(amount * len(flat))]] = False
+        for n, part in zip(names, keep.split([norm[n].numel() for n in names])):
+            masks[n] = part.view_as(norm[n])
+    for n, v in norm.items():  # no unit may lose every incoming weight: an emptied one keeps its best
+        rows, kept = v.reshape(v.shape[0], -1), masks[n].reshape(v.shape[0], -1)
+        best = torch.zeros_like(kept).scatter_(1, rows.argmax(1, keepdim=True), True)
+        masks[n] = (kept | (best & ~kept.any(1, keepdim=True))).view_as(v)
     return masks
 
 
@@ -147,6 +145,10 @@ def bake_weight_masks(model: nn.Module) -> None:
             torch_prune.remove(u.layer, "weight")
 
 
+class ScoresMismatch(ValueError):
+    """Scores made for other layers than the model has."""
+
+
 def prune(model: nn.Module, unit_scores: dict[str, torch.Tensor], weight_scores: dict[str, torch.Tensor],
           amount: float, scope: str, structured: bool, example: torch.Tensor,
           accuracy: Callable[[nn.Module], float] | None = None) -> dict[str, torch.Tensor] | None:
@@ -157,7 +159,7 @@ def prune(model: nn.Module, unit_scores: dict[str, torch.Tensor], weight_scores:
     expected = {u.name for u in model.units()}
     given = set(unit_scores if structured else weight_scores)
     if given != expected:
-        raise ValueError(f"scores are for layers {sorted(given)}, the model has {sorted(expected)}")
+        raise ScoresMismatch(f"scores are for layers {sorted(given)}, the model has {sorted(expected)}")
     if structured:
         if scope == "sensitivity":
             counts = allocate(sensitivity(model, unit_scores, accuracy), {u.name: u.size for u in model.units()},

@@ -298,16 +298,22 @@ def summary_run(params: dict[str, Any], metrics: dict[str, float], stage_runs: d
         tags["dvc.exp_name"] = exp
     client = MlflowClient(tracking_uri())
     # Its own top-level run (not nested under evaluate's), so the compare view lists it directly.
-    run_id = client.create_run(ensure_experiment(), run_name=f"summary {exp}" if exp else "summary",
-                               tags=tags).info.run_id
+    with _held():  # SIGTERM waits until the run exists and is closed again: never left RUNNING
+        run_id = client.create_run(ensure_experiment(), run_name=f"summary {exp}" if exp else "summary",
+                                   tags=tags).info.run_id
     status = "FAILED"
     try:
         now = int(time.time() * 1000)
-        client.log_batch(run_id, params=[Param(k, str(_param(v))) for k, v in params.items()],
-                         metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
-        for path in artifacts:
-            client.log_artifact(run_id, str(path))
+        with _held():
+            client.log_batch(run_id, params=[Param(k, str(_param(v))) for k, v in params.items()],
+                             metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
+            for path in artifacts:
+                client.log_artifact(run_id, str(path))
         status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
     finally:
-        client.set_terminated(run_id, status)
+        with _held():
+            client.set_terminated(run_id, status)
     return run_id

@@ -38,8 +38,8 @@ def save_trained(out: Path, model: Any, spec: dict[str, Any], history: list[dict
                  plots: Path, run: Any, example: Any) -> None:
     """model.pt + spec.json + mlflow_run.json into the staged dir, the curves to plots, the model to MLflow."""
     save_model(out, model, spec)
-    write_history(plots, history)
     write_run_record(out, run, model_uri=log_model(model, example))
+    write_history(plots, history)  # last: the export above is the step most likely to fail
 
 
 def train_on_labels(name: str, p: Params, cfg: Any, logged: dict[str, Any], args: argparse.Namespace,
