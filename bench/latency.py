@@ -14,7 +14,7 @@ import torch
 
 from kdprune.checkpoints import load_model
 from kdprune.data import load_split
-from kdprune.measure import latency_ms
+from kdprune.measure import latencies_ms
 
 MODELS = ("teacher", "student", "pruned", "finetuned")
 
@@ -32,7 +32,7 @@ def main() -> None:
     rows = []
     for threads in args.threads:
         for b in args.batch_sizes:
-            ms = {n: latency_ms(m, x, b, threads, warmup=10, repeats=args.repeats) for n, m in models.items()}
+            ms = latencies_ms(models, x, b, threads, warmup=10, repeats=args.repeats)
             rows.append({"threads": threads, "batch": b, **{f"{n}_ms": round(v, 3) for n, v in ms.items()},
                          "student/finetuned": round(ms["student"] / ms["finetuned"], 2),
                          "teacher/finetuned": round(ms["teacher"] / ms["finetuned"], 2)})

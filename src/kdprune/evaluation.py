@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from kdprune.checkpoints import MODEL_FILE
-from kdprune.measure import count_macs, count_nonzero, gzip_size, latency_ms
+from kdprune.measure import count_macs, count_nonzero, gzip_size, latencies_ms
 from kdprune.models import count_params
 from kdprune.training import predict
 
@@ -18,9 +18,6 @@ def measure(model: torch.nn.Module, model_dir: Path, x: torch.Tensor, y: torch.T
     out = {"accuracy": (preds == y).float().mean().item(), "params": count_params(model),
            "nonzero_params": count_nonzero(model), "macs": count_macs(model, x),
            "size_bytes": (model_dir / MODEL_FILE).stat().st_size, "gzip_bytes": gzip_size(model_dir / MODEL_FILE)}
-    for b in cfg.batch_sizes:
-        out[f"latency_ms_b{b}"] = latency_ms(model, x, b, cfg.threads, cfg.warmup, cfg.repeats)
-        out[f"throughput_b{b}"] = b / out[f"latency_ms_b{b}"] * 1e3  # samples per second
     return out
 
 
@@ -38,6 +35,10 @@ def compare(models: dict[str, torch.nn.Module], dirs: dict[str, Path], x: torch.
             cfg: Any) -> dict[str, dict[str, Any]]:
     """Measure every model; add ratios against the teacher and the student, and what distillation added."""
     results = {name: measure(m, dirs[name], x, y, cfg) for name, m in models.items()}
+    for b in cfg.batch_sizes:
+        for name, ms in latencies_ms(models, x, b, cfg.threads, cfg.warmup, cfg.repeats).items():
+            results[name][f"latency_ms_b{b}"] = ms
+            results[name][f"throughput_b{b}"] = b / ms * 1e3  # samples per second
     teacher_preds = predict(models["teacher"], x).argmax(1)
     big = "latency_ms_b256"  # the headline batch size: validate requires it among evaluate.batch_sizes
     for name, m in models.items():

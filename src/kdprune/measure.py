@@ -29,21 +29,27 @@ def gzip_size(path: str | Path) -> int:
 
 
 @torch.inference_mode()
-def latency_ms(model: nn.Module, example: torch.Tensor, batch_size: int, threads: int,
-               warmup: int, repeats: int) -> float:
-    """Median wall time of one forward pass at `batch_size`, after warm-up, at a fixed thread count."""
+def latencies_ms(models: dict[str, nn.Module], example: torch.Tensor, batch_size: int, threads: int,
+                 warmup: int, repeats: int) -> dict[str, float]:
+    """Median forward time of each model, timed in turn, round after round: a slow spell of the
+    machine (another process, a clock change) then hits every model alike, so ratios stay fair.
+    Each timed pass follows an untimed one of the same model, so no model pays for the caches
+    the previous one evicted."""
     x = example[:1].expand(batch_size, *example.shape[1:]).contiguous()
-    model.eval()
+    times: dict[str, list[float]] = {name: [] for name in models}
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        for _ in range(warmup):
-            model(x)
-        times = []
+        for m in models.values():
+            m.eval()
+            for _ in range(warmup):
+                m(x)
         for _ in range(repeats):
-            start = time.perf_counter()
-            model(x)
-            times.append((time.perf_counter() - start) * 1e3)
+            for name, m in models.items():
+                m(x)
+                start = time.perf_counter()
+                m(x)
+                times[name].append((time.perf_counter() - start) * 1e3)
     finally:
         torch.set_num_threads(before)
-    return statistics.median(times)
+    return {name: statistics.median(t) for name, t in times.items()}
