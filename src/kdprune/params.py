@@ -224,7 +224,7 @@ def _cross_checks(p: Params) -> list[str]:
     for name in ("teacher", "student"):
         t = getattr(p, name)
         size, depth = IMAGE_SIZE[p.data.name], len(t.channels)
-        if t.arch in ("cnn", "resnet") and size >> (depth - (t.arch == "resnet")) < 1:
+        if t.arch in ("cnn", "resnet") and depth and size >> (depth - (t.arch == "resnet")) < 1:
             errors.append(f"{name}.channels: {depth} downsampling stages shrink {p.data.name}'s {size}x{size} "
                           f"images below one pixel")
     if p.student.arch == "mlp" and not p.student.hidden:
