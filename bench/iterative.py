@@ -24,8 +24,6 @@ import dataclasses
 import tempfile
 import time
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +36,8 @@ from kdprune import soft_labels
 from kdprune.data import batches, labelled_subset
 from kdprune.importance import SCORERS, Scores
 from kdprune.params import Params, load_params
-from kdprune.pruning import ScoreFn, apply_weight_masks, bake_weight_masks, iterative_prune
+from kdprune.pruning import apply_weight_masks, bake_weight_masks, iterative_prune
+from kdprune.rounds import recoverer, rescorer
 from kdprune.training import fit, predict, resolve_device, seed_everything
 
 Masks = dict[str, torch.Tensor]
@@ -50,42 +49,11 @@ def bench_params(base: Params, seed: int, amount: float) -> Params:
                                prune=dataclasses.replace(base.prune, amount=amount, structured=False, scope="global"))
 
 
-def score(p: Params, model: nn.Module, data: Splits, sample_seed: int) -> Scores:
-    """prune.criterion on score.samples train samples shuffled by `sample_seed`, as the score stage."""
-    train = batches(*data.train, p.score.batch_size, p.score.samples, sample_seed)
-    return SCORERS[p.prune.criterion](model, train, F.cross_entropy, seed=p.seed, probes=p.score.probes)
-
-
-def rescorer(p: Params, data: Splits, first: Scores) -> ScoreFn:
-    """As stages/prune.py: round 1 uses the score stage's scores, round k re-scores on seed + k."""
-    rounds = 0
-
-    def rescore(model: nn.Module) -> tuple[dict, dict]:
-        nonlocal rounds
-        rounds += 1
-        s = first if rounds == 1 else score(p, model, data, p.seed + rounds)
-        return s.units, s.weights
-    return rescore
-
-
-def recoverer(p: Params, data: Splits) -> Callable[[nn.Module], None]:
-    """As stages/prune.py: a short fit between rounds on the hard labels the student may see."""
-    cfg = SimpleNamespace(epochs=p.prune.round_epochs, batch_size=p.finetune.batch_size, optimizer="adam",
-                          lr=p.prune.round_lr, weight_decay=0.0)
-    x, y = data.train
-    keep = labelled_subset(y, p.student.label_fraction, p.seed)
-
-    def recover(model: nn.Module) -> None:
-        fit(model, (x[keep], y[keep]), data.val, F.cross_entropy, cfg, p.seed, resolve_device(p.device))
-        model.cpu()
-    return recover
-
-
 def prune_copy(p: Params, data: Splits, student: nn.Module, first: Scores) -> tuple[nn.Module, Masks]:
     """A pruned copy of the student, in p.prune.steps rounds, and its weight masks."""
     model = copy.deepcopy(student)
-    masks = iterative_prune(model, rescorer(p, data, first), p.prune.amount, p.prune.steps, p.prune.scope,
-                            p.prune.structured, data.val[0][:1], recoverer(p, data))
+    masks = iterative_prune(model, rescorer(p, data.train, first), p.prune.amount, p.prune.steps, p.prune.scope,
+                            p.prune.structured, data.val[0][:1], recoverer(p, data.train, data.val))
     return model, masks
 
 
@@ -125,7 +93,9 @@ def run_seed(p: Params, raw: Path, steps: list[int], verbose: bool) -> list[dict
         data = load_data(p, raw, Path(tmp))
         logits = predict(train_teacher(p, data), data.train[0])
         student = train_distilled(p, data, logits, p.student.label_fraction)
-        first = score(p, student, data, p.seed)
+        # round 1's scores, as the score stage makes them
+        sample = batches(*data.train, p.score.batch_size, p.score.samples, p.seed)
+        first = SCORERS[p.prune.criterion](student, sample, F.cross_entropy, seed=p.seed, probes=p.score.probes)
         rows = [run_steps(dataclasses.replace(p, prune=dataclasses.replace(p.prune, steps=k)), data, student, first,
                           logits) for k in steps]
     for r in rows:
