@@ -1,6 +1,6 @@
 """prepare: read the dataset, split it train/val/test (stratified, from the seed), write the splits."""
 
-from kdprune import stage
+from kdprune import sharing, stage
 from kdprune.files import staged_dir
 from kdprune.params import load_params
 
@@ -19,4 +19,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    stage.guard(main)
+    stage.guard(sharing.once(main))

@@ -1,6 +1,6 @@
 """prune: remove the student's least important units (structured) or zero its weights (unstructured)."""
 
-from kdprune import stage
+from kdprune import sharing, stage
 from kdprune.params import load_params
 
 
@@ -48,4 +48,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    stage.guard(main)
+    stage.guard(sharing.once(main))

@@ -4,7 +4,7 @@ With score.oracle, also the true loss increase of removing each unit alone, on t
 score.oracle_split, and how well each method's ranking agrees with it (metrics/score.json).
 """
 
-from kdprune import stage
+from kdprune import sharing, stage
 from kdprune.params import load_params
 
 
@@ -43,4 +43,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    stage.guard(main)
+    stage.guard(sharing.once(main))

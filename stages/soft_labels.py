@@ -3,7 +3,7 @@
 Logits, not probabilities: the temperature is applied where they are used.
 """
 
-from kdprune import stage
+from kdprune import sharing, stage
 from kdprune.params import load_params
 
 
@@ -27,4 +27,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    stage.guard(main)
+    stage.guard(sharing.once(main))

@@ -1,6 +1,6 @@
 """train_scratch: the student architecture trained on hard labels alone, the control for distillation."""
 
-from kdprune import stage
+from kdprune import sharing, stage
 from kdprune.params import load_params
 
 
@@ -14,4 +14,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    stage.guard(main)
+    stage.guard(sharing.once(main))

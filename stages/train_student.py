@@ -1,6 +1,6 @@
 """train_student: the small student, distilled from the teacher's stored logits (Hinton KD loss)."""
 
-from kdprune import stage
+from kdprune import sharing, stage
 from kdprune.params import load_params
 
 
@@ -29,4 +29,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    stage.guard(main)
+    stage.guard(sharing.once(main))

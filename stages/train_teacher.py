@@ -1,6 +1,6 @@
 """train_teacher: train the teacher CNN on hard labels."""
 
-from kdprune import stage
+from kdprune import sharing, stage
 from kdprune.params import load_params
 
 
@@ -13,4 +13,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    stage.guard(main)
+    stage.guard(sharing.once(main))

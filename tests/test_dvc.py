@@ -77,9 +77,10 @@ def test_an_experiment_on_prune_amount_reruns_only_what_reads_it(project):
     assert yaml.safe_load((root / "params.yaml").read_text())["prune"]["amount"] == 0.7
 
 
-def test_a_queued_sweep_with_two_workers_on_a_fresh_store_loses_no_run(project):
-    """Two experiments, two workers, a brand-new default store: both summary runs land, in `kdprune`,
-    with their own params, and the upstream stages are reused, not retrained."""
+def test_a_queued_sweep_with_two_workers_on_a_fresh_store_loses_no_run_and_trains_once(project):
+    """Two experiments on a seed the baseline never ran, two workers, a brand-new default store: both
+    summary runs land in `kdprune` with their own params, and each upstream stage runs once between them,
+    although the two experiments reach it at the same time, before DVC's run-cache could help."""
     import time
 
     import mlflow
@@ -87,9 +88,9 @@ def test_a_queued_sweep_with_two_workers_on_a_fresh_store_loses_no_run(project):
     root, env = project
     env = {k: v for k, v in env.items() if k != "MLFLOW_TRACKING_URI"}  # the default store, from temp copies
     (root / "mlflow.db").rename(root / "mlflow.old.db")
-    _sh(["dvc", "exp", "run", "--queue", "-S", "prune.amount=0.6,0.8"], root, env)
+    _sh(["dvc", "exp", "run", "--queue", "-S", "prune.amount=0.6,0.8", "-S", "seed=1"], root, env)
     _sh(["dvc", "queue", "start", "-j", "2"], root, env)
-    deadline = time.monotonic() + 420
+    deadline = time.monotonic() + 480
     while time.monotonic() < deadline:
         status = _sh(["dvc", "queue", "status"], root, env).stdout
         if not re.search(r"\b(Queued|Running)\b", status):
@@ -97,16 +98,21 @@ def test_a_queued_sweep_with_two_workers_on_a_fresh_store_loses_no_run(project):
         time.sleep(3)
     _sh(["dvc", "queue", "stop"], root, env, check=False)
     assert status.count("Success") == 2, status
+    names = [line.split()[0] for line in status.splitlines() if "Success" in line]
+    logs = "".join(_sh(["dvc", "queue", "logs", name], root, env).stdout for name in names)
     client = mlflow.MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
     assert sorted(e.name for e in client.search_experiments()) == ["Default", "kdprune"]
     exp = client.get_experiment_by_name("kdprune")
     runs = client.search_runs([exp.experiment_id], max_results=1000)
     summaries = [r for r in runs if r.data.tags.get("pipeline.kind") == "summary"]
-    assert sorted(r.data.params["prune.amount"] for r in summaries) == ["0.6", "0.8"]
+    assert sorted((r.data.params["prune.amount"], r.data.params["seed"]) for r in summaries) == [
+        ("0.6", "1"), ("0.8", "1")]
     assert all(r.info.status == "FINISHED" for r in runs)
     assert all(r.data.tags.get("dvc.exp_name") for r in summaries)
     stages = sorted(r.data.tags["pipeline.stage"] for r in runs if r.data.tags.get("pipeline.kind") == "stage")
-    assert stages == sorted(["prune", "finetune", "evaluate"] * 2)  # teacher and students reused
+    once = ["prepare", "train_teacher", "soft_labels", "train_scratch", "train_student", "score"]
+    assert stages == sorted(once + ["prune", "finetune", "evaluate"] * 2), logs
+    assert "reused the outputs of the identical" in logs  # the experiments did overlap
     default = client.get_experiment_by_name("Default")
     assert client.search_runs([default.experiment_id]) == []
     report = _sh(["kdprune", "report", "--out", str(root / "reports")], root, env).stdout
