@@ -79,7 +79,7 @@ import os, sys, time
 from pathlib import Path
 from kdprune import sharing
 
-ws, store, hold, grace = Path(sys.argv[1]), Path(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4])
+ws, store, hold, keep = Path(sys.argv[1]), Path(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4])
 os.chdir(ws)
 
 def compute():
@@ -91,15 +91,15 @@ def compute():
     Path("model/w.txt").write_text(f"made by {os.getpid()}")
     Path("curve.csv").write_text("epoch,loss\\n1,0.5\\n")
 
-computed = sharing.run_once("fit", "k" * 64, ["model", "curve.csv"], compute, store, grace)
+computed = sharing.run_once("fit", "k" * 64, ["model", "curve.csv"], compute, store, keep)
 print("computed" if computed else "reused")
 """
 
 
-def _worker(ws: Path, store: Path, hold: float = 0.0, grace: float = 0.0, fail: bool = False) -> subprocess.Popen:
+def _worker(ws: Path, store: Path, hold: float = 0.0, keep: float = 60.0, fail: bool = False) -> subprocess.Popen:
     ws.mkdir(exist_ok=True)
     env = {**os.environ, "DVC_EXP_NAME": ws.name, **({"FAIL": "1"} if fail else {})}
-    return subprocess.Popen([sys.executable, "-c", WORKER, str(ws), str(store), str(hold), str(grace)], env=env,
+    return subprocess.Popen([sys.executable, "-c", WORKER, str(ws), str(store), str(hold), str(keep)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -125,29 +125,44 @@ def test_a_sibling_that_arrives_while_the_first_computes_waits_and_takes_its_out
     assert json.loads((store / ("k" * 64) / "entry.json").read_text())["experiment"] == "exp-a"
 
 
-def test_a_sibling_that_finished_just_before_is_reused_within_the_grace_only(tmp_path):
+def test_a_later_experiment_reuses_what_an_earlier_one_left_until_it_is_too_old(tmp_path):
     store = tmp_path / "store"
     assert _worker(tmp_path / "exp-a", store).communicate(timeout=120)[0].split()[-1] == "computed"
-    assert _worker(tmp_path / "exp-b", store, grace=60).communicate(timeout=120)[0].split()[-1] == "reused"
+    assert _worker(tmp_path / "exp-b", store).communicate(timeout=120)[0].split()[-1] == "reused"
     time.sleep(0.1)
-    assert _worker(tmp_path / "exp-c", store, grace=0).communicate(timeout=120)[0].split()[-1] == "computed"
+    assert _worker(tmp_path / "exp-c", store, keep=0).communicate(timeout=120)[0].split()[-1] == "computed"
     assert (tmp_path / "exp-c/started").exists()
+    assert (tmp_path / "exp-c/model/w.txt").read_text() != (tmp_path / "exp-a/model/w.txt").read_text()
 
 
 def test_a_sibling_that_fails_leaves_nothing_to_reuse(tmp_path):
     store = tmp_path / "store"
     first = _worker(tmp_path / "exp-a", store, hold=1.0, fail=True)
     _wait_for(tmp_path / "exp-a/started")
-    second = _worker(tmp_path / "exp-b", store, grace=60)
+    second = _worker(tmp_path / "exp-b", store)
     assert first.wait(timeout=120) != 0
     assert second.communicate(timeout=120)[0].split()[-1] == "computed"
     assert (tmp_path / "exp-b/model/w.txt").read_text() == f"made by {second.pid}"
 
 
-def test_outside_an_experiment_a_stage_always_computes(workspace, monkeypatch):
+@pytest.mark.parametrize("env", [{"DVC_EXP_NAME": None}, {"DVC_EXP_NAME": "exp-a", "KDPRUNE_SHARE": "0"}])
+def test_outside_an_experiment_or_when_switched_off_a_stage_always_computes(workspace, monkeypatch, env):
     calls = []
     monkeypatch.setenv("DVC_STAGE", "fit")
-    monkeypatch.delenv("DVC_EXP_NAME", raising=False)
-    monkeypatch.setattr(sharing, "run_once", lambda *a, **k: pytest.fail("shared outside an experiment"))
+    for name, value in env.items():
+        monkeypatch.setenv(name, value) if value else monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(sharing, "run_once", lambda *a, **k: pytest.fail("shared"))
     sharing.once(lambda: calls.append(1))()
     assert calls == [1]
+
+
+def test_inside_an_experiment_a_stage_runs_under_its_key(workspace, monkeypatch):
+    seen = []
+    monkeypatch.setenv("DVC_STAGE", "fit")
+    monkeypatch.setenv("DVC_EXP_NAME", "exp-a")
+    monkeypatch.setattr(sharing, "store_dir", lambda: workspace / "store")
+    monkeypatch.setattr(sharing, "run_once", lambda name, key, outputs, compute, store: seen.append(
+        (name, key, outputs, store)))
+    sharing.once(lambda: None)()
+    assert seen == [("fit", sharing.stage_key(sharing.stage_spec("fit")), ["model", "curve.csv"],
+                     workspace / "store")]

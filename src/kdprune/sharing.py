@@ -1,16 +1,19 @@
-"""Experiments running side by side compute an identical stage once.
+"""Experiments compute an identical stage once: whether they run side by side or one after another.
 
-DVC's run-cache lets an experiment skip a stage that an earlier one ran with the same inputs, but
-only once that stage has finished. Queued experiments run by several workers (`dvc queue start -j 2`)
-reach the same stage together (`train_teacher` for the same seed, say) and would both compute it.
+DVC's run-cache does not cover two cases a sweep meets at once:
+- two workers (`dvc queue start -j 2`) start two experiments of the same seed together; both reach
+  `train_teacher` before either has finished it, and a run-cache entry exists only once one has;
+- on a clone without the DVC cache (a fresh clone, no remote), an experiment whose stage matches
+  the committed dvc.lock looks for that lock entry's outputs in the cache, not in the run-cache, so
+  every experiment of the committed seed retrains its teacher, one after another.
 
-Inside `dvc exp run`, a stage wrapped by `once` first takes a lock named by the hash of what dvc.yaml
-says the stage reads: its command, the bytes of its deps and the values of its params. The holder
-computes, then leaves a copy of its outputs beside the lock. A stage that waited on that lock, or that
-arrives within GRACE seconds of the copy (before DVC has written its run-cache entry), restores the
-copy instead of recomputing. Like a run-cache hit, it logs no MLflow run: the outputs carry the
-record of the run that made them. Outside `dvc exp run` (`dvc repro`, tests, a script run by hand)
-a stage always computes, so `dvc repro -f` still means what it says.
+So inside `dvc exp run`, a stage wrapped by `once` first takes a lock named by the hash of what
+dvc.yaml says it reads: its command, the bytes of its deps, the values of its params. The holder
+computes, then leaves its outputs beside the lock (output directories as hard links). A stage
+that finds such outputs, made less than KEEP seconds ago (by a sibling it waited for, or earlier),
+restores them instead of computing. Like a run-cache hit, it logs no MLflow run: the outputs carry
+the record of the run that made them. Outside `dvc exp run` (`dvc repro`, `dvc repro -f`, tests, a
+script run by hand), and with KDPRUNE_SHARE=0, a stage always computes.
 """
 
 from __future__ import annotations
@@ -30,8 +33,7 @@ import yaml
 
 from kdprune.files import sha256, staged_dir, write_atomic, write_json
 
-GRACE = 30.0  # seconds: a copy this fresh was made by a sibling whose run-cache entry may not exist yet
-KEEP = 3600.0  # seconds: older copies are deleted; nothing can still be waiting for them
+KEEP = 24 * 3600.0  # seconds: outputs left this long ago are deleted, not reused
 _VAR = re.compile(r"\$\{\s*([\w.]+)\s*\}")
 
 
@@ -48,7 +50,8 @@ def once(main: Callable[[], Any]) -> Callable[[], None]:
     @functools.wraps(main)
     def run() -> None:
         address, exp = os.environ.get("DVC_STAGE"), os.environ.get("DVC_EXP_NAME")
-        spec = stage_spec(address) if address and exp else None
+        enabled = os.environ.get("KDPRUNE_SHARE", "1") != "0"
+        spec = stage_spec(address) if address and exp and enabled else None
         try:
             key = stage_key(spec) if spec else None
         except (OSError, yaml.YAMLError):  # DVC itself reports a missing or broken params file
@@ -138,21 +141,20 @@ def _digest(path: Path) -> Any:
 
 
 def run_once(name: str, key: str, outputs: list[str], compute: Callable[[], Any], store: Path,
-             grace: float = GRACE) -> bool:
-    """Compute under the lock for `key`, leaving a copy of `outputs`; or restore the copy a sibling left
-    while we waited (or at most `grace` seconds before we came). True when this process computed."""
+             keep: float = KEEP) -> bool:
+    """Under the lock for `key`: restore the `outputs` another experiment left less than `keep` seconds
+    ago, or compute them and leave them for the next. True when this process computed."""
     from filelock import FileLock, Timeout
 
     store.mkdir(parents=True, exist_ok=True)
     lock = FileLock(str(store / f"{key}.lock"))
-    since = time.time() - grace
     try:
         lock.acquire(timeout=0)
     except Timeout:
         print(f"{name}: the same {name} is running in another experiment; waiting for it", flush=True)
         lock.acquire()
     try:
-        entry = _fresh(store / key, since)
+        entry = _fresh(store / key, since=time.time() - keep)
         if entry is not None:
             _restore(store / key, outputs)
             print(f"{name}: reused the outputs of the identical {name} that experiment "
@@ -168,7 +170,7 @@ def run_once(name: str, key: str, outputs: list[str], compute: Callable[[], Any]
         return True
     finally:
         lock.release()
-        _collect(store, keep=key)
+        _collect(store, spare=key, keep=keep)
 
 
 def _fresh(entry: Path, since: float) -> dict[str, Any] | None:
@@ -185,7 +187,9 @@ def _save(store: Path, key: str, name: str, outputs: list[str]) -> None:
         for rel in outputs:
             src, dst = Path(rel), tmp / "files" / rel
             dst.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copytree(src, dst) if src.is_dir() else shutil.copy2(src, dst)
+            # Output directories (data, models, scores) are DVC-cached and only ever replaced whole: their
+            # files are hard-linked, costing no space. Single files (metrics, plots) are small: copied.
+            shutil.copytree(src, dst, copy_function=_link) if src.is_dir() else shutil.copy2(src, dst)
         write_json(tmp / "entry.json", {"stage": name, "experiment": os.environ.get("DVC_EXP_NAME"),
                                         "finished_at": time.time()})
         old = store / f".{key}.old"
@@ -198,25 +202,32 @@ def _save(store: Path, key: str, name: str, outputs: list[str]) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _link(src: Path | str, dst: Path | str) -> None:
+    """A hard link, or a copy where the filesystem allows none."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
 def _restore(entry: Path, outputs: list[str]) -> None:
     for rel in outputs:
         src = entry / "files" / rel
         if src.is_dir():
             with staged_dir(rel) as out:
-                shutil.copytree(src, out, dirs_exist_ok=True)
+                shutil.copytree(src, out, dirs_exist_ok=True, copy_function=shutil.copyfile)  # fresh modes
         else:
             write_atomic(rel, src.read_bytes())
 
 
-def _collect(store: Path, keep: str) -> None:
-    """Delete copies older than KEEP, each under its own lock, skipping any that is in use."""
+def _collect(store: Path, spare: str, keep: float) -> None:
+    """Delete outputs left more than `keep` seconds ago, each under its own lock, skipping any in use."""
     from filelock import FileLock, Timeout
 
     for entry in store.iterdir():
-        if entry.name == keep or entry.name.startswith(".") or not entry.is_dir():
+        if entry.name == spare or entry.name.startswith(".") or not entry.is_dir():
             continue
-        info = _fresh(entry, since=0) or {}
-        if time.time() - info.get("finished_at", 0) < KEEP:
+        if _fresh(entry, since=time.time() - keep) is not None:
             continue
         lock = FileLock(str(store / f"{entry.name}.lock"))
         try:
