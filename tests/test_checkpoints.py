@@ -106,3 +106,13 @@ def test_no_code_runs_from_data_anywhere():
         assert not banned.search(text), path
         for call in re.findall(r"torch\.load\([^)]*\)", text):
             assert "weights_only=True" in call, (path, call)
+
+
+def test_outputs_get_the_modes_a_plain_open_would_give(tmp_path):
+    umask = os.umask(0o022)
+    os.umask(umask)
+    write_atomic(tmp_path / "f.txt", "x")
+    with staged_dir(tmp_path / "d") as out:
+        (out / "g.txt").write_text("y")
+    assert (tmp_path / "f.txt").stat().st_mode & 0o777 == 0o666 & ~umask
+    assert (tmp_path / "d").stat().st_mode & 0o777 == 0o777 & ~umask

@@ -14,6 +14,9 @@ from typing import Any, Iterator
 from kdprune.errors import CheckpointError
 
 RUN_FILE = "mlflow_run.json"  # the MLflow run that made the directory it sits in
+# mkstemp/mkdtemp create private (0600/0700) entries; outputs get the modes a plain open() would give.
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
 
 
 def write_atomic(path: str | Path, data: bytes | str) -> None:
@@ -22,6 +25,7 @@ def write_atomic(path: str | Path, data: bytes | str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)
         with os.fdopen(fd, "wb") as f:
             f.write(data.encode() if isinstance(data, str) else data)
             f.flush()
@@ -63,6 +67,7 @@ def staged_dir(out: str | Path) -> Iterator[Path]:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
     try:
+        tmp.chmod(0o777 & ~_UMASK)
         yield tmp
         old = out.with_name(f".{out.name}.old")
         shutil.rmtree(old, ignore_errors=True)

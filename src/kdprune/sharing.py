@@ -45,7 +45,7 @@ def store_dir() -> Path:
 
 
 def once(main: Callable[[], Any]) -> Callable[[], None]:
-    """`main`, run at most once per distinct inputs among the experiments running at the same time."""
+    """`main`, computed once per distinct inputs among experiments side by side or within KEEP seconds."""
 
     @functools.wraps(main)
     def run() -> None:
@@ -74,7 +74,9 @@ def stage_spec(address: str) -> dict[str, Any] | None:
     except (OSError, yaml.YAMLError):
         return None
     stage = (doc.get("stages") or {}).get(name)
-    if not isinstance(stage, dict) or set(stage) & {"foreach", "matrix", "do", "wdir"} or dvcfile.parent != Path("."):
+    if not isinstance(stage, dict) or set(stage) & {"foreach", "matrix", "do", "wdir"}:
+        return None
+    if dvcfile.parent != Path("."):  # paths in a nested dvc.yaml are relative to its own folder
         return None
     variables: dict[str, Any] = {}
     for item in doc.get("vars") or []:
