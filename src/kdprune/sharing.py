@@ -24,7 +24,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -184,8 +183,7 @@ def _fresh(entry: Path, since: float) -> dict[str, Any] | None:
 
 
 def _save(store: Path, key: str, name: str, outputs: list[str]) -> None:
-    tmp = Path(tempfile.mkdtemp(dir=store, prefix=f".{key}.", suffix=".tmp"))
-    try:
+    with staged_dir(store / key) as tmp:
         for rel in outputs:
             src, dst = Path(rel), tmp / "files" / rel
             dst.parent.mkdir(parents=True, exist_ok=True)
@@ -194,14 +192,6 @@ def _save(store: Path, key: str, name: str, outputs: list[str]) -> None:
             shutil.copytree(src, dst, copy_function=_link) if src.is_dir() else shutil.copy2(src, dst)
         write_json(tmp / "entry.json", {"stage": name, "experiment": os.environ.get("DVC_EXP_NAME"),
                                         "finished_at": time.time()})
-        old = store / f".{key}.old"
-        shutil.rmtree(old, ignore_errors=True)
-        if (store / key).exists():
-            os.replace(store / key, old)
-        os.replace(tmp, store / key)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _link(src: Path | str, dst: Path | str) -> None:
