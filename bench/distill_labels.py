@@ -25,7 +25,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -136,6 +136,18 @@ def json_line(bench: str, seconds: float, results: list[dict[str, float]]) -> st
                        "results": rows})
 
 
+def run_bench(name: str, args: argparse.Namespace, per_seed: Callable[[Params], list[dict[str, float]]],
+              table: Callable[[list[dict[str, float]]], str]) -> None:
+    """Both benches' main loop: `per_seed` on params.yaml with each of --seeds, on --threads torch threads;
+    then the table and the results as one JSON line, with the time it all took."""
+    torch.set_num_threads(args.threads)
+    base = load_params(args.params)
+    start = time.perf_counter()
+    results = [r for s in args.seeds for r in per_seed(dataclasses.replace(base, seed=s))]
+    print(table(results))
+    print(json_line(name, time.perf_counter() - start, results))
+
+
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
@@ -170,13 +182,8 @@ def main() -> None:
     ap = common_args(__doc__, seeds=[0, 1, 2, 3, 4])
     ap.add_argument("--fractions", type=float, nargs="+", default=[1.0, 0.25], help="label fractions")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    base = load_params(args.params)
-    start = time.perf_counter()
-    results = [r for s in args.seeds
-               for r in run_seed(dataclasses.replace(base, seed=s), args.raw, args.fractions, args.verbose)]
-    print(table(results, args.fractions))
-    print(json_line("distill_labels", time.perf_counter() - start, results))
+    run_bench("distill_labels", args, lambda p: run_seed(p, args.raw, args.fractions, args.verbose),
+              lambda results: table(results, args.fractions))
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -30,12 +29,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from distill_labels import (  # the sibling script: bench/ is on sys.path when this one runs
-    Splits, accuracy, common_args, json_line, kd_train_set, load_data, log, markdown, mean_std, quiet, train_distilled,
-    train_teacher)
+    Splits, accuracy, common_args, kd_train_set, load_data, log, markdown, mean_std, quiet, run_bench,
+    train_distilled, train_teacher)
 from kdprune import soft_labels
 from kdprune.data import batches, labelled_subset
 from kdprune.importance import SCORERS, Scores
-from kdprune.params import Params, load_params
+from kdprune.params import Params
 from kdprune.pruning import apply_weight_masks, bake_weight_masks, iterative_prune
 from kdprune.rounds import recoverer, rescorer
 from kdprune.training import fit, predict, resolve_device, seed_everything
@@ -120,13 +119,9 @@ def main() -> None:
     ap.add_argument("--amount", type=float, default=0.9, help="fraction of the prunable weights removed")
     ap.add_argument("--steps", type=int, nargs="+", default=[1, 4], help="pruning rounds to compare")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    base = load_params(args.params)
-    start = time.perf_counter()
-    results = [r for s in args.seeds
-               for r in run_seed(bench_params(base, s, args.amount), args.raw, args.steps, args.verbose)]
-    print(table(results, args.steps))
-    print(json_line("iterative", time.perf_counter() - start, results))
+    run_bench("iterative", args, lambda p: run_seed(bench_params(p, p.seed, args.amount), args.raw, args.steps,
+                                                    args.verbose),
+              lambda results: table(results, args.steps))
 
 
 if __name__ == "__main__":
