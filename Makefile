@@ -12,6 +12,9 @@ export PYTHONUNBUFFERED := 1
 
 .PHONY: repro test bench lock clean
 
+# The team stack (PostgreSQL, an S3 server, an MLflow server): make team-up / team-join / team-down.
+-include scripts/team.mk
+
 $(VENV)/.installed: requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	test -x $(BIN)/uv || $(BIN)/python -m pip install -q uv==0.13.9
