@@ -10,7 +10,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export DVC_NO_ANALYTICS := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: repro test bench lock clean
+.PHONY: repro params test test-fast bench lock clean
 
 # The team stack (PostgreSQL, an S3 server, an MLflow server): make team-up / team-join / team-down.
 -include scripts/team.mk
@@ -24,10 +24,18 @@ $(VENV)/.installed: requirements.lock pyproject.toml
 
 repro: $(VENV)/.installed
 	dvc repro
-	@cat reports/comparison.md
+	@echo; cat reports/comparison.md
+
+# params.yaml from conf/ (what `dvc exp run -S` composes), e.g. `make params PRESET=mnist`
+params: $(VENV)/.installed
+	kdprune params $(if $(PRESET),preset=$(PRESET))
 
 test: $(VENV)/.installed
 	python -m pytest -q -p no:cacheprovider tests
+
+# the edit loop: everything but the tests that drive DVC, servers and whole pipelines in subprocesses
+test-fast: $(VENV)/.installed
+	python -m pytest -q -p no:cacheprovider -m "not slow" tests
 
 bench: $(VENV)/.installed
 	python bench/latency.py

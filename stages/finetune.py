@@ -3,44 +3,49 @@
 Unstructured masks stay fixed: a pruned weight stays zero.
 """
 
-from kdprune import sharing, stage
+from kdprune import stage
+from kdprune.files import staged_dir
 from kdprune.params import load_params
+
+READS = ("seed", "threads", "device", "augment", "finetune", "distill", "student.label_fraction")
 
 
 def main(argv: list[str] | None = None) -> None:
     args = stage.parser(__doc__, "data", "pruned", "soft_labels", "teacher", "out", "plots").parse_args(argv)
     p = load_params(args.params)
-    import torch.nn.functional as F
-
-    from kdprune import soft_labels, trainer
-    from kdprune.checkpoints import load_model, load_tensors
-    from kdprune.files import staged_dir
-    from kdprune.data import labelled_subset, load_split
-    from kdprune.pruning import apply_weight_masks, bake_weight_masks
-    from kdprune.tracking import log_epoch, stage_run
-    from kdprune.training import fit, resolve_device, seed_everything
-
-    model, spec = load_model(args.pruned)
-    if (args.pruned / "masks.pt").exists():
-        apply_weight_masks(model, load_tensors(args.pruned / "masks.pt"))
-    # the labels the student may see (student.label_fraction) are the labels fine-tuning may see
+    inputs = {"data": args.data, "pruned": args.pruned}
     if p.finetune.distill:
-        soft_labels.check_provenance(args.soft_labels, args.teacher, args.data)
-        train = soft_labels.load_train(args.data, args.soft_labels, p.student.label_fraction, p.seed)
-        loss = soft_labels.loss(p.distill)
-    else:
-        x, y = load_split(args.data, "train")
-        keep = labelled_subset(y, p.student.label_fraction, p.seed)
-        train, loss = (x[keep], y[keep]), F.cross_entropy
-    val = load_split(args.data, "val")
-    seed_everything(p.seed)
-    logged = stage.section(p, "finetune", "distill", "seed", "device", "student.label_fraction")
-    with stage_run("finetune", logged, inputs=[args.data, args.pruned, args.soft_labels]) as run, \
-            staged_dir(args.out) as out:
-        history = fit(model, train, val, loss, p.finetune, p.seed, resolve_device(p.device), log_epoch)
+        inputs |= {"soft_labels": args.soft_labels, "teacher": args.teacher}
+    with stage.run("finetune", p, READS, inputs, outputs=[args.out, args.plots]) as run:
+        import torch
+        import torch.nn.functional as F
+
+        from kdprune import recipes, soft_labels
+        from kdprune.checkpoints import load_model, load_tensors
+        from kdprune.data import augmenter, labelled_subset
+        from kdprune.pruning import apply_weight_masks, bake_weight_masks
+        from kdprune.recipes import MASKS_FILE
+        from kdprune.training import fit, resolve_device
+
+        meta, norm, (train, val) = recipes.load_data(args.data, "train", "val")
+        model, spec = load_model(args.pruned)
+        if (args.pruned / MASKS_FILE).exists():
+            apply_weight_masks(model, load_tensors(args.pruned / MASKS_FILE))
+        if p.finetune.distill:  # the labels the student may see (student.label_fraction) are the ones seen here
+            soft_labels.check_made_from(args.soft_labels, run.inputs, args.teacher, args.data)
+            train, loss = soft_labels.attach(train, args.soft_labels, p.student.label_fraction, p.seed), \
+                soft_labels.loss(p.distill)
+        else:
+            keep = labelled_subset(train.y, p.student.label_fraction, p.seed)
+            train, loss = train.subset(torch.nonzero(keep).squeeze(1)), F.cross_entropy
+        history = fit(model, train, val, norm, loss, p.finetune, p.seed, resolve_device(p.device), run.log_epoch,
+                      augment=augmenter(p.augment.crop, p.augment.flip), desc="finetune")
         bake_weight_masks(model)
-        trainer.save_trained(out, model.cpu(), spec, history, args.plots, run, val[0])
+        with staged_dir(args.out) as out:
+            recipes.keep_model(out, model, spec, "finetuned", val, norm, run)
+            run.seal(out)
+        recipes.keep_curve(args.plots, history, run)
 
 
 if __name__ == "__main__":
-    stage.guard(sharing.once(main))
+    stage.guard(main)

@@ -1,22 +1,24 @@
 """prepare: read the dataset, split it train/val/test (stratified, from the seed), write the splits."""
 
-from kdprune import sharing, stage
+from kdprune import stage
 from kdprune.files import staged_dir
 from kdprune.params import load_params
+
+READS = ("seed", "threads", "data")
 
 
 def main(argv: list[str] | None = None) -> None:
     args = stage.parser(__doc__, "raw", "out").parse_args(argv)
     p = load_params(args.params)
-    from kdprune.data import prepare
-    from kdprune.tracking import log_epoch, stage_run, write_run_record
+    with stage.run("prepare", p, READS, inputs={}, outputs=[args.out]) as run:
+        from kdprune.data import prepare
 
-    with stage_run("prepare", stage.section(p, "data", "seed")) as run, staged_dir(args.out) as out:
-        meta = prepare(p.data.name, args.raw, out, p.data.val_fraction, p.data.test_fraction, p.seed,
-                       p.data.download)
-        write_run_record(out, run)
-        log_epoch(0, {f"{s}_samples": n for s, n in meta["counts"].items()})
+        with staged_dir(args.out) as out:
+            meta = prepare(p.data.name, args.raw, out, p.data.val_fraction, p.data.test_fraction, p.seed,
+                           p.data.download)
+            run.seal(out)
+        run.log_epoch(0, {f"{s}_samples": n for s, n in meta["counts"].items()})
 
 
 if __name__ == "__main__":
-    stage.guard(sharing.once(main))
+    stage.guard(main)

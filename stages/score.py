@@ -1,46 +1,37 @@
 """score: the student's units and weights scored for importance by every method in score.methods.
 
-With score.oracle, also the true loss increase of removing each unit alone, on the whole of
-score.oracle_split, and how well each method's ranking agrees with it (metrics/score.json).
+With score.oracle, also the true loss increase of removing each unit alone, on score.oracle_samples
+samples of score.oracle_split, and how well each method's ranking agrees with it.
 """
 
-from kdprune import sharing, stage
+from kdprune import stage
+from kdprune.files import staged_dir
 from kdprune.params import load_params
+
+READS = ("seed", "threads", "device", "score")
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = stage.parser(__doc__, "data", "student", "out", "metrics", "plot").parse_args(argv)
+    args = stage.parser(__doc__, "data", "student", "out", "agreement", "plot").parse_args(argv)
     p = load_params(args.params)
-    import torch.nn.functional as F
+    inputs = {"data": args.data, "student": args.student}
+    with stage.run("score", p, READS, inputs, outputs=[args.out, args.agreement, args.plot]) as run:
+        from kdprune import recipes, scoring
+        from kdprune.checkpoints import load_model
+        from kdprune.training import resolve_device
 
-    from kdprune import importance
-    from kdprune.checkpoints import load_model, save_tensors
-    from kdprune.files import staged_dir, write_json
-    from kdprune.data import batches, load_split
-    from kdprune.report import plot_oracle
-    from kdprune.tracking import log_epoch, stage_run, write_run_record
-
-    model, _ = load_model(args.student)
-    train = batches(*load_split(args.data, "train"), p.score.batch_size, p.score.samples, p.seed)
-    held = batches(*load_split(args.data, p.score.oracle_split), p.score.batch_size)
-    with stage_run("score", stage.section(p, "score", "seed"), inputs=[args.data, args.student]) as run, \
-            staged_dir(args.out) as out:
-        scores = {m: importance.SCORERS[m](model, train, F.cross_entropy, seed=p.seed, probes=p.score.probes)
-                  for m in p.score.methods}
-        for m, s in scores.items():
-            save_tensors(out / f"{m}.pt", importance.to_tensors(s))
-        metrics = {}
-        if p.score.oracle:
-            truth = importance.removal_loss_change(model, held, F.cross_entropy)
-            save_tensors(out / "oracle.pt", truth)
-            agree = {m: importance.agreement(s.units, truth) for m, s in scores.items()}
-            metrics = {k: {m: a[k] for m, a in agree.items()} for k in ("spearman", "topk_overlap")}
-            plot_oracle({m: s.units for m, s in scores.items()}, truth, args.plot)
-        write_run_record(out, run)
-        write_json(args.metrics, {"spearman_vs_oracle": metrics.get("spearman", {}),
-                                  "topk_overlap": metrics.get("topk_overlap", {})})
-        log_epoch(0, {f"{k}.{m}": v for k, d in metrics.items() for m, v in d.items()})
+        _, norm, splits = recipes.load_data(args.data, "train", p.score.oracle_split)
+        model, _ = load_model(args.student)
+        model.to(resolve_device(p.device))
+        scores = scoring.score_all(model, splits[0], norm, p.score, p.seed)
+        truth = scoring.oracle(model, splits[-1], norm, p.score, p.seed) if p.score.oracle else None
+        with staged_dir(args.out) as out:
+            scoring.save(out, scores, truth)
+            run.seal(out)
+        agreement = scoring.report(scores, truth, args.agreement, args.plot)
+        run.log_epoch(0, {f"spearman.{m}": v for m, v in agreement.items()})
+        run.log_artifact(args.plot)
 
 
 if __name__ == "__main__":
-    stage.guard(sharing.once(main))
+    stage.guard(main)

@@ -1,17 +1,41 @@
-"""train_scratch: the student architecture trained on hard labels alone, the control for distillation."""
+"""train_scratch: the student architecture trained on hard labels alone, the control for distillation.
 
-from kdprune import sharing, stage
+It sees exactly the labelled subset the distilled student sees (student.label_fraction).
+"""
+
+from kdprune import stage
+from kdprune.files import staged_dir
 from kdprune.params import load_params
+
+READS = ("seed", "threads", "device", "augment", "student")
 
 
 def main(argv: list[str] | None = None) -> None:
     args = stage.parser(__doc__, "data", "out", "plots").parse_args(argv)
     p = load_params(args.params)
-    from kdprune import trainer
+    with stage.run("train_scratch", p, READS, inputs={"data": args.data}, outputs=[args.out, args.plots]) as run:
+        import torch
+        import torch.nn.functional as F
 
-    trainer.train_on_labels("train_scratch", p, p.student, stage.section(p, "student", "seed", "device"), args,
-                          label_fraction=p.student.label_fraction, l1=p.student.l1)
+        from kdprune import recipes
+        from kdprune.data import augmenter, labelled_subset
+        from kdprune.models import build_model
+        from kdprune.training import fit, resolve_device
+
+        meta, norm, (train, val) = recipes.load_data(args.data, "train", "val")
+        keep = labelled_subset(train.y, p.student.label_fraction, p.seed)
+        train = train.subset(torch.nonzero(keep).squeeze(1))
+        run.log_epoch(0, {"labelled_samples": len(train)})
+        spec = p.student.spec(meta["in_channels"], meta["image_size"], meta["num_classes"])
+        model = build_model(spec)
+        history = fit(model, train, val, norm, F.cross_entropy, p.student, p.seed, resolve_device(p.device),
+                      run.log_epoch, l1=p.student.l1, augment=augmenter(p.augment.crop, p.augment.flip),
+                      desc="scratch")
+        with staged_dir(args.out) as out:
+            recipes.keep_model(out, model, spec, "student_scratch", val, norm, run)
+            run.seal(out)
+        recipes.keep_curve(args.plots, history, run)
 
 
 if __name__ == "__main__":
-    stage.guard(sharing.once(main))
+    stage.guard(main)

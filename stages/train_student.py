@@ -1,32 +1,36 @@
 """train_student: the small student, distilled from the teacher's stored logits (Hinton KD loss)."""
 
-from kdprune import sharing, stage
+from kdprune import stage
+from kdprune.files import staged_dir
 from kdprune.params import load_params
+
+READS = ("seed", "threads", "device", "augment", "student", "distill")
 
 
 def main(argv: list[str] | None = None) -> None:
     args = stage.parser(__doc__, "data", "soft_labels", "teacher", "out", "plots").parse_args(argv)
     p = load_params(args.params)
-    from kdprune import soft_labels, trainer
-    from kdprune.files import staged_dir
-    from kdprune.data import load_meta, load_split
-    from kdprune.models import build_model
-    from kdprune.tracking import log_epoch, stage_run
-    from kdprune.training import fit, resolve_device, seed_everything
+    inputs = {"data": args.data, "soft_labels": args.soft_labels, "teacher": args.teacher}
+    with stage.run("train_student", p, READS, inputs, outputs=[args.out, args.plots]) as run:
+        from kdprune import recipes, soft_labels
+        from kdprune.data import UNLABELLED, augmenter
+        from kdprune.models import build_model
+        from kdprune.training import fit, resolve_device
 
-    soft_labels.check_provenance(args.soft_labels, args.teacher, args.data)
-    spec = trainer.model_spec(p.student, load_meta(args.data))
-    train = soft_labels.load_train(args.data, args.soft_labels, p.student.label_fraction, p.seed)
-    val = load_split(args.data, "val")
-    seed_everything(p.seed)
-    model = build_model(spec)
-    logged = stage.section(p, "student", "distill", "seed", "device")
-    with stage_run("train_student", logged, inputs=[args.data, args.soft_labels]) as run, \
-            staged_dir(args.out) as out:
-        history = fit(model, train, val, soft_labels.loss(p.distill), p.student, p.seed, resolve_device(p.device),
-                      log_epoch, l1=p.student.l1)
-        trainer.save_trained(out, model.cpu(), spec, history, args.plots, run, val[0])
+        soft_labels.check_made_from(args.soft_labels, run.inputs, args.teacher, args.data)
+        meta, norm, (train, val) = recipes.load_data(args.data, "train", "val")
+        train = soft_labels.attach(train, args.soft_labels, p.student.label_fraction, p.seed)
+        run.log_epoch(0, {"labelled_samples": int((train.y != UNLABELLED).sum())})
+        spec = p.student.spec(meta["in_channels"], meta["image_size"], meta["num_classes"])
+        model = build_model(spec)
+        history = fit(model, train, val, norm, soft_labels.loss(p.distill), p.student, p.seed,
+                      resolve_device(p.device), run.log_epoch, l1=p.student.l1,
+                      augment=augmenter(p.augment.crop, p.augment.flip), desc="student")
+        with staged_dir(args.out) as out:
+            recipes.keep_model(out, model, spec, "student", val, norm, run)
+            run.seal(out)
+        recipes.keep_curve(args.plots, history, run)
 
 
 if __name__ == "__main__":
-    stage.guard(sharing.once(main))
+    stage.guard(main)

@@ -1,16 +1,37 @@
-"""train_teacher: train the teacher CNN on hard labels."""
+"""train_teacher: train the teacher on hard labels, or adopt the user's own (teacher.weights)."""
 
-from kdprune import sharing, stage
+from kdprune import stage
+from kdprune.files import staged_dir
 from kdprune.params import load_params
+
+READS = ("seed", "threads", "device", "augment", "teacher")
 
 
 def main(argv: list[str] | None = None) -> None:
     args = stage.parser(__doc__, "data", "out", "plots").parse_args(argv)
     p = load_params(args.params)
-    from kdprune import trainer
+    inputs = {"data": args.data} | ({"weights": p.teacher.weights} if p.teacher.weights else {})
+    with stage.run("train_teacher", p, READS, inputs, outputs=[args.out, args.plots]) as run:
+        import torch.nn.functional as F
 
-    trainer.train_on_labels("train_teacher", p, p.teacher, stage.section(p, "teacher", "seed", "device"), args)
+        from kdprune import recipes, teacher
+        from kdprune.data import augmenter
+        from kdprune.models import build_model
+        from kdprune.training import fit, resolve_device
+
+        meta, norm, (train, val) = recipes.load_data(args.data, "train", "val")
+        spec = p.teacher.spec(meta["in_channels"], meta["image_size"], meta["num_classes"])
+        model = build_model(spec)
+        if p.teacher.weights:
+            history = teacher.adopt(model, p.teacher.weights, val, norm, resolve_device(p.device))
+        else:
+            history = fit(model, train, val, norm, F.cross_entropy, p.teacher, p.seed, resolve_device(p.device),
+                          run.log_epoch, augment=augmenter(p.augment.crop, p.augment.flip), desc="teacher")
+        with staged_dir(args.out) as out:
+            recipes.keep_model(out, model, spec, "teacher", val, norm, run)
+            run.seal(out)
+        recipes.keep_curve(args.plots, history, run)
 
 
 if __name__ == "__main__":
-    stage.guard(sharing.once(main))
+    stage.guard(main)

@@ -12,23 +12,23 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 
-# Small enough that the whole pipeline runs in seconds on 2 cores, on the real digits data.
-TINY: dict[str, Any] = {
-    "teacher": {"channels": [8, 16], "hidden": [32], "epochs": 2},
-    "student": {"channels": [4, 8], "hidden": [16], "epochs": 2},
-    "score": {"samples": 128, "batch_size": 64, "probes": 4},
-    "finetune": {"epochs": 1},
-    "evaluate": {"warmup": 1, "repeats": 2},
-}
+# The project's own smoke-test preset: the whole pipeline in seconds on 2 cores, on the real digits data.
+TINY: dict[str, Any] = yaml.safe_load((REPO / "conf/preset/tiny.yaml").read_text())
+
+
+def merge(base: dict[str, Any], layer: dict[str, Any]) -> dict[str, Any]:
+    """`layer` over `base`, section by section (nested sections too), as Hydra composes a preset."""
+    out = dict(base)
+    for key, value in layer.items():
+        out[key] = merge(out.get(key) or {}, value) if isinstance(value, dict) else value
+    return out
 
 
 def write_params(path: Path, **overrides: dict[str, Any]) -> Path:
-    """params.yaml = the repo's, with TINY and then `overrides` merged in per section."""
+    """params.yaml = the repo's, with the tiny preset and then `overrides` merged in per section."""
     with (REPO / "params.yaml").open() as f:
         params = yaml.safe_load(f)
-    for layer in (TINY, overrides):
-        for key, value in layer.items():
-            params[key] = {**params[key], **value} if isinstance(value, dict) else value
+    params = merge(merge(params, TINY), overrides)
     path.write_text(yaml.safe_dump(params, sort_keys=False))
     return path
 
@@ -62,14 +62,14 @@ def stage_paths(root: Path) -> dict[str, dict[str, Path]]:
         "train_student": {"data": d["data"], "soft_labels": d["soft"], "teacher": d["teacher"],
                           "out": d["student"], "plots": root / "plots/train_student.csv"},
         "score": {"data": d["data"], "student": d["student"], "out": d["scores"],
-                  "metrics": root / "metrics/score.json", "plot": root / "plots/score_oracle.png"},
+                  "agreement": root / "plots/score.json", "plot": root / "plots/score.png"},
         "prune": {"data": d["data"], "student": d["student"], "scores": d["scores"], "out": d["pruned"],
-                  "plot": root / "plots/sensitivity.png"},
+                  "plot": root / "plots/prune.png"},
         "finetune": {"data": d["data"], "pruned": d["pruned"], "soft_labels": d["soft"], "teacher": d["teacher"],
                      "out": d["finetuned"], "plots": root / "plots/finetune.csv"},
         "evaluate": {"data": d["data"], "teacher": d["teacher"], "student_scratch": d["scratch"],
                      "student": d["student"], "pruned": d["pruned"], "finetuned": d["finetuned"],
-                     "metrics": root / "metrics/evaluate.json", "per_class": root / "metrics/per_class.json",
+                     "headline": root / "metrics/headline.json", "metrics": root / "metrics/evaluate.json", "per_class": root / "metrics/per_class.json",
                      "report": root / "reports/comparison.md", "plot": root / "plots/tradeoff.png",
                      "confusion": root / "plots/confusion.png"},
     }
@@ -90,14 +90,6 @@ def randomised(spec: dict[str, Any], seed: int = 0) -> Any:
             m.weight.data.uniform_(0.5, 1.5)
             m.bias.data.uniform_(-0.5, 0.5)
     return model
-
-
-def half_removal(model: Any, seed: int = 1) -> dict[str, Any]:
-    """A random half of every layer's units, as remove_units / mask_units take them."""
-    import torch
-
-    g = torch.Generator().manual_seed(seed)
-    return {u.name: torch.randperm(u.size, generator=g)[: u.size // 2].sort().values for u in model.units()}
 
 
 STAGES = list(stage_paths(Path(".")))

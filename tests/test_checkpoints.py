@@ -10,11 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from kdprune.checkpoints import load_model, load_tensors, save_model
+from kdprune.checkpoints import check_state_dict, load_model, load_tensors, save_model
 from kdprune.errors import CheckpointError
 from kdprune.files import staged_dir, write_atomic
-from kdprune.models import build_model
+from kdprune.models import build_model, remove_units
 from tests.conftest import REPO
+from tests.test_models import SPECS, half, tiny
 
 SPEC = {"arch": "cnn", "in_channels": 1, "image_size": 8, "num_classes": 10, "channels": [4, 8], "hidden": [6]}
 
@@ -44,16 +45,79 @@ def test_a_pickle_payload_is_refused_without_running_it(model_dir, tmp_path):
     assert not sentinel.exists()
 
 
+def test_a_pickled_pruned_torchvision_model_is_refused_without_running_it(tmp_path):
+    """A "pruned mobilenet_v2" that is really a pickled nn.Module, carrying a payload."""
+    model = tiny("mobilenet_v2")
+    remove_units(model, half(model))
+    save_model(tmp_path / "m", model, SPECS["mobilenet_v2"])
+    sentinel = tmp_path / "pwned"
+    model.payload = Payload(sentinel)  # unpickled with the module, it would run
+    torch.save(model, tmp_path / "m" / "model.pt")
+    with pytest.raises(CheckpointError, match=re.escape(str(tmp_path / "m" / "model.pt")) + ": refused"):
+        load_model(tmp_path / "m")
+    assert not sentinel.exists()
+
+
 def test_an_unknown_architecture_in_spec_is_refused(model_dir):
     (model_dir / "spec.json").write_text(json.dumps({**SPEC, "arch": "transformer"}))
-    with pytest.raises(CheckpointError, match=r"spec\.json: unknown architecture 'transformer'"):
+    with pytest.raises(CheckpointError, match=r"spec\.json: arch: unknown architecture 'transformer'"):
         load_model(model_dir)
 
 
-def test_widths_that_do_not_match_the_weights_are_refused(model_dir):
-    (model_dir / "spec.json").write_text(json.dumps({**SPEC, "hidden": [7]}))
-    with pytest.raises(CheckpointError, match=r"model\.pt: shapes of .* do not match the widths in .*spec\.json"):
+@pytest.mark.parametrize("width", [-1, 10**10, 9, "4"])
+def test_a_width_out_of_bounds_in_spec_is_named(model_dir, width):
+    spec = json.loads((model_dir / "spec.json").read_text())
+    (model_dir / "spec.json").write_text(json.dumps({**spec, "widths": {**_widths(spec), "features.0.0": width}}))
+    with pytest.raises(CheckpointError, match=r"spec\.json: widths\.features\.0\.0: "):
         load_model(model_dir)
+
+
+def _widths(spec: dict) -> dict:
+    """The spec's widths; a model at its base widths is saved without them: read them off its units."""
+    from kdprune.models import build_model, units
+
+    return spec.get("widths") or {u.name: u.size for u in units(build_model(spec))}
+
+
+def test_an_unpruned_model_is_saved_without_widths_and_a_pruned_one_with_them(model_dir, tmp_path):
+    from kdprune.checkpoints import save_model
+    from kdprune.models import units
+    from kdprune.pruning import remove_units
+
+    model, spec = load_model(model_dir)
+    assert "widths" not in spec
+    first = units(model)[0]
+    remove_units(model, {first.name: [0]})
+    save_model(tmp_path / "pruned", model, spec)
+    again, pruned_spec = load_model(tmp_path / "pruned")
+    assert pruned_spec["widths"][first.name] == first.size - 1
+    assert {k: v.shape for k, v in again.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
+
+
+def test_widths_that_do_not_match_the_weights_name_the_first_tensor(model_dir):
+    spec = json.loads((model_dir / "spec.json").read_text())
+    (model_dir / "spec.json").write_text(json.dumps({**spec, "widths": {**_widths(spec), "features.1.0": 5}}))
+    with pytest.raises(CheckpointError, match=re.escape(f"{model_dir / 'model.pt'}: tensor 'features.1.0.weight' "
+                                                        "has shape (8, 4, 3, 3), the architecture needs (5, 4, 3, 3)")):
+        load_model(model_dir)
+
+
+def test_check_state_dict_names_the_first_mismatching_missing_or_unexpected_tensor():
+    model = build_model(SPEC)
+    state = model.state_dict()
+    check_state_dict(model, state, "t.pt")  # fits
+    bad = {**state, "features.1.1.weight": torch.zeros(3), "classifier.0.0.bias": torch.zeros(2)}
+    with pytest.raises(CheckpointError, match=re.escape("t.pt: tensor 'features.1.1.weight' has shape (3,), "
+                                                        "the architecture needs (8,)")):
+        check_state_dict(model, bad, "t.pt")
+    missing = {k: v for k, v in state.items() if k != "head.bias"}
+    with pytest.raises(CheckpointError, match=re.escape("t.pt: tensor 'head.bias' is missing, the architecture "
+                                                        "needs (10,)")):
+        check_state_dict(model, missing, "t.pt")
+    with pytest.raises(CheckpointError, match="t.pt: tensor 'extra' is unexpected"):
+        check_state_dict(model, {**state, "extra": torch.zeros(1)}, "t.pt")
+    with pytest.raises(CheckpointError, match="t.pt: tensor 'head.weight' has shape no tensor but a str"):
+        check_state_dict(model, {**state, "head.weight": "x"}, "t.pt")
 
 
 def test_a_truncated_model_file_is_named(model_dir):

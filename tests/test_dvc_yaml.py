@@ -1,4 +1,4 @@
-"""dvc.yaml declares what each stage really reads: its script, every package module it imports, its params."""
+"""dvc.yaml declares what decides each stage's outputs: its script, the computing modules it imports, its params."""
 
 from __future__ import annotations
 
@@ -11,6 +11,10 @@ import yaml
 from tests.conftest import REPO
 
 PKG = REPO / "src/kdprune"
+# Modules that track, lock, print, write files or run processes: they never decide an output's bytes,
+# so a stage does not depend on them (editing a log message must not retrain a teacher).
+INFRA = {"errors", "files", "procs", "progress", "registry", "runs", "sharing", "stage", "store", "summary",
+         "tracker", "cli", "sweep"}
 
 
 def _imports(path: Path) -> set[str]:
@@ -26,6 +30,7 @@ def _imports(path: Path) -> set[str]:
 
 
 def _closure(script: Path) -> set[str]:
+    """Every kdprune module the script reaches through imports, the infrastructure ones included."""
     seen, todo = set(), list(_imports(script))
     while todo:
         mod = todo.pop()
@@ -39,14 +44,31 @@ def _stages() -> dict:
     return yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
 
 
-def test_every_stage_depends_on_its_script_and_every_module_it_imports():
+def _declared_params(stage: dict) -> set[str]:
+    return {p if isinstance(p, str) else next(iter(p)) for p in stage.get("params", [])}
+
+
+def test_every_stage_depends_on_its_script_and_exactly_the_computing_modules_it_reaches():
     for name, stage in _stages().items():
         deps = {d.replace("${pkg}", "src/kdprune") for d in stage["deps"]}
         assert stage["cmd"].startswith(f"python stages/{name}.py"), name
         assert f"stages/{name}.py" in deps, name
-        needed = {f"src/kdprune/{m}.py" for m in _closure(REPO / "stages" / f"{name}.py")}
+        needed = {f"src/kdprune/{m}.py" for m in _closure(REPO / "stages" / f"{name}.py") - INFRA}
         declared = {d for d in deps if d.startswith("src/kdprune/")}
         assert needed == declared, (name, sorted(needed - declared), sorted(declared - needed))
+
+
+def test_no_stage_depends_on_tracking_locking_or_printing():
+    for name, stage in _stages().items():
+        deps = {Path(d).stem for d in stage["deps"] if d.startswith("${pkg}/")}
+        assert not deps & INFRA, (name, deps & INFRA)
+
+
+def test_infrastructure_modules_exist_and_every_module_is_classified():
+    modules = {f.stem for f in PKG.glob("*.py")} - {"__init__"}
+    assert INFRA <= modules
+    used = set().union(*(_closure(REPO / "stages" / f"{s}.py") for s in _stages()))
+    assert (modules - INFRA) - used <= set(), sorted((modules - INFRA) - used)
 
 
 def test_every_stage_but_validate_depends_on_the_validation_marker():
@@ -55,28 +77,25 @@ def test_every_stage_but_validate_depends_on_the_validation_marker():
             assert "artifacts/params.ok" in stage["deps"], name
 
 
-def test_every_params_key_a_stage_logs_is_declared():
-    """The keys a stage passes to stage.section() are the params dvc.yaml says it reads."""
+def test_every_params_key_a_stage_reads_is_declared():
+    """The READS a stage logs and hashes, and every `p.<section>.<key>` read in its script or in a
+    computing module it reaches (rounds.py reads p.prune.*, p.score.*), are under its `params:`."""
     for name, stage in _stages().items():
-        text = (REPO / "stages" / f"{name}.py").read_text()
-        call = re.search(r"stage\.section\(p, ([^)]*)\)", text)
-        if not call:
-            continue
-        logged = set(re.findall(r'"([\w.]+)"', call.group(1)))
-        declared = {p if isinstance(p, str) else next(iter(p)) for p in stage.get("params", [])}
-        if "params.yaml" not in declared:  # `- params.yaml:` reads the whole file
-            assert logged <= declared, (name, logged - declared)
-
-
-def test_every_param_a_stage_script_reads_is_declared():
-    """Each `p.<section>.<key>` or `p.<key>` a stage script reads is under its `params:` in dvc.yaml."""
-    for name, stage in _stages().items():
-        if name == "validate":
-            continue
-        declared = {p if isinstance(p, str) else next(iter(p)) for p in stage.get("params", [])}
-        if "params.yaml" in declared:
+        declared = _declared_params(stage)
+        if name == "validate" or "params.yaml" in declared:
             continue
         text = (REPO / "stages" / f"{name}.py").read_text()
-        for section, key in re.findall(r"\bp\.(\w+)(?:\.(\w+))?", text):
-            read = f"{section}.{key}" if key else section
-            assert section in declared or read in declared, (name, read)
+        reads = re.search(r"READS = \(([^)]*)\)", text)
+        assert reads, name
+        assert set(re.findall(r'"([\w.]+)"', reads.group(1))) == declared, name
+        modules = [REPO / "stages" / f"{name}.py"] + [PKG / f"{m}.py" for m in _closure(REPO / "stages" / f"{name}.py")
+                                                     - INFRA]
+        for path in modules:
+            for section, key in re.findall(r"\bp\.(\w+)(?:\.(\w+))?", path.read_text()):
+                read = f"{section}.{key}" if key else section
+                assert section in declared or read in declared, (name, path.name, read)
+
+
+def test_tracking_settings_are_never_params():
+    text = (REPO / "params.yaml").read_text()
+    assert "tracking" not in text and "mlflow" not in text.lower()

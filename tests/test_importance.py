@@ -9,7 +9,8 @@ from scipy.stats import spearmanr
 from torch.func import functional_call
 
 from kdprune import importance
-from kdprune.models import build_model
+from kdprune.models import build_model, prunable_layers, units
+from tests.test_models import ARCHS, SPECS, tiny
 
 MLP = {"arch": "mlp", "in_channels": 1, "image_size": 2, "num_classes": 3, "channels": [], "hidden": [5, 4]}
 CNN = {"arch": "cnn", "in_channels": 1, "image_size": 8, "num_classes": 4, "channels": [3, 4], "hidden": [5]}
@@ -64,7 +65,7 @@ def test_hutchinson_diagonal_matches_the_exact_hessian_over_all_batches():
 def test_hessian_scores_are_obd_saliencies():
     model, batches = _tiny()
     scores = importance.hessian(model, batches, F.cross_entropy, seed=0, probes=3000)
-    for u in model.units():
+    for u in units(model):
         params = [u.layer.weight, u.layer.bias]
         diag = _exact_hessian(model, params, batches).diagonal()
         h_w = diag[: u.layer.weight.numel()].view_as(u.layer.weight)
@@ -119,7 +120,7 @@ def test_taylor_takes_the_absolute_value_per_batch_before_averaging():
     scores = importance.taylor(model, [(x, plus), (x, minus)], _signed_loss)
     model.zero_grad()
     _signed_loss(model(x), plus).backward()
-    for u in model.units():
+    for u in units(model):
         one = (u.layer.weight * u.layer.weight.grad).sum(1) + u.layer.bias * u.layer.bias.grad
         assert torch.allclose(scores.units[u.name], one.abs().detach(), atol=1e-6)
         assert scores.units[u.name].sum() > 0
@@ -128,20 +129,20 @@ def test_taylor_takes_the_absolute_value_per_batch_before_averaging():
 def test_fisher_sums_squared_per_sample_gradients_over_every_sample():
     model, batches = _tiny()
     scores = importance.fisher(model, batches, F.cross_entropy)
-    units = model.units()
-    expected_u = {u.name: torch.zeros(u.size) for u in units}
-    expected_w = {u.name: torch.zeros_like(u.layer.weight) for u in units}
+    found = units(model)  # an mlp: each unit is one layer, named as it is
+    expected_u = {u.name: torch.zeros(u.size) for u in found}
+    expected_w = {u.name: torch.zeros_like(u.layer.weight) for u in found}
     n = 0
     for x, y in batches:
         for i in range(len(y)):  # one sample at a time: the slow, obvious way
             model.zero_grad()
             F.cross_entropy(model(x[i:i + 1]), y[i:i + 1]).backward()
-            for u in units:
+            for u in found:
                 w, b = u.layer.weight, u.layer.bias
                 expected_u[u.name] += ((w * w.grad).sum(1) + b * b.grad).detach() ** 2
                 expected_w[u.name] += w.grad.detach() ** 2
             n += 1
-    for u in units:
+    for u in found:
         assert torch.allclose(scores.units[u.name], 0.5 * expected_u[u.name] / n, rtol=1e-4, atol=1e-9)
         w = u.layer.weight.detach()
         assert torch.allclose(scores.weights[u.name], 0.5 * w**2 * expected_w[u.name] / n, rtol=1e-4, atol=1e-9)
@@ -183,6 +184,23 @@ def test_activation_and_apoz_known_values():
     assert torch.allclose(apoz, torch.tensor([1 - 1 / 4, 1 - 3 / 4]))
 
 
+def test_a_residual_stream_is_scored_over_every_layer_that_makes_it():
+    model = tiny("resnet")
+    x = _batches(SPECS["resnet"])[0][0]
+    stream = {u.name: u for u in units(model)}["blocks.1.conv2"]
+    block = model.blocks[1]
+    l1 = importance.l1(model, [], F.cross_entropy)
+    rows = lambda w: w.detach().abs().flatten(1).sum(1)  # noqa: E731
+    assert torch.allclose(l1.units["blocks.1.conv2"], rows(block.conv2.weight) + rows(block.shortcut[0].weight))
+    assert stream.act is block.bn2
+    # at the stem, the stream's activation is exactly ReLU of the stem's BatchNorm
+    act = importance.activation(model, [(x, torch.zeros(len(x), dtype=torch.long))], F.cross_entropy)
+    with torch.no_grad():
+        expected = model.stem(x).mean((0, 2, 3))
+    assert torch.allclose(act.units["stem.0"], expected, atol=1e-6)
+    assert torch.equal(act.weights["blocks.0.conv2"], act.units["stem.0"].view(-1, 1, 1, 1).expand(8, 8, 3, 3))
+
+
 def test_random_is_reproducible_from_the_seed():
     model, batches = _tiny()
     a, b, c = (importance.random(model, batches, F.cross_entropy, seed=s) for s in (1, 1, 2))
@@ -190,23 +208,44 @@ def test_random_is_reproducible_from_the_seed():
     assert not all(torch.equal(a.units[k], c.units[k]) for k in a.units)
 
 
-RESNET = {"arch": "resnet", "in_channels": 1, "image_size": 8, "num_classes": 4, "channels": [3, 4, 4, 4],
-          "hidden": [4]}
+def _batches(spec: dict, n: int = 16, seed: int = 1, device: str = "cpu") -> list:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, spec["in_channels"], spec["image_size"], spec["image_size"], generator=g)
+    y = torch.randint(0, spec["num_classes"], (n,), generator=g)
+    return [(x[: n // 2].to(device), y[: n // 2].to(device)), (x[n // 2:].to(device), y[n // 2:].to(device))]
 
 
-@pytest.mark.parametrize("spec", [CNN, RESNET], ids=["cnn", "resnet"])
+@pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("method", sorted(importance.SCORERS))
-def test_every_criterion_scores_every_unit_and_weight(method, spec):
-    model, batches = _tiny(spec)
-    scores = importance.SCORERS[method](model, batches, F.cross_entropy, seed=0, probes=2)
-    for u in model.units():
+def test_every_criterion_scores_every_unit_and_every_prunable_weight(method, arch):
+    model = tiny(arch)
+    scores = importance.SCORERS[method](model, _batches(SPECS[arch]), F.cross_entropy, seed=0, probes=2)
+    assert list(scores.units) == [u.name for u in units(model)]
+    assert list(scores.weights) == list(prunable_layers(model))
+    for u in units(model):
         assert scores.units[u.name].shape == (u.size,)
-        assert scores.weights[u.name].shape == u.layer.weight.shape
         assert torch.isfinite(scores.units[u.name]).all()
         if method != "hessian":  # an OBD saliency is negative where the curvature is
             assert (scores.units[u.name] >= 0).all()
+    for name, layer in prunable_layers(model).items():
+        assert scores.weights[name].shape == layer.weight.shape and torch.isfinite(scores.weights[name]).all()
     back = importance.from_tensors(importance.to_tensors(scores))
     assert all(torch.equal(back.units[k], scores.units[k]) for k in scores.units)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("arch", ["resnet", "mobilenet_v2"])
+def test_every_criterion_runs_on_a_cuda_model_and_returns_cpu_scores(arch):
+    model = tiny(arch).cuda()
+    batches = _batches(SPECS[arch], device="cuda")
+    on_cpu = importance.SCORERS["taylor"](tiny(arch), _batches(SPECS[arch]), F.cross_entropy)
+    for method, scorer in importance.SCORERS.items():
+        scores = scorer(model, batches, F.cross_entropy, seed=0, probes=2)
+        assert all(v.device.type == "cpu" for v in [*scores.units.values(), *scores.weights.values()]), method
+    scores = importance.SCORERS["taylor"](model, batches, F.cross_entropy)
+    assert all(torch.allclose(scores.units[k], on_cpu.units[k], rtol=1e-3, atol=1e-6) for k in on_cpu.units)
+    truth = importance.removal_loss_change(model, batches, F.cross_entropy)
+    assert set(truth) == {u.name for u in units(model)}
 
 
 def test_agreement_is_one_for_the_truth_itself():

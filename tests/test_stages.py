@@ -1,58 +1,27 @@
-"""Every stage end to end on the tiny config: outputs, lineage in MLflow, the summary run."""
+"""Every stage end to end on the tiny preset: outputs, manifests, ONNX, lineage in MLflow, the summary
+run, the registry, and the files a stage refuses."""
 
 from __future__ import annotations
 
 import json
+import shutil
 
 import mlflow
+import numpy as np
 import pytest
 import torch
 
+from kdprune import manifest
 from kdprune.checkpoints import load_model
-from kdprune.models import count_params
-from tests.conftest import STAGES
+from kdprune.data import load_meta, load_split, normaliser
+from kdprune.errors import CheckpointError
+from kdprune.models import count_params, prunable_layers
+from tests.conftest import STAGES, run_stage, tree_bytes, write_params
 
 MODELS = ("teacher", "student_scratch", "student", "pruned", "finetuned")
-HEADLINE = ("accuracy", "params", "nonzero_params", "macs", "size_bytes", "latency_ms_b1", "latency_ms_b256")
-
-
-def test_every_stage_writes_its_outputs(pipeline):
-    for name, paths in pipeline["paths"].items():
-        for key, path in paths.items():
-            if key in ("out", "metrics", "report", "plot", "plots"):
-                assert path.exists(), f"{name} did not write {path}"
-    for split in ("train", "val", "test"):
-        assert (pipeline["root"] / "data/prepared" / f"{split}.pt").exists()
-
-
-def test_evaluate_reports_every_model(pipeline):
-    metrics = json.loads((pipeline["root"] / "metrics/evaluate.json").read_text())
-    assert set(MODELS) <= set(metrics)
-    for name in MODELS:
-        for key in HEADLINE:
-            assert isinstance(metrics[name][key], (int, float)), (name, key)
-        assert 0.0 <= metrics[name]["accuracy"] <= 1.0
-        assert metrics[name]["latency_ms_b256"] > 0
-    # the accuracies are real: the evaluated model, re-run here, scores the same
-    model, _ = load_model(pipeline["root"] / "models/finetuned")
-    test = torch.load(pipeline["root"] / "data/prepared/test.pt", weights_only=True)
-    assert len(test["y"]) == 360
-    assert metrics["finetuned"]["params"] == count_params(model)
-    assert metrics["pruned"]["params"] < metrics["student"]["params"] < metrics["teacher"]["params"]
-    table = (pipeline["root"] / "reports/comparison.md").read_text()
-    assert all(f"| {name} |" in table for name in MODELS)
-
-
-def test_student_is_at_most_a_quarter_of_the_default_teacher():
-    from kdprune.models import build_model
-    from kdprune.params import load_params
-    from kdprune.trainer import model_spec
-    from tests.conftest import REPO
-
-    p = load_params(REPO / "params.yaml")
-    meta = {"in_channels": 1, "image_size": 8, "num_classes": 10}
-    teacher, student = (count_params(build_model(model_spec(c, meta))) for c in (p.teacher, p.student))
-    assert student <= teacher / 4
+DIRS = {"prepare": "data/prepared", "train_teacher": "models/teacher", "soft_labels": "artifacts/soft_labels",
+        "train_scratch": "models/student_scratch", "train_student": "models/student", "score": "artifacts/scores",
+        "prune": "models/pruned", "finetune": "models/finetuned"}
 
 
 def _runs(uri: str) -> list:
@@ -61,117 +30,309 @@ def _runs(uri: str) -> list:
     return client.search_runs([exp.experiment_id], max_results=1000)
 
 
-def test_one_finished_run_per_stage_linked_upstream(pipeline):
+def _test_inputs(root) -> tuple[torch.Tensor, torch.Tensor]:
+    """The test split as the models see it: normalised floats (N, C, H, W), and labels."""
+    test, norm = load_split(root / "data/prepared", "test"), normaliser(load_meta(root / "data/prepared"))
+    return norm(test.x), test.y
+
+
+def test_every_stage_writes_its_outputs_and_a_manifest_that_checks(pipeline):
+    for name, paths in pipeline["paths"].items():
+        for key, path in paths.items():
+            if key in ("out", "agreement", "report", "plot", "plots", "headline", "metrics", "per_class",
+                       "confusion"):
+                assert path.exists(), f"{name} did not write {path}"
+    for stage, rel in DIRS.items():
+        fp = manifest.verify(pipeline["root"] / rel)
+        assert json.loads((pipeline["root"] / rel / "manifest.json").read_text())["stage"] == stage
+        assert len(fp) == 64
+    assert not list(pipeline["root"].rglob("mlflow_run.json"))  # no run id in any output
+
+
+def test_evaluate_reports_every_model_and_its_accuracy_is_real(pipeline):
+    root = pipeline["root"]
+    metrics = json.loads((root / "metrics/evaluate.json").read_text())
+    x, y = _test_inputs(root)
+    for name in MODELS:
+        model, _ = load_model(root / "models" / name)
+        with torch.no_grad():
+            errors = int((model(x).argmax(1) != y).sum())
+        assert metrics[name]["errors"] == errors, name  # re-run here, the same test errors
+        assert metrics[name]["accuracy"] == pytest.approx(1 - errors / len(y))
+        assert metrics[name]["params"] == count_params(model)
+        for key in ("latency_ms_b1", "latency_ms_b256", "ort_latency_ms_b1", "ort_latency_ms_b256"):
+            assert metrics[name][key] > 0, (name, key)
+    assert metrics["pruned"]["params"] < metrics["student"]["params"] < metrics["teacher"]["params"]
+    assert metrics["student"]["distill_gain"] == pytest.approx(
+        metrics["student"]["accuracy"] - metrics["student_scratch"]["accuracy"])
+    macs_cut = metrics["student"]["macs"] / metrics["finetuned"]["macs"]
+    assert metrics["finetuned"]["time_per_macs_b256"] == pytest.approx(
+        metrics["finetuned"]["speedup_b256_vs_student"] / macs_cut)
+    table = (root / "reports/comparison.md").read_text()
+    assert all(f"| {name} |" in table for name in MODELS)
+    headline = json.loads((root / "metrics/headline.json").read_text())
+    assert sum(len(v) for v in headline.values()) == 12
+    assert headline["finetuned"]["accuracy"] == metrics["finetuned"]["accuracy"]
+
+
+def test_every_model_has_an_onnx_file_that_matches_pytorch_on_the_whole_test_split(pipeline):
+    from kdprune.export import check_onnx
+
+    x, _ = _test_inputs(pipeline["root"])
+    for name in MODELS:
+        model, _ = load_model(pipeline["root"] / "models" / name)
+        assert check_onnx(pipeline["root"] / "models" / name / "model.onnx", model, x, atol=1e-4) <= 1e-4
+
+
+def test_student_is_at_most_a_quarter_of_the_default_teacher():
+    from kdprune.models import model_size_on_meta
+    from kdprune.params import SHAPES, load_params
+    from tests.conftest import REPO
+
+    p = load_params(REPO / "params.yaml")
+    shape = SHAPES[p.data.name]
+    assert model_size_on_meta(p.student.spec(*shape)) <= model_size_on_meta(p.teacher.spec(*shape)) / 4
+
+
+def test_one_finished_run_per_stage_linked_upstream_by_fingerprint(pipeline):
     runs = _runs(pipeline["uri"])
     stage_runs = {r.data.tags["pipeline.stage"]: r for r in runs if r.data.tags.get("pipeline.kind") == "stage"}
-    assert sorted(stage_runs) == sorted(s for s in STAGES)
+    assert sorted(stage_runs) == sorted(s for s in STAGES if s != "evaluate")
     assert all(r.info.status == "FINISHED" for r in runs)
     ids = {s: r.info.run_id for s, r in stage_runs.items()}
+    for stage, rel in DIRS.items():  # each run carries the fingerprint of what it made
+        assert stage_runs[stage].data.tags["pipeline.output"] == manifest.verify(pipeline["root"] / rel)
     finetune = stage_runs["finetune"].data.tags
     for upstream in ("prepare", "train_teacher", "soft_labels", "train_student", "score", "prune"):
         assert finetune[f"pipeline.upstream.{upstream}"] == ids[upstream]
+    assert "pipeline.upstream.train_scratch" not in finetune
     assert stage_runs["prune"].data.params["prune.amount"] == "0.5"
-    record = json.loads((pipeline["root"] / "models/finetuned/mlflow_run.json").read_text())
-    assert record["run_id"] == ids["finetune"]
+    assert all(" · tiny taylor 0.5 seed 0" in r.info.run_name for r in stage_runs.values())
 
 
-def test_summary_run_carries_every_param_and_headline_metric(pipeline):
-    (summary,) = [r for r in _runs(pipeline["uri"]) if r.data.tags.get("pipeline.kind") == "summary"]
-    assert summary.data.params["prune.criterion"] == "taylor"
+def test_the_summary_run_carries_every_param_and_is_the_only_run_with_headline_metrics(pipeline):
+    from kdprune.comparison import SUMMARY
+    from kdprune.params import flatten, load_params
+
+    runs = _runs(pipeline["uri"])
+    (summary,) = [r for r in runs if r.data.tags.get("pipeline.kind") == "summary"]
+    assert summary.info.run_name == "tiny taylor 0.5 seed 0"
+    assert set(summary.data.params) == set(flatten(load_params(pipeline["params"])))
     assert summary.data.params["teacher.channels"] == "8,16"
-    assert len(summary.data.params) >= 40
-    metrics = json.loads((pipeline["root"] / "metrics/evaluate.json").read_text())
-    assert summary.data.metrics["finetuned.accuracy"] == pytest.approx(metrics["finetuned"]["accuracy"])
+    expected = {f"{m}.{k}" for m, keys in SUMMARY.items() for k in keys}
+    assert set(summary.data.metrics) == expected
+    others = set().union(*(r.data.metrics for r in runs if r is not summary))
+    assert not others & expected  # no two runs of one execution share a headline metric
     for stage in STAGES:
-        assert f"pipeline.run.{stage}" in summary.data.tags
+        if stage != "evaluate":
+            assert f"pipeline.run.{stage}" in summary.data.tags
+    assert "| finetuned |" in summary.data.tags["mlflow.note.content"]
 
 
-def test_logged_models_load_back(pipeline):
-    runs = {r.data.tags["pipeline.stage"]: r for r in _runs(pipeline["uri"])
-            if r.data.tags.get("pipeline.kind") == "stage"}
+def test_every_stage_logs_its_plots(pipeline):
     client = mlflow.MlflowClient(pipeline["uri"])
-    for stage in ("train_teacher", "train_student", "finetune"):
-        models = client.search_logged_models([runs[stage].info.experiment_id],
-                                             filter_string=f"source_run_id = '{runs[stage].info.run_id}'")
-        assert len(models) == 1, stage
+    by_stage = {r.data.tags["pipeline.stage"]: r for r in _runs(pipeline["uri"])}
+    expected = {"train_teacher": "train_teacher.csv", "score": "score.png", "prune": "prune.png",
+                "finetune": "finetune.csv"}
+    for stage, name in expected.items():
+        assert name in [a.path for a in client.list_artifacts(by_stage[stage].info.run_id)], stage
+    summary = [a.path for a in client.list_artifacts(by_stage["evaluate"].info.run_id, "reports")]
+    assert {"reports/tradeoff.png", "reports/confusion.png", "reports/comparison.md"} <= set(summary)
 
 
-def test_soft_labels_are_logits_with_provenance(pipeline):
-    from kdprune.files import sha256
+def test_logged_models_are_named_by_role_and_load_back_with_identical_outputs(pipeline):
+    client = mlflow.MlflowClient(pipeline["uri"])
+    exp = client.get_experiment_by_name("kdprune")
+    logged = {m.name: m for m in client.search_logged_models([exp.experiment_id])}
+    assert set(logged) == set(MODELS)
+    mlflow.set_tracking_uri(pipeline["uri"])
+    x, _ = _test_inputs(pipeline["root"])
+    served = mlflow.pyfunc.load_model(logged["finetuned"].model_uri)
+    out = served.predict({"input": x[:64].numpy()})
+    model, _ = load_model(pipeline["root"] / "models/finetuned")
+    with torch.no_grad():
+        np.testing.assert_allclose(np.asarray(out["logits"]), model(x[:64]).numpy(), atol=1e-4)
+    info = mlflow.models.get_model_info(logged["finetuned"].model_uri)
+    assert info.signature is not None and info.flavors.get("onnx")
 
+
+def test_soft_labels_are_logits_made_from_this_teacher_and_split(pipeline):
     root = pipeline["root"]
     logits = torch.load(root / "artifacts/soft_labels/logits.pt", weights_only=True)["train"]
     assert logits.shape[1] == 10 and not torch.allclose(logits.softmax(1).sum(1), logits.sum(1))
-    prov = json.loads((root / "artifacts/soft_labels/provenance.json").read_text())
-    assert prov["teacher_sha256"] == sha256(root / "models/teacher/model.pt")
+    made = manifest.inputs_of(root / "artifacts/soft_labels")
+    assert made == {"teacher": manifest.verify(root / "models/teacher"), "data": manifest.verify(root / "data/prepared")}
 
 
-def test_pruned_model_rebuilds_exactly_from_its_spec(pipeline):
+def test_the_pruned_model_rebuilds_from_its_spec_with_the_outputs_it_had(pipeline):
+    import onnxruntime as ort
+
     root = pipeline["root"]
     pruned, spec = load_model(root / "models/pruned")
-    student, student_spec = load_model(root / "models/student")
-    assert sum(spec["channels"]) + sum(spec["hidden"]) < sum(student_spec["channels"]) + sum(student_spec["hidden"])
-    assert all(w >= 1 for w in spec["channels"] + spec["hidden"])
-    assert count_params(pruned) < count_params(student)
+    _, student_spec = load_model(root / "models/student")
+    assert "widths" in spec and "widths" not in student_spec
+    assert count_params(pruned) < count_params(load_model(root / "models/student")[0])
+    x, _ = _test_inputs(root)
+    # model.onnx was exported from the pruned model in memory, before any file was read back
+    session = ort.InferenceSession(str(root / "models/pruned/model.onnx"), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        np.testing.assert_allclose(session.run(None, {"input": x[:128].numpy()})[0], pruned(x[:128]).numpy(),
+                                   atol=1e-5)
 
 
 def test_same_params_same_seed_give_identical_bytes(tmp_path, mlflow_store):
-    from tests.conftest import run_stage, stage_paths, write_params
+    from tests.conftest import stage_paths
 
     params = write_params(tmp_path / "params.yaml")
     for run in ("a", "b"):
         paths = stage_paths(tmp_path / run)
         for name in ("prepare", "train_teacher", "soft_labels", "train_student"):
             run_stage(name, params, **paths[name])
-    for rel in ("data/prepared/train.pt", "data/prepared/test.pt", "models/teacher/model.pt",
-                "artifacts/soft_labels/logits.pt", "models/student/model.pt"):
-        assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes(), rel
+    for rel in ("data/prepared", "models/teacher", "artifacts/soft_labels", "models/student",
+                "plots/train_teacher.csv", "plots/train_student.csv"):
+        a, b = tmp_path / "a" / rel, tmp_path / "b" / rel
+        assert (tree_bytes(a) == tree_bytes(b)) if a.is_dir() else a.read_bytes() == b.read_bytes(), rel
 
 
 def test_soft_labels_from_another_teacher_are_refused_naming_both(pipeline, tmp_path, mlflow_store):
-    from kdprune.errors import CheckpointError
-    from tests.conftest import run_stage
-
+    root = pipeline["root"]
     paths = {**pipeline["paths"]["train_student"], "out": tmp_path / "student",
-             "plots": tmp_path / "curve.csv", "teacher": pipeline["root"] / "models/student_scratch"}
+             "plots": tmp_path / "curve.csv", "teacher": root / "models/student_scratch"}
     with pytest.raises(CheckpointError) as e:
         run_stage("train_student", pipeline["params"], **paths)
-    assert str(pipeline["root"] / "artifacts/soft_labels/provenance.json") in str(e.value)
-    assert str(pipeline["root"] / "models/student_scratch/model.pt") in str(e.value)
+    assert str(root / "artifacts/soft_labels/manifest.json") in str(e.value)
+    assert str(root / "models/student_scratch") in str(e.value)
     assert not (tmp_path / "student").exists()
 
 
-def test_the_finetuned_model_is_registered_only_within_the_accuracy_drop(pipeline, tmp_path, monkeypatch):
-    from tests.conftest import load_stage, write_params
+def test_a_swapped_split_and_logits_from_elsewhere_are_refused_naming_the_file(pipeline, tmp_path, mlflow_store):
+    root = pipeline["root"]
+    data, soft = tmp_path / "prepared", tmp_path / "soft_labels"
+    shutil.copytree(root / "data/prepared", data)
+    shutil.copy(data / "test.pt", data / "train.pt")
+    paths = {**pipeline["paths"]["soft_labels"], "data": data, "out": tmp_path / "out"}
+    with pytest.raises(CheckpointError, match=str(data / "train.pt") + ": its SHA-256 differs from the one "
+                       + str(data / "manifest.json")):
+        run_stage("soft_labels", pipeline["params"], **paths)
+    shutil.copytree(root / "artifacts/soft_labels", soft)
+    logits = torch.load(soft / "logits.pt", weights_only=True)["train"]
+    torch.save({"train": torch.randn_like(logits)}, soft / "logits.pt")
+    paths = {**pipeline["paths"]["train_student"], "soft_labels": soft, "out": tmp_path / "student",
+             "plots": tmp_path / "c.csv"}
+    with pytest.raises(CheckpointError, match=str(soft / "logits.pt")):
+        run_stage("train_student", pipeline["params"], **paths)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "student").exists()
+
+
+def test_the_registry_keeps_one_version_per_file_and_crowns_the_most_compressed(pipeline, monkeypatch):
+    from kdprune import registry, runs
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", pipeline["uri"])
-    evaluate = load_stage("evaluate")
-    p = evaluate.load_params(write_params(tmp_path / "p.yaml", evaluate={"registered_model": "kd-test"}))
-    finetuned = {"accuracy": 0.9, "accuracy_drop_vs_student": 0.02, "params_vs_student": 0.3}
-    verdict = evaluate.register(p, finetuned, pipeline["root"] / "models/finetuned")
-    assert verdict.startswith("not registered in kd-test: accuracy drop against the student 0.0200 exceeds")
-    client = mlflow.MlflowClient(pipeline["uri"])
-    assert client.search_registered_models("name = 'kd-test'") == []
-    verdict = evaluate.register(p, {**finetuned, "accuracy_drop_vs_student": 0.005},
-                                pipeline["root"] / "models/finetuned")
-    assert verdict == "registered the fine-tuned model as kd-test version 1"
+    root = pipeline["root"]
+    finetuned = manifest.verify(root / "models/finetuned")
+    metrics = {"accuracy": 0.9, "accuracy_drop_vs_student": 0.02, "params_vs_teacher": 0.3,
+               "nonzero_params_vs_teacher": 0.3}
+    runs.open_run("evaluate", "summary", "registry test", {}, {"finetuned": finetuned}, None, None)
+    summary_id = runs.active()["run_id"]
+    try:
+        verdict = registry.register("kd-test", finetuned, metrics, max_drop=0.01)
+        assert verdict.startswith("not registered in kd-test: accuracy drop against the student 0.0200 exceeds")
+        client = mlflow.MlflowClient(pipeline["uri"])
+        assert client.search_registered_models("name = 'kd-test'") == []
+        ok = {**metrics, "accuracy_drop_vs_student": 0.005}
+        assert registry.register("kd-test", finetuned, ok, max_drop=0.01) == \
+            "registered the fine-tuned model as kd-test version 1; kd-test@champion is version 1"
+        assert registry.register("kd-test", finetuned, ok, max_drop=0.01).endswith("version 1")  # no new version
+        missing = registry.register("kd-test", "0" * 64, ok, max_drop=0.01)
+        assert missing.startswith("not registered in kd-test: no finished finetune run")
+    finally:
+        runs.finish("FINISHED")
     (version,) = client.search_model_versions("name = 'kd-test'")
-    assert version.tags["params_vs_student"] == "0.3"
-    assert version.run_id == json.loads((pipeline["root"] / "models/finetuned/mlflow_run.json").read_text())["run_id"]
+    assert version.run_id == summary_id  # the run that shows the comparison
+    assert version.tags["params_vs_teacher"] == "0.3"
+    assert client.get_model_version_by_alias("kd-test", "champion").version == version.version
+    served = mlflow.pyfunc.load_model("models:/kd-test@champion")
+    assert served.metadata.flavors.get("onnx")
 
 
 def test_prune_in_rounds_and_unstructured_masks_survive_finetuning(pipeline, tmp_path, mlflow_store):
-    from tests.conftest import run_stage, write_params
-
     params = write_params(tmp_path / "p.yaml", prune={"structured": False, "amount": 0.8, "steps": 3,
-                                                      "round_epochs": 1})
+                                                      "recover": {"epochs": 1}})
     paths = pipeline["paths"]
-    run_stage("prune", params, **{**paths["prune"], "out": tmp_path / "pruned"})
+    run_stage("prune", params, **{**paths["prune"], "out": tmp_path / "pruned", "plot": tmp_path / "p.png"})
     run_stage("finetune", params, **{**paths["finetune"], "pruned": tmp_path / "pruned",
                                      "out": tmp_path / "finetuned", "plots": tmp_path / "ft.csv"})
     masks = torch.load(tmp_path / "pruned/masks.pt", weights_only=True)
     model, _ = load_model(tmp_path / "finetuned")
     zeroed = sum(int((~m).sum()) for m in masks.values())
     assert zeroed / sum(m.numel() for m in masks.values()) == pytest.approx(0.8, abs=0.03)
-    for u in model.units():
-        assert torch.all(u.layer.weight[~masks[u.name]] == 0)
+    layers = prunable_layers(model)
+    assert set(masks) == set(layers)
+    for name, layer in layers.items():
+        assert torch.all(layer.weight[~masks[name]] == 0), name
+
+
+def test_the_control_and_the_student_see_the_same_labelled_subset(pipeline, tmp_path, mlflow_store):
+    params = write_params(tmp_path / "p.yaml", student={"label_fraction": 0.3, "epochs": 1})
+    paths = pipeline["paths"]
+    run_stage("train_scratch", params, **{**paths["train_scratch"], "out": tmp_path / "s", "plots": tmp_path / "s.csv"})
+    run_stage("train_student", params, **{**paths["train_student"], "out": tmp_path / "d", "plots": tmp_path / "d.csv"})
+    seen = {}
+    for r in _runs(mlflow_store):
+        seen[r.data.tags["pipeline.stage"]] = r.data.metrics["labelled_samples"]
+    n_train = len(load_split(pipeline["root"] / "data/prepared", "train").y)
+    assert seen["train_scratch"] == seen["train_student"] == pytest.approx(0.3 * n_train, abs=10)
+
+
+def test_finetuning_without_distillation_runs_on_hard_labels(pipeline, tmp_path, mlflow_store):
+    params = write_params(tmp_path / "p.yaml", finetune={"distill": False})
+    run_stage("finetune", params, **{**pipeline["paths"]["finetune"], "out": tmp_path / "ft",
+                                     "plots": tmp_path / "ft.csv"})
+    (run,) = _runs(mlflow_store)
+    assert run.data.params["finetune.distill"] == "False"
+    assert "pipeline.input.soft_labels" not in run.data.tags  # the teacher's logits were not read
+    assert manifest.verify(tmp_path / "ft")
+
+
+def test_scoring_without_the_oracle_runs_clean(pipeline, tmp_path, mlflow_store):
+    params = write_params(tmp_path / "p.yaml", score={"oracle": False, "methods": ["l1", "taylor"]})
+    paths = {**pipeline["paths"]["score"], "out": tmp_path / "scores", "agreement": tmp_path / "score.json",
+             "plot": tmp_path / "score.png"}
+    run_stage("score", params, **paths)
+    assert json.loads((tmp_path / "score.json").read_text()) == []
+    assert (tmp_path / "score.png").stat().st_size > 1000
+    assert sorted(p.name for p in (tmp_path / "scores").iterdir()) == ["l1.pt", "manifest.json", "taylor.pt"]
+
+
+def test_a_users_own_teacher_is_adopted_and_recorded(pipeline, tmp_path, mlflow_store):
+    from kdprune.files import sha256
+
+    (tmp_path / "weights").mkdir()
+    teacher, _ = load_model(pipeline["root"] / "models/teacher")
+    torch.save(teacher.state_dict(), tmp_path / "weights/mine.pt")
+    params = write_params(tmp_path / "p.yaml", teacher={"weights": "weights/mine.pt"})
+    run_stage("train_teacher", params, **{**pipeline["paths"]["train_teacher"], "out": tmp_path / "t",
+                                          "plots": tmp_path / "t.csv"})
+    assert manifest.inputs_of(tmp_path / "t")["weights"] == sha256(tmp_path / "weights/mine.pt")
+    adopted, _ = load_model(tmp_path / "t")
+    for k, v in teacher.state_dict().items():
+        assert torch.equal(adopted.state_dict()[k], v), k
+    curve = (tmp_path / "t.csv").read_text().splitlines()
+    assert curve[0] == "epoch,val_loss,val_accuracy" and len(curve) == 2
+
+
+def test_a_wrong_shaped_teacher_stops_validate_naming_the_file_and_the_tensor(pipeline, tmp_path):
+    from kdprune.errors import ParamsError  # noqa: F401  (the message comes from the checkpoint check)
+    from tests.conftest import load_stage
+
+    (tmp_path / "weights").mkdir()
+    student, _ = load_model(pipeline["root"] / "models/student")
+    torch.save(student.state_dict(), tmp_path / "weights/wrong.pt")
+    params = write_params(tmp_path / "p.yaml", teacher={"weights": "weights/wrong.pt"})
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(tmp_path)
+        with pytest.raises(CheckpointError) as e:
+            load_stage("validate").main(["--params", str(params), "--out", str(tmp_path / "ok")])
+    assert str(e.value).startswith("weights/wrong.pt: tensor 'features.0.0.weight' has shape (4, 1, 3, 3), "
+                                   "the architecture needs (8, 1, 3, 3)")
+    assert not (tmp_path / "ok").exists()

@@ -40,13 +40,39 @@ def load_tensors(path: str | Path) -> dict[str, Any]:
 
 
 def save_model(out_dir: Path, model: nn.Module, spec: dict[str, Any]) -> None:
-    """model.pt (a state_dict) and spec.json (every layer width) into `out_dir`."""
+    """model.pt (a state_dict) and spec.json (the builder, its arguments and every unit's width) into `out_dir`."""
     save_tensors(out_dir / MODEL_FILE, {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()})
     write_json(out_dir / SPEC_FILE, spec_of(model, spec))
 
 
+def _shape(t: Any) -> str:
+    return str(tuple(t.shape)) if isinstance(t, torch.Tensor) else f"no tensor but a {type(t).__name__}"
+
+
+def check_state_dict(model: nn.Module, state: Any, path: str | Path) -> None:
+    """Refuse tensors that do not fit `model`, naming the first that is missing or of another shape
+    (in the architecture's order), then the first the architecture has no place for."""
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: holds a {type(state).__name__}, not a state_dict")
+    expected = model.state_dict()
+    for name, want in expected.items():
+        if name not in state:
+            raise CheckpointError(f"{path}: tensor '{name}' is missing, the architecture needs {_shape(want)}")
+        got = state[name]
+        if not isinstance(got, torch.Tensor) or got.shape != want.shape:
+            raise CheckpointError(f"{path}: tensor '{name}' has shape {_shape(got)}, "
+                                  f"the architecture needs {_shape(want)}")
+    for name in state:
+        if name not in expected:
+            raise CheckpointError(f"{path}: tensor '{name}' is unexpected, the architecture has no such tensor")
+
+
 def load_model(model_dir: str | Path) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild a model from spec.json and load model.pt into it; refuse anything that does not match."""
+    """Rebuild a model from spec.json and load model.pt into it; refuse anything that does not match.
+
+    Nothing in either file can run code: the spec is plain JSON, checked before anything is built,
+    and the tensors are read with weights_only=True (a pickled nn.Module is refused, never unpickled).
+    """
     model_dir = Path(model_dir)
     spec_path, weights_path = model_dir / SPEC_FILE, model_dir / MODEL_FILE
     spec = read_json(spec_path)
@@ -55,11 +81,6 @@ def load_model(model_dir: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     except (ValueError, TypeError) as e:
         raise CheckpointError(f"{spec_path}: {e}") from e
     state = load_tensors(weights_path)
-    expected = model.state_dict()
-    if not isinstance(state, dict) or set(state) != set(expected):
-        raise CheckpointError(f"{weights_path}: its tensors do not match the layers of {spec_path}")
-    bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor) or v.shape != expected[k].shape]
-    if bad:
-        raise CheckpointError(f"{weights_path}: shapes of {bad[:3]} do not match the widths in {spec_path}")
+    check_state_dict(model, state, weights_path)
     model.load_state_dict(state)
     return model.eval(), spec

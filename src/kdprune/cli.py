@@ -1,4 +1,5 @@
-"""The `kdprune` command: `kdprune report` summarises a sweep from the tracking store."""
+"""The `kdprune` command: `report` summarises a sweep, `doctor` closes runs a dead process left open,
+`params` writes params.yaml from conf/ (the Hydra composition `dvc exp run -S` does)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from kdprune.errors import TrackingError
+from kdprune.errors import ParamsError, TrackingError
 
 
 def report(args: argparse.Namespace) -> None:
@@ -19,29 +20,59 @@ def report(args: argparse.Namespace) -> None:
     paths = sweep.write_report(rows, args.out)
     print(sweep.table(rows), end="")
     print(f"{len(runs)} summary runs in {len(rows)} groups; wrote {', '.join(map(str, paths))}")
+    for line in sweep.champions(runs):
+        print(line)
     if args.log:
-        from kdprune.tracking import stage_run
-        import mlflow
+        sweep.log_report(args.experiment, len(runs), paths)
 
-        with stage_run("report", {"experiment": args.experiment, "runs": len(runs)}, kind="report"):
-            for p in paths:
-                mlflow.log_artifact(str(p))
+
+def doctor(args: argparse.Namespace) -> None:
+    """Close the runs of this store that a killed stage left RUNNING, or that a lost server left open."""
+    from kdprune import runs, store
+
+    store.configure()
+    closed = runs.reconcile(store.ensure_experiment())
+    print("\n".join(closed) if closed else f"no run left open in {store.tracking_uri()}")
+
+
+def params(args: argparse.Namespace) -> None:
+    """params.yaml from conf/config.yaml and the overrides, exactly as `dvc exp run -S` composes it."""
+    import os
+
+    from dvc.utils.hydra import compose_and_dump
+
+    from kdprune.params import load_params
+
+    conf = args.conf.resolve()
+    if not (conf / "config.yaml").exists():
+        raise ParamsError(f"{conf / 'config.yaml'}: missing (run from the project root, or pass --conf)")
+    try:
+        compose_and_dump(str(args.out), str(conf), None, "config", os.getcwd(), list(args.overrides))
+    except Exception as e:  # hydra's own errors name the override or the config group
+        raise ParamsError(f"{conf}: {str(e).splitlines()[0]}") from e
+    load_params(args.out)
+    print(f"wrote {args.out} from {conf / 'config.yaml'}" + (f" with {' '.join(args.overrides)}" if args.overrides else ""))
 
 
 def main(argv: list[str] | None = None) -> None:
-    from kdprune.tracking import experiment_name
+    from kdprune.store import experiment_name
 
     ap = argparse.ArgumentParser(prog="kdprune", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="command", required=True)
     rep = sub.add_parser("report", help="mean, std and n of every headline metric per swept setting, "
-                                        "a Pareto plot; reads MLFLOW_TRACKING_URI")
+                                        "a Pareto plot, the registry's champion; reads MLFLOW_TRACKING_URI")
     rep.add_argument("--experiment", default=experiment_name(), help="MLflow experiment to read")
     rep.add_argument("--out", type=Path, default=Path("reports"), help="folder for sweep.md, sweep.csv, pareto.png")
     rep.add_argument("--log", action="store_true", help="also log the outputs as an MLflow run of their own")
+    sub.add_parser("doctor", help="close runs left RUNNING by a killed stage or a lost tracking server")
+    par = sub.add_parser("params", help="write params.yaml from conf/ (e.g. `kdprune params preset=mnist`)")
+    par.add_argument("overrides", nargs="*", help="Hydra overrides, as `dvc exp run -S` takes them")
+    par.add_argument("--conf", type=Path, default=Path("conf"), help="the Hydra config folder")
+    par.add_argument("--out", type=Path, default=Path("params.yaml"), help="the params file to write")
     args = ap.parse_args(argv)
     try:
-        {"report": report}[args.command](args)
-    except TrackingError as e:
+        {"report": report, "doctor": doctor, "params": params}[args.command](args)
+    except (TrackingError, ParamsError) as e:
         print(f"kdprune: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
 

@@ -13,7 +13,6 @@ from typing import Any, Iterator
 
 from kdprune.errors import CheckpointError
 
-RUN_FILE = "mlflow_run.json"  # the MLflow run that made the directory it sits in
 # mkstemp/mkdtemp create private (0600/0700) entries; outputs get the modes a plain open() would give.
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
@@ -23,7 +22,8 @@ def write_atomic(path: str | Path, data: bytes | str) -> None:
     """Write to a temporary name beside `path`, fsync, then rename into place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    remove_stale(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
     try:
         os.fchmod(fd, 0o666 & ~_UMASK)
         with os.fdopen(fd, "wb") as f:
@@ -37,23 +37,31 @@ def write_atomic(path: str | Path, data: bytes | str) -> None:
         raise
 
 
+def dumps_json(obj: Any) -> str:
+    """The one JSON layout of every file we write: sorted keys, two-space indent, a final newline."""
+    return json.dumps(obj, indent=2, sort_keys=True) + "\n"
+
+
 def write_json(path: str | Path, obj: Any) -> None:
-    write_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    write_atomic(path, dumps_json(obj))
 
 
 def read_json(path: str | Path) -> Any:
     try:
         with Path(path).open() as f:
             return json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: cannot read JSON: {e}") from e
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: cannot read JSON ({str(e).splitlines()[0]})") from e
 
 
 def sha256(path: str | Path) -> str:
     h = hashlib.sha256()
-    with Path(path).open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
+    try:
+        with Path(path).open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from e
     return h.hexdigest()
 
 
@@ -61,19 +69,43 @@ def sha256(path: str | Path) -> str:
 def staged_dir(out: str | Path) -> Iterator[Path]:
     """Yield an empty sibling directory; on success it replaces `out` whole, on failure it is removed.
 
-    A stage that dies half-way leaves `out` as it was: never a mix of old and new files.
+    A stage that dies half-way leaves `out` as it was: never a mix of old and new files. Siblings
+    left by a stage that was killed (SIGKILL gives no chance to clean up) are removed first: their
+    names carry the pid of the process that made them.
     """
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    remove_stale(out)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.{os.getpid()}.", suffix=".tmp"))
     try:
         tmp.chmod(0o777 & ~_UMASK)
         yield tmp
-        old = out.with_name(f".{out.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
+        old = out.with_name(f".{out.name}.{os.getpid()}.old")
         if out.exists():
             os.replace(out, old)
         os.replace(tmp, out)
         shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def remove_stale(out: Path) -> None:
+    """Delete `.<name>.<pid>.*` siblings of `out` whose process is gone."""
+    for entry in out.parent.glob(f".{out.name}.*"):
+        parts = entry.name[len(out.name) + 2:].split(".")
+        if len(parts) >= 2 and parts[0].isdigit() and entry.suffix in (".tmp", ".old") and not _alive(int(parts[0])):
+            if entry.is_dir():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    entry.unlink()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,9 +1,12 @@
 """Importance criteria: model + data -> a score per unit (neuron, channel) and per weight.
 
 Every scorer has the same signature and returns `Scores`; higher means more important.
+Units are models.units (Torch-Pruning's coupled channel groups), scored by unit name; weights are
+those of models.prunable_layers (every Conv2d and Linear but the head), scored by layer name.
 Unit scores for the loss-based criteria are taken over the unit's *gates* (see models.Unit):
 the parameters whose zeroing removes the unit exactly, so each estimates the loss change
 of that removal and can be checked against `removal_loss_change`, the truth.
+Scorers run on whatever device the model is on (batches already there); scores come back on the CPU.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from kdprune.models import Unit, prunable_layers, units
+
 Batches = list[tuple[torch.Tensor, torch.Tensor]]  # [(x (B, C, H, W), y (B,)), ...]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, y) -> mean loss
 
@@ -21,7 +26,7 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, y) -> 
 @dataclass(frozen=True)
 class Scores:
     units: dict[str, torch.Tensor]  # unit name -> (n_units,)
-    weights: dict[str, torch.Tensor]  # unit name -> shape of that layer's weight
+    weights: dict[str, torch.Tensor]  # layer name -> shape of that layer's weight
 
 
 Scorer = Callable[..., Scores]  # scorer(model, batches, loss_fn, seed=, probes=) -> Scores
@@ -36,26 +41,37 @@ def _mean_loss(model: nn.Module, batches: Batches, loss_fn: LossFn) -> torch.Ten
     return sum(loss_fn(model(x), y) * len(y) for x, y in batches) / sum(len(y) for _, y in batches)
 
 
+def _cpu(scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu() for k, v in scores.items()}
+
+
+def _weights(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The weight of every prunable layer, by layer name."""
+    return {n: m.weight for n, m in prunable_layers(model).items()}
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
 def l1(model: nn.Module, batches: Batches, loss_fn: LossFn, seed: int = 0, probes: int = 0) -> Scores:
-    """Magnitude: |w| per weight, the L1 norm of a unit's incoming weights (Li et al. 2017)."""
-    units = model.units()
-    return Scores({u.name: _rows(u.layer.weight.detach().abs()) for u in units},
-                  {u.name: u.layer.weight.detach().abs() for u in units})
+    """Magnitude (Li et al. 2017): |w| per weight; per unit the L1 norm of its incoming weights,
+    in every layer that makes its channels (a residual stream has several)."""
+    return Scores(_cpu({u.name: sum(_rows(m.weight.detach().abs()) for m in u.layers) for u in units(model)}),
+                  _cpu({n: w.detach().abs() for n, w in _weights(model).items()}))
 
 
 def l2(model: nn.Module, batches: Batches, loss_fn: LossFn, seed: int = 0, probes: int = 0) -> Scores:
-    """Magnitude: w^2 per weight, the L2 norm of a unit's incoming weights."""
-    units = model.units()
-    return Scores({u.name: _rows(u.layer.weight.detach() ** 2).sqrt() for u in units},
-                  {u.name: u.layer.weight.detach() ** 2 for u in units})
+    """Magnitude: w^2 per weight; per unit the L2 norm of its incoming weights."""
+    return Scores(_cpu({u.name: sum(_rows(m.weight.detach() ** 2) for m in u.layers).sqrt() for u in units(model)}),
+                  _cpu({n: w.detach() ** 2 for n, w in _weights(model).items()}))
 
 
 def random(model: nn.Module, batches: Batches, loss_fn: LossFn, seed: int = 0, probes: int = 0) -> Scores:
     """The control: uniform noise, reproducible from the seed."""
     g = torch.Generator().manual_seed(seed)
-    units = model.units()
-    return Scores({u.name: torch.rand(u.size, generator=g) for u in units},
-                  {u.name: torch.rand(u.layer.weight.shape, generator=g) for u in units})
+    return Scores({u.name: torch.rand(u.size, generator=g) for u in units(model)},
+                  {n: torch.rand(w.shape, generator=g) for n, w in _weights(model).items()})
 
 
 def taylor(model: nn.Module, batches: Batches, loss_fn: LossFn, seed: int = 0, probes: int = 0) -> Scores:
@@ -65,19 +81,20 @@ def taylor(model: nn.Module, batches: Batches, loss_fn: LossFn, seed: int = 0, p
     batches first lets contributions of opposite sign cancel and calls important units idle.
     """
     model.eval()
-    units = model.units()
-    acc_u = {u.name: torch.zeros(u.size) for u in units}
-    acc_w = {u.name: torch.zeros_like(u.layer.weight) for u in units}
+    found, weights = units(model), _weights(model)
+    acc_u = {u.name: torch.zeros(u.size, device=_device(model)) for u in found}
+    acc_w = {n: torch.zeros_like(w) for n, w in weights.items()}
     for x, y in batches:
         model.zero_grad(set_to_none=True)
         loss_fn(model(x), y).backward()
         with torch.no_grad():
-            for u in units:
-                acc_u[u.name] += sum(_rows(p * p.grad) for p in u.gates).abs()
-                acc_w[u.name] += (u.layer.weight * u.layer.weight.grad).abs()
+            for u in found:
+                acc_u[u.name] += sum(_rows(p * p.grad) for p in u.gates).abs()  # (n,)
+            for n, w in weights.items():
+                acc_w[n] += (w * w.grad).abs()
     model.zero_grad(set_to_none=True)
     n = len(batches)
-    return Scores({k: v / n for k, v in acc_u.items()}, {k: v.detach() / n for k, v in acc_w.items()})
+    return Scores(_cpu({k: v / n for k, v in acc_u.items()}), _cpu({k: v / n for k, v in acc_w.items()}))
 
 
 def hessian_diagonal(model: nn.Module, params: list[torch.Tensor], batches: Batches, loss_fn: LossFn,
@@ -85,7 +102,7 @@ def hessian_diagonal(model: nn.Module, params: list[torch.Tensor], batches: Batc
     """Hutchinson's estimate of diag(H) of the mean loss: E_v[v * (H v)], v Rademacher.
 
     One Hessian-vector product per probe by double backward; the probes are shared by every
-    batch so the estimate is of the loss over all of them.
+    batch so the estimate is of the loss over all of them. `generator` is a CPU generator.
     """
     loss = _mean_loss(model, batches, loss_fn)
     grads = torch.autograd.grad(loss, params, create_graph=True)
@@ -98,7 +115,7 @@ def hessian_diagonal(model: nn.Module, params: list[torch.Tensor], batches: Batc
     return [d.detach() / probes for d in diag]
 
 
-def unit_quadratic(model: nn.Module, units: list, batches: Batches, loss_fn: LossFn, probes: int,
+def unit_quadratic(model: nn.Module, found: list[Unit], batches: Batches, loss_fn: LossFn, probes: int,
                    generator: torch.Generator) -> dict[str, torch.Tensor]:
     """Hutchinson over units: E_r[r_j * d_j^T H v], v = sum_k r_k d_k, estimates d_j^T H d_j per unit j.
 
@@ -107,15 +124,17 @@ def unit_quadratic(model: nn.Module, units: list, batches: Batches, loss_fn: Los
     scale with its shift, a weight row with its bias) are kept: the group OBD saliency, not the
     sum of diagonal terms, which would drop exactly those within-unit couplings.
     """
-    gates = [p for u in units for p in u.gates]
+    gates = [p for u in found for p in u.gates]
     grads = torch.autograd.grad(_mean_loss(model, batches, loss_fn), gates, create_graph=True)
-    acc = {u.name: torch.zeros(u.size) for u in units}
+    device = _device(model)
+    acc = {u.name: torch.zeros(u.size, device=device) for u in found}
     for _ in range(probes):
-        signs = {u.name: torch.randint(0, 2, (u.size,), generator=generator).float() * 2 - 1 for u in units}
-        vs = [p.detach() * signs[u.name].view(-1, *[1] * (p.dim() - 1)) for u in units for p in u.gates]
+        signs = {u.name: torch.randint(0, 2, (u.size,), generator=generator).to(device).float() * 2 - 1
+                 for u in found}
+        vs = [p.detach() * signs[u.name].view(-1, *[1] * (p.dim() - 1)) for u in found for p in u.gates]
         hvs = torch.autograd.grad(grads, gates, grad_outputs=vs, retain_graph=True)
         i = 0
-        for u in units:
+        for u in found:
             dhv = sum(_rows(p.detach() * hv) for p, hv in zip(u.gates, hvs[i:i + len(u.gates)]))  # (n,)
             acc[u.name] += signs[u.name] * dhv
             i += len(u.gates)
@@ -130,13 +149,12 @@ def hessian(model: nn.Module, batches: Batches, loss_fn: LossFn, seed: int = 0, 
     a minimum; compare `taylor` for the first-order estimate.
     """
     model.eval()
-    units = model.units()
+    found, weights = units(model), _weights(model)
     generator = torch.Generator().manual_seed(seed)
-    weights = [u.layer.weight for u in units]
-    diag = hessian_diagonal(model, weights, batches, loss_fn, probes, generator)
-    quad = unit_quadratic(model, units, batches, loss_fn, probes, generator)
-    return Scores({u.name: 0.5 * quad[u.name] for u in units},
-                  {u.name: 0.5 * d * u.layer.weight.detach() ** 2 for u, d in zip(units, diag)})
+    diag = hessian_diagonal(model, list(weights.values()), batches, loss_fn, probes, generator)
+    quad = unit_quadratic(model, found, batches, loss_fn, probes, generator)
+    return Scores(_cpu({u.name: 0.5 * quad[u.name] for u in found}),
+                  _cpu({n: 0.5 * d * w.detach() ** 2 for (n, w), d in zip(weights.items(), diag)}))
 
 
 def fisher(model: nn.Module, batches: Batches, loss_fn: LossFn, seed: int = 0, probes: int = 0) -> Scores:
@@ -148,10 +166,10 @@ def fisher(model: nn.Module, batches: Batches, loss_fn: LossFn, seed: int = 0, p
     from torch.func import functional_call, grad, vmap
 
     model.eval()
-    units = model.units()
+    found, weights = units(model), _weights(model)
     named = dict(model.named_parameters())
     ids = {id(p): n for n, p in named.items()}
-    wanted = {ids[id(p)] for u in units for p in (*u.gates, u.layer.weight)}
+    wanted = {ids[id(p)] for u in found for p in u.gates} | {ids[id(w)] for w in weights.values()}
     params = {n: p.detach() for n, p in named.items() if n in wanted}
     frozen = {n: p.detach() for n, p in named.items() if n not in wanted} | dict(model.named_buffers())
 
@@ -159,18 +177,19 @@ def fisher(model: nn.Module, batches: Batches, loss_fn: LossFn, seed: int = 0, p
         return loss_fn(functional_call(model, {**ps, **frozen}, (x[None],)), y[None])
 
     per_sample = vmap(grad(sample_loss), in_dims=(None, 0, 0))
-    acc_u = {u.name: torch.zeros(u.size) for u in units}
-    acc_w = {u.name: torch.zeros_like(u.layer.weight) for u in units}
+    acc_u = {u.name: torch.zeros(u.size, device=_device(model)) for u in found}
+    acc_w = {n: torch.zeros_like(w) for n, w in weights.items()}
     count = 0
     for x, y in batches:
         g = per_sample(params, x, y)  # name -> (B, *param.shape)
-        for u in units:
+        for u in found:
             contrib = sum(_rows_per_sample(g[ids[id(p)]] * p.detach()) for p in u.gates)  # (B, n_units)
             acc_u[u.name] += (contrib ** 2).sum(0)
-            acc_w[u.name] += (g[ids[id(u.layer.weight)]] ** 2).sum(0)
+        for n, w in weights.items():
+            acc_w[n] += (g[ids[id(w)]] ** 2).sum(0)
         count += len(y)
-    return Scores({u.name: 0.5 * acc_u[u.name] / count for u in units},
-                  {u.name: 0.5 * u.layer.weight.detach() ** 2 * acc_w[u.name] / count for u in units})
+    return Scores(_cpu({k: 0.5 * v / count for k, v in acc_u.items()}),
+                  _cpu({n: 0.5 * w.detach() ** 2 * acc_w[n] / count for n, w in weights.items()}))
 
 
 def _rows_per_sample(t: torch.Tensor) -> torch.Tensor:
@@ -179,22 +198,22 @@ def _rows_per_sample(t: torch.Tensor) -> torch.Tensor:
 
 
 def _activation_stats(model: nn.Module, batches: Batches) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Per unit, over every sample and position: the mean activation and the fraction of zeros."""
+    """Per unit, over every sample and position: the mean of ReLU(act's output) and its fraction of zeros."""
     model.eval()
-    units = model.units()
-    sums = {u.name: torch.zeros(u.size) for u in units}
-    zeros = {u.name: torch.zeros(u.size) for u in units}
+    found = units(model)
+    sums = {u.name: torch.zeros(u.size, device=_device(model)) for u in found}
+    zeros = {u.name: torch.zeros(u.size, device=_device(model)) for u in found}
     counts = dict.fromkeys(sums, 0)
 
     def hook(name: str) -> Callable:
         def record(module: nn.Module, inputs: tuple, out: torch.Tensor) -> None:
-            flat = out.detach().transpose(0, 1).reshape(out.shape[1], -1)  # (n_units, B * positions)
+            flat = out.detach().relu().transpose(0, 1).reshape(out.shape[1], -1)  # (n_units, B * positions)
             sums[name] += flat.sum(1)
             zeros[name] += (flat == 0).sum(1)
             counts[name] += flat.shape[1]
         return record
 
-    handles = [u.act.register_forward_hook(hook(u.name)) for u in units]
+    handles = [u.act.register_forward_hook(hook(u.name)) for u in found]
     try:
         with torch.no_grad():
             for x, _ in batches:
@@ -202,15 +221,18 @@ def _activation_stats(model: nn.Module, batches: Batches) -> tuple[dict[str, tor
     finally:
         for h in handles:
             h.remove()
-    return {k: v / counts[k] for k, v in sums.items()}, {k: v / counts[k] for k, v in zeros.items()}
+    return _cpu({k: v / counts[k] for k, v in sums.items()}), _cpu({k: v / counts[k] for k, v in zeros.items()})
 
 
 def _broadcast(model: nn.Module, unit_scores: dict[str, torch.Tensor]) -> Scores:
-    """Per-weight scores for activation criteria: each weight inherits the score of the unit it feeds."""
+    """Per-weight scores for activation criteria: each weight inherits the score of the unit it feeds
+    (a layer whose channels are in no unit, which the graph may leave coupled to the head, gets ones)."""
+    owner = {id(m): u.name for u in units(model) for m in u.layers}
     weights = {}
-    for u in model.units():
-        w = u.layer.weight
-        weights[u.name] = unit_scores[u.name].view(-1, *[1] * (w.dim() - 1)).expand_as(w).clone()
+    for n, layer in prunable_layers(model).items():
+        w = layer.weight
+        s = unit_scores[owner[id(layer)]] if id(layer) in owner else torch.ones(w.shape[0])
+        weights[n] = s.view(-1, *[1] * (w.dim() - 1)).expand(w.shape).clone()
     return Scores(unit_scores, weights)
 
 
@@ -234,13 +256,13 @@ def removal_loss_change(model: nn.Module, batches: Batches, loss_fn: LossFn) -> 
     model.eval()
     base = _mean_loss(model, batches, loss_fn)
     out = {}
-    for u in model.units():
+    for u in units(model):
         deltas = torch.zeros(u.size)
         for j in range(u.size):
             saved = [p[j].clone() for p in u.gates]
             for p in u.gates:
                 p[j] = 0
-            deltas[j] = _mean_loss(model, batches, loss_fn) - base
+            deltas[j] = (_mean_loss(model, batches, loss_fn) - base).item()
             for p, s in zip(u.gates, saved):
                 p[j] = s
         out[u.name] = deltas

@@ -1,8 +1,15 @@
-"""params.yaml loaded into frozen dataclasses; every bad key or value fails naming the key."""
+"""params.yaml loaded into frozen dataclasses; every missing key, bad key or bad value fails naming the key.
+
+params.yaml is the only source of values: no field has a default here, so deleting a key is an
+error, never a silent change of the experiment. (With DVC's Hydra composition, `dvc exp run`
+writes params.yaml from conf/; `tests/test_params.py` keeps the committed file equal to that.)
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,121 +19,140 @@ import yaml
 
 from kdprune.errors import ParamsError
 
-
-def _range(lo: float, hi: float, lo_open: bool = False, hi_open: bool = False) -> dict[str, Any]:
-    return {"range": (lo, hi, lo_open, hi_open)}
-
-
-def _between(default: float, lo: float, hi: float, lo_open: bool = False, hi_open: bool = False) -> Any:
-    return field(default=default, metadata=_range(lo, hi, lo_open, hi_open))
-
-
-def _positive(default: float) -> Any:
-    return field(default=default, metadata=_range(0, float("inf"), lo_open=True))
-
-
-def _widths(*default: int) -> Any:
-    return field(default_factory=lambda: list(default), metadata={"each": (1, 1 << 16, False, False)})
-
-
-Arch = Literal["cnn", "mlp", "resnet"]
+Arch = Literal["cnn", "mlp", "resnet", "resnet18", "mobilenet_v2", "vgg11_bn"]
+OWN_ARCHS = ("cnn", "mlp", "resnet")  # ours, shaped by `channels` and `hidden`; the rest are torchvision's
 Optimizer = Literal["adam", "sgd"]
 Criterion = Literal["l1", "l2", "taylor", "hessian", "fisher", "activation", "apoz", "random"]
 CRITERIA: tuple[str, ...] = typing.get_args(Criterion)
-IMAGE_SIZE = {"digits": 8, "mnist": 28, "fashion_mnist": 28, "cifar10": 32}  # each conv stage halves it
+Dataset = Literal["digits", "mnist", "fashion_mnist", "cifar10"]
+# (channels, height = width, classes) of each dataset: what a model is built for before any data exists
+SHAPES: dict[str, tuple[int, int, int]] = {"digits": (1, 8, 10), "mnist": (1, 28, 10),
+                                           "fashion_mnist": (1, 28, 10), "cifar10": (3, 32, 10)}
+WEIGHTS_DIR = "weights"  # a user's own teacher state_dict lives here: train_teacher depends on the folder
+_BAD = object()
+_REGISTRY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,255}")  # a value that failed its check (None is a legitimate value: teacher.weights)
+
+
+def _in(lo: float, hi: float, lo_open: bool = False, hi_open: bool = False, unique: bool = False) -> Any:
+    """A required field whose value (or each item, for a list) must lie in the interval."""
+    return field(metadata={"range": (lo, hi, lo_open, hi_open), "unique": unique})
 
 
 @dataclass(frozen=True)
 class DataParams:
-    name: Literal["digits", "mnist", "fashion_mnist", "cifar10"] = "digits"
-    val_fraction: float = _between(0.15, 0.0, 0.5, lo_open=True)
-    test_fraction: float = _between(0.2, 0.0, 0.5, lo_open=True)  # digits only: torchvision sets keep their own test split
-    download: bool = True
+    name: Dataset
+    val_fraction: float = _in(0.0, 0.5, lo_open=True)
+    test_fraction: float = _in(0.0, 0.5, lo_open=True)  # digits only: torchvision sets keep their own
+    download: bool
 
 
 @dataclass(frozen=True)
-class TrainParams:
-    """A network to train: its architecture and its optimiser."""
-    arch: Arch = "cnn"
-    channels: list[int] = _widths(32, 64)
-    hidden: list[int] = _widths(128)
-    epochs: int = _between(20, 1, 10_000)
-    batch_size: int = _between(64, 1, 1 << 20)
-    optimizer: Optimizer = "adam"
-    lr: float = _between(0.002, 0.0, 10.0, lo_open=True)
-    weight_decay: float = _between(0.0, 0.0, 1.0)
+class AugmentParams:
+    """Training-time augmentation of the train split (never of val or test)."""
+    crop: int = _in(0, 64)  # random crop after zero padding by this many pixels; 0: none
+    flip: bool  # random horizontal flip
 
 
 @dataclass(frozen=True)
-class StudentParams(TrainParams):
-    """The student (distilled, and from scratch as the control)."""
-    label_fraction: float = _between(1.0, 0.0, 1.0, lo_open=True)  # of the train split whose hard labels it sees
-    l1: float = _between(0.0, 0.0, 1.0)  # L1 penalty on BatchNorm scales (network slimming), else on weights
+class FitParams:
+    """How a network is fitted: the one optimiser type of teacher, students, fine-tuning and prune rounds."""
+    epochs: int = _in(0, 10_000)
+    batch_size: int = _in(2, 1 << 16)  # BatchNorm cannot train on a batch of one
+    optimizer: Optimizer  # adam, or sgd (momentum 0.9, Nesterov); cosine-annealed learning rate
+    lr: float = _in(0.0, 10.0, lo_open=True)
+    weight_decay: float = _in(0.0, 1.0)
+
+
+@dataclass(frozen=True)
+class NetParams(FitParams):
+    """A network to build and train."""
+    arch: Arch
+    channels: list[int] = _in(1, 1 << 12)  # conv widths (cnn), stage widths (resnet); [] for mlp and torchvision
+    hidden: list[int] = _in(1, 1 << 14)  # fully connected widths before the head (cnn, mlp, resnet)
+    width: float = _in(0.0, 1.0, lo_open=True)  # width multiplier: each unit keeps round(width * units)
+
+    def spec(self, in_channels: int, image_size: int, num_classes: int) -> dict[str, Any]:
+        """The architecture spec (models.build_model) of this network for data of this shape."""
+        return {"arch": self.arch, "in_channels": in_channels, "image_size": image_size,
+                "num_classes": num_classes, "channels": list(self.channels), "hidden": list(self.hidden),
+                "width": self.width}
+
+
+@dataclass(frozen=True)
+class TeacherParams(NetParams):
+    weights: str | None  # a state_dict file under weights/ for the arch: used instead of training
+
+
+@dataclass(frozen=True)
+class StudentParams(NetParams):
+    label_fraction: float = _in(0.0, 1.0, lo_open=True)  # of the train split whose hard labels it sees
+    l1: float = _in(0.0, 1.0)  # L1 penalty on BatchNorm scales (network slimming), else on weights
 
 
 @dataclass(frozen=True)
 class DistillParams:
-    temperature: float = _between(4.0, 0.0, 100.0, lo_open=True)
-    alpha: float = _between(0.9, 0.0, 1.0)
+    temperature: float = _in(0.0, 100.0, lo_open=True)
+    alpha: float = _in(0.0, 1.0)
 
 
 @dataclass(frozen=True)
 class ScoreParams:
-    methods: list[Criterion] = field(default_factory=lambda: list(CRITERIA))
-    samples: int = _between(512, 1, 1 << 24)  # train samples seen by the data-driven criteria
-    batch_size: int = _between(128, 1, 1 << 20)
-    probes: int = _between(32, 1, 100_000)  # Hutchinson probes for the Hessian diagonal
-    oracle: bool = True  # also measure the true loss change of removing each unit alone
-    oracle_split: Literal["train", "val"] = "train"  # the split that loss change is measured on
+    methods: list[Criterion] = field(metadata={"unique": True})
+    samples: int = _in(1, 1 << 24)  # train samples the data-driven criteria see
+    batch_size: int = _in(1, 1 << 16)
+    probes: int = _in(1, 100_000)  # Hutchinson probes (hessian)
+    oracle: bool  # also measure the true loss change of removing each unit alone
+    oracle_samples: int = _in(1, 1 << 24)  # ...on this many samples of oracle_split
+    oracle_split: Literal["train", "val"]
 
 
 @dataclass(frozen=True)
 class PruneParams:
-    criterion: Criterion = "taylor"
-    amount: float = _between(0.5, 0.0, 1.0, hi_open=True)
-    structured: bool = True
-    scope: Literal["global", "layer", "sensitivity"] = "global"
-    steps: int = _between(1, 1, 100)  # rounds to reach the amount in, re-scoring and recovering between them
-    round_epochs: int = _between(2, 0, 1000)  # recovery fine-tune between rounds (hard labels, Adam)
-    round_lr: float = _between(0.001, 0.0, 10.0, lo_open=True)
+    criterion: Criterion
+    amount: float = _in(0.0, 1.0, hi_open=True)
+    structured: bool
+    scope: Literal["global", "layer", "sensitivity"]
+    steps: int = _in(1, 100)  # rounds to reach the amount in, re-scoring and recovering between them
+    round_to: int = _in(1, 1024)  # structured: every pruned width a multiple of this, never below it
+    curves: bool  # measure per-layer sensitivity curves even when scope is not sensitivity
+    recover: FitParams  # the fit between iterative rounds (hard labels)
 
 
 @dataclass(frozen=True)
-class FinetuneParams:
-    epochs: int = _between(10, 0, 10_000)
-    batch_size: int = _between(64, 1, 1 << 20)
-    optimizer: Optimizer = "adam"
-    lr: float = _between(0.001, 0.0, 10.0, lo_open=True)
-    weight_decay: float = _between(0.0, 0.0, 1.0)
-    distill: bool = True  # distil from the teacher's logits (distill.temperature, distill.alpha)
+class FinetuneParams(FitParams):
+    distill: bool  # distil from the teacher's logits (distill.temperature, distill.alpha)
 
 
 @dataclass(frozen=True)
 class EvaluateParams:
-    batch_sizes: list[int] = field(default_factory=lambda: [1, 256], metadata={"each": (1, 1 << 16, False, False)})
-    threads: int = _between(1, 1, 1024)
-    warmup: int = _between(5, 0, 10_000)
-    repeats: int = _between(30, 1, 100_000)
-    registered_model: str = "auto"  # MLflow registry name for the fine-tuned model; auto: kdprune-<data.name>
-    max_accuracy_drop: float = _between(0.01, 0.0, 1.0)  # register only within this drop against the student
+    batch_sizes: list[int] = _in(1, 1 << 16, unique=True)
+    threads: int = _in(1, 1024)  # latency is measured at this intra-op thread count
+    warmup: int = _in(0, 10_000)
+    rounds: int = _in(3, 100_000)  # interleaved timing rounds: medians and spreads come from these
+    device: Literal["cpu", "cuda"]  # where latency is measured
+    registered_model: str  # MLflow registry name of the fine-tuned model; auto: kdprune-<data.name>
+    max_accuracy_drop: float = _in(0.0, 1.0)  # register only within this drop against the student
 
 
 @dataclass(frozen=True)
 class Params:
-    seed: int = _between(0, 0, 2**32 - 1)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    data: DataParams = field(default_factory=DataParams)
-    teacher: TrainParams = field(default_factory=lambda: TrainParams(channels=[64, 128], hidden=[256]))
-    student: StudentParams = field(default_factory=StudentParams)
-    distill: DistillParams = field(default_factory=DistillParams)
-    score: ScoreParams = field(default_factory=ScoreParams)
-    prune: PruneParams = field(default_factory=PruneParams)
-    finetune: FinetuneParams = field(default_factory=FinetuneParams)
-    evaluate: EvaluateParams = field(default_factory=EvaluateParams)
+    preset: str  # the conf/preset/*.yaml this file was composed from (a label; nothing reads it)
+    seed: int = _in(0, 2**32 - 1)
+    device: Literal["auto", "cpu", "cuda"]
+    threads: int = _in(1, 1024)  # torch intra-op threads of every stage: the same params give the same bytes
+    data: DataParams
+    augment: AugmentParams
+    teacher: TeacherParams
+    student: StudentParams
+    distill: DistillParams
+    score: ScoreParams
+    prune: PruneParams
+    finetune: FinetuneParams
+    evaluate: EvaluateParams
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:
-    """Read and validate the whole of params.yaml; raise ParamsError listing every problem."""
+    """Read and validate the whole of params.yaml; raise ParamsError listing every problem, one per line."""
     path = Path(path)
     try:
         with path.open() as f:
@@ -134,9 +160,9 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     except (OSError, yaml.YAMLError) as e:
         raise ParamsError(f"{path}: cannot read: {e}".splitlines()[0]) from e
     errors: list[str] = []
-    params = _build(Params, raw if raw is not None else {}, "", errors)
+    params = _build(Params, {} if raw is None else raw, "", errors)
     if not errors:
-        errors += _cross_checks(params)
+        errors += cross_checks(params)
     if errors:
         raise ParamsError("\n".join(f"{path}: {e}" for e in errors))
     return params
@@ -145,46 +171,53 @@ def load_params(path: str | Path = "params.yaml") -> Params:
 def _build(cls: type, raw: Any, prefix: str, errors: list[str]) -> Any:
     if not isinstance(raw, dict):
         errors.append(f"{prefix.rstrip('.') or '<top>'}: must be a mapping, got {raw!r}")
-        return None
+        return _BAD
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     errors += [f"{prefix}{k}: unknown key (allowed: {', '.join(fields)})" for k in raw if k not in fields]
+    errors += [f"{prefix}{k}: missing" for k in fields if k not in raw]
     values = {}
     for name, f in fields.items():
+        key, hint = prefix + name, hints[name]
         if name not in raw:
             continue
-        key, hint = prefix + name, hints[name]
         if dataclasses.is_dataclass(hint):
             values[name] = _build(hint, raw[name], key + ".", errors)
         else:
             values[name] = _check(key, raw[name], hint, dict(f.metadata), errors)
-    try:
-        return cls(**values)
-    except TypeError:  # a nested section already failed
-        return None
+    if len(values) < len(fields) or any(v is _BAD for v in values.values()):
+        return _BAD
+    return cls(**values)
 
 
 def _check(key: str, value: Any, hint: Any, meta: dict[str, Any], errors: list[str]) -> Any:
-    origin = typing.get_origin(hint)
-    if origin is list:
+    bounds = meta.get("range")
+    if typing.get_origin(hint) is list:
         (item,) = typing.get_args(hint)
         if not isinstance(value, list) or not all(_fits(v, item) for v in value):
             errors.append(f"{key}: must be a list of {_describe(item)}, got {value!r}")
-        elif "each" in meta:
-            for v in value:
-                _check_range(key, v, meta["each"], errors)
+            return _BAD
+        if meta.get("unique") and len(set(map(str, value))) != len(value):
+            errors.append(f"{key}: lists {value!r} with a duplicate")
+        for v in value if bounds else ():
+            _check_range(key, v, bounds, errors)
         return value
     if not _fits(value, hint):
         errors.append(f"{key}: must be {_describe(hint)}, got {value!r}")
-        return value
-    if "range" in meta:
-        _check_range(key, value, meta["range"], errors)
+        return _BAD
+    if isinstance(value, float) and not math.isfinite(value):
+        errors.append(f"{key}: must be a finite number, got {value!r}")
+    elif bounds:
+        _check_range(key, value, bounds, errors)
     return value
 
 
 def _fits(value: Any, hint: Any) -> bool:
+    args = typing.get_args(hint)
     if typing.get_origin(hint) is Literal:
-        return value in typing.get_args(hint)
+        return any(value == a and type(value) is type(a) for a in args)
+    if type(None) in args:  # X | None
+        return value is None or any(_fits(value, a) for a in args if a is not type(None))
     if hint is float:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if hint is int:
@@ -193,8 +226,11 @@ def _fits(value: Any, hint: Any) -> bool:
 
 
 def _describe(hint: Any) -> str:
+    args = typing.get_args(hint)
     if typing.get_origin(hint) is Literal:
-        return "one of " + ", ".join(map(str, typing.get_args(hint)))
+        return "one of " + ", ".join(map(str, args))
+    if type(None) in args:
+        return " or ".join(_describe(a) for a in args if a is not type(None)) + " or null"
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}[hint]
 
 
@@ -207,28 +243,14 @@ def _check_range(key: str, value: float, bounds: tuple, errors: list[str]) -> No
         errors.append(f"{key}: must be in {interval}, got {value!r}")
 
 
-def _cross_checks(p: Params) -> list[str]:
-    errors = []
-    for name in ("teacher", "student"):
-        t: TrainParams = getattr(p, name)
-        if t.arch == "mlp" and t.channels:
-            errors.append(f"{name}.channels: an mlp has no conv layers, must be [], got {t.channels!r}")
-        if t.arch == "cnn" and not t.channels:
-            errors.append(f"{name}.channels: a cnn needs at least one conv layer")
-        if t.arch == "resnet" and not t.channels:  # resnet channels are stage widths, one block each
-            errors.append(f"{name}.channels: a resnet needs at least one stage width")
-    for key in ("channels", "hidden"):
-        s, t = getattr(p.student, key), getattr(p.teacher, key)
-        if p.student.arch == p.teacher.arch and any(a > b for a, b in zip(s, t)):
-            errors.append(f"student.{key}: the student is wider than its teacher ({s} vs teacher.{key} {t})")
-    for name in ("teacher", "student"):
-        t = getattr(p, name)
-        size, depth = IMAGE_SIZE[p.data.name], len(t.channels)
-        if t.arch in ("cnn", "resnet") and depth and size >> (depth - (t.arch == "resnet")) < 1:
-            errors.append(f"{name}.channels: {depth} downsampling stages shrink {p.data.name}'s {size}x{size} "
-                          f"images below one pixel")
+def cross_checks(p: Params) -> list[str]:
+    """What no single value shows: shapes that fit the data, choices that agree with each other."""
+    errors = [e for name in ("teacher", "student") for e in _arch_checks(name, getattr(p, name), p.data.name)]
     if p.student.arch == "mlp" and not p.student.hidden:
         errors.append("student.hidden: an mlp student needs a hidden layer: there is nothing else to prune")
+    if p.teacher.weights is not None and not _under_weights_dir(p.teacher.weights):
+        errors.append(f"teacher.weights: must be a file under {WEIGHTS_DIR}/ (train_teacher depends on that "
+                      f"folder), got {p.teacher.weights!r}")
     if not p.evaluate.registered_model.strip():
         errors.append("evaluate.registered_model: must name a registered model, or be auto")
     if not {1, 256} <= set(p.evaluate.batch_sizes):
@@ -240,7 +262,74 @@ def _cross_checks(p: Params) -> list[str]:
         errors.append("score.methods: list at least one criterion")
     if p.prune.criterion not in p.score.methods:
         errors.append(f"prune.criterion: {p.prune.criterion!r} is not among score.methods {p.score.methods}")
+    if p.evaluate.registered_model != "auto" and not _REGISTRY_NAME.fullmatch(p.evaluate.registered_model):
+        errors.append(f"evaluate.registered_model: {p.evaluate.registered_model!r} is not a registry name "
+                      "(letters, digits, '.', '_' and '-', at most 256, starting with a letter or digit)")
     return errors
+
+
+def check_machine(p: Params, path: str | Path = "params.yaml") -> None:
+    """What validate adds to load_params: sizes counted on torch's meta device (nothing allocated), so a
+    student no smaller than its teacher, or a model that could never fit in memory, is refused naming its
+    key; and a device this machine does not have. Costs a torch import: the stages skip it."""
+    errors = _size_checks(p) + _device_checks(p)
+    if errors:
+        raise ParamsError("\n".join(f"{path}: {e}" for e in errors))
+
+
+def _under_weights_dir(path: str) -> bool:
+    parts = Path(path).parts
+    return len(parts) >= 2 and parts[0] == WEIGHTS_DIR and ".." not in parts and not Path(path).is_absolute()
+
+
+def _arch_checks(name: str, net: NetParams, dataset: str) -> list[str]:
+    errors = []
+    if net.arch not in OWN_ARCHS and (net.channels or net.hidden):
+        errors.append(f"{name}.channels: {net.arch} is torchvision's: its shape comes from {name}.width; "
+                      f"channels and hidden must be [], got {net.channels!r} and {net.hidden!r}")
+    if net.arch == "mlp" and net.channels:
+        errors.append(f"{name}.channels: an mlp has no conv layers, must be [], got {net.channels!r}")
+    if net.arch in ("cnn", "resnet") and not net.channels:
+        errors.append(f"{name}.channels: a {net.arch} needs at least one conv stage")
+    size, depth = SHAPES[dataset][1], len(net.channels)
+    if net.arch in ("cnn", "resnet") and depth and size >> (depth - (net.arch == "resnet")) < 1:
+        errors.append(f"{name}.channels: {depth} downsampling stages shrink {dataset}'s {size}x{size} "
+                      f"images below one pixel")
+    return errors
+
+
+MAX_TRAINABLE_BYTES = 8 << 30  # weights, gradients and two Adam moments of the largest model we accept
+
+
+def _size_checks(p: Params) -> list[str]:
+    from kdprune.models import model_size_on_meta
+
+    c, s, k = SHAPES[p.data.name]
+    sizes = {}
+    for name in ("teacher", "student"):
+        net = getattr(p, name)
+        try:
+            sizes[name] = model_size_on_meta(net.spec(c, s, k))
+        except ValueError as e:
+            return [f"{name}: {e}"]
+        if 16 * sizes[name] > MAX_TRAINABLE_BYTES:
+            return [f"{name}.channels: {sizes[name]:,} parameters would need {16 * sizes[name] / 2**30:.0f} GiB to "
+                    f"train (weights, gradients, Adam moments); the limit is {MAX_TRAINABLE_BYTES / 2**30:.0f} GiB"]
+    if sizes["student"] >= sizes["teacher"]:
+        return [f"student: the student ({sizes['student']:,} parameters) is not smaller than its teacher "
+                f"({sizes['teacher']:,}): shrink student.channels, student.hidden or student.width"]
+    return []
+
+
+def _device_checks(p: Params) -> list[str]:
+    if "cuda" not in (p.device, p.evaluate.device):
+        return []
+    import torch
+
+    if torch.cuda.is_available():
+        return []
+    key = "device" if p.device == "cuda" else "evaluate.device"
+    return [f"{key}: cuda, but this machine has no CUDA device (use auto or cpu)"]
 
 
 def flatten(section: Any, prefix: str = "") -> dict[str, Any]:
@@ -253,3 +342,9 @@ def flatten(section: Any, prefix: str = "") -> dict[str, Any]:
         else:
             out[prefix + f.name] = value
     return out
+
+
+def section(p: Params, *names: str) -> dict[str, Any]:
+    """The flattened params a stage reads: section names ('teacher') or single keys ('seed')."""
+    flat = flatten(p)
+    return {k: v for k, v in flat.items() if any(k == n or k.startswith(n + ".") for n in names)}

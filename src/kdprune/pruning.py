@@ -1,16 +1,20 @@
 """Pruning: scores + amount -> which units or weights go, then a smaller model or a masked one.
 
-Knows nothing of how scores were made (see importance.py); it only ranks them.
+Knows nothing of how scores were made (see importance.py); it only ranks them. What a unit is
+(which channels go together) is the models module's, from Torch-Pruning's dependency graph.
 """
 
 from __future__ import annotations
 
-import copy
+import contextlib
+from collections.abc import Iterator, Mapping
 from typing import Callable
 
 import torch
 from torch import nn
 from torch.nn.utils import prune as torch_prune
+
+from kdprune.models import Unit, prunable_layers, remove_units, units  # remove_units: pruning's API too
 
 
 def normalise(scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -25,26 +29,55 @@ def normalise(scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v / v[v.isfinite()].abs().mean().clamp_min(1e-12) for k, v in scores.items()}
 
 
-def select_units(scores: dict[str, torch.Tensor], amount: float, scope: str) -> dict[str, torch.Tensor]:
+def kept_width(size: int, want: int, round_to: int = 1, least: int = 1) -> int:
+    """The width a unit of `size` keeps when `want` is asked: never below `least`; with round_to > 1,
+    the nearest multiple of round_to (ties keep more, never below round_to) or, failing one, the whole
+    unit, so a unit smaller than round_to is left whole (Torch-Pruning's round_to, rounded to nearest)."""
+    if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
+        raise ValueError(f"round_to: an integer >= 1, got {round_to!r}")
+    want = min(max(want, least), size)
+    if round_to == 1:
+        return want
+    options = [m for m in range(round_to, size + 1, round_to) if m >= least] + [size]
+    return min(options, key=lambda m: (abs(m - want), -m))
+
+
+def _lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k lowest scores, ties by position, in increasing index order."""
+    return scores.argsort(stable=True)[:k].sort().values
+
+
+def _least(scores: Mapping[str, torch.Tensor], min_sizes: Mapping[str, int] | None) -> dict[str, int]:
+    return {k: min(len(v), (min_sizes or {}).get(k, 1)) for k, v in scores.items()}
+
+
+def select_units(scores: dict[str, torch.Tensor], amount: float, scope: str, *, round_to: int = 1,
+                 min_sizes: Mapping[str, int] | None = None) -> dict[str, torch.Tensor]:
     """Indices of the units to remove per layer: the lowest-scored `amount` of all units (global,
-    after normalising) or of each layer (layer). Every layer keeps at least one unit."""
+    after normalising) or of each layer (layer). Every layer keeps at least min_sizes[name] units
+    (default one); with round_to, each layer's kept width is then snapped by `kept_width`."""
+    least = _least(scores, min_sizes)
     if scope == "layer":
-        return {k: v.argsort()[: min(int(amount * len(v)), len(v) - 1)].sort().values for k, v in scores.items()}
-    norm = normalise(scores)
+        counts = {k: min(int(amount * len(v)), len(v) - least[k]) for k, v in scores.items()}
+    else:
+        counts = _global_counts(normalise(scores), amount, least)
+    return {k: _lowest(v, len(v) - kept_width(len(v), len(v) - counts[k], round_to, least[k]))
+            for k, v in scores.items()}
+
+
+def _global_counts(norm: dict[str, torch.Tensor], amount: float, least: dict[str, int]) -> dict[str, int]:
+    """How many of each layer's units fall among the lowest `amount` of all, no layer below its least."""
     names = [k for k, v in norm.items() for _ in range(len(v))]
     flat = torch.cat(list(norm.values()))
-    local = torch.cat([torch.arange(len(v)) for v in norm.values()])
     budget = int(amount * len(flat))
-    left = {k: len(v) for k, v in norm.items()}
-    chosen: dict[str, list[int]] = {k: [] for k in norm}
+    counts = dict.fromkeys(norm, 0)
     for i in flat.argsort(stable=True).tolist():
         if budget == 0:
             break
-        if left[names[i]] > 1:
-            chosen[names[i]].append(int(local[i]))
-            left[names[i]] -= 1
+        if len(norm[names[i]]) - counts[names[i]] > least[names[i]]:
+            counts[names[i]] += 1
             budget -= 1
-    return {k: torch.tensor(sorted(v), dtype=torch.long) for k, v in chosen.items()}
+    return counts
 
 
 def select_weights(scores: dict[str, torch.Tensor], amount: float, scope: str) -> dict[str, torch.Tensor]:
@@ -70,27 +103,43 @@ def select_weights(scores: dict[str, torch.Tensor], amount: float, scope: str) -
 FRACTIONS = tuple(i / 10 for i in range(10))  # where each layer's sensitivity curve is measured
 
 
+@contextlib.contextmanager
+def _masked(unit: Unit, idxs: torch.Tensor) -> Iterator[None]:
+    """Unit channels `idxs` silenced (gates zeroed) inside the block, restored after it."""
+    idxs = idxs.to(unit.gates[0].device)
+    saved = [p.detach()[idxs].clone() for p in unit.gates]
+    with torch.no_grad():
+        for p in unit.gates:
+            p[idxs] = 0
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for p, s in zip(unit.gates, saved):
+                p[idxs] = s
+
+
 def sensitivity(model: nn.Module, scores: dict[str, torch.Tensor],
                 accuracy: Callable[[nn.Module], float]) -> dict[str, list[float]]:
-    """Per layer (a coupled group counts as one), accuracy with its lowest-scored FRACTIONS of units
-    masked and every other layer intact: how much each layer can lose on its own."""
+    """Per unit, accuracy with its lowest-scored FRACTIONS of channels masked and every other unit
+    intact: how much each can lose on its own. Masked in place and restored, so the model is unchanged."""
     curves = {}
-    for u in model.units():
+    for u in units(model):
         curve = []
         for f in FRACTIONS:
-            trial = copy.deepcopy(model)
-            k = min(int(f * u.size), u.size - 1)
-            mask_units(trial, {u.name: scores[u.name].argsort()[:k]})
-            curve.append(accuracy(trial))
+            with _masked(u, _lowest(scores[u.name], max(0, min(int(f * u.size), u.size - u.min_size)))):
+                curve.append(accuracy(model))
         curves[u.name] = curve
     return curves
 
 
-def allocate(curves: dict[str, list[float]], sizes: dict[str, int], amount: float) -> dict[str, int]:
+def allocate(curves: dict[str, list[float]], sizes: dict[str, int], amount: float, *, round_to: int = 1,
+             min_sizes: Mapping[str, int] | None = None) -> dict[str, int]:
     """Units to remove per layer so that `amount` of all units go where the curves say it costs least.
 
     Greedy, one unit at a time, by the marginal accuracy loss read off each layer's curve
-    (linearly interpolated between FRACTIONS); ties go to the larger layer.
+    (linearly interpolated between FRACTIONS); ties go to the larger layer. Each layer keeps at
+    least min_sizes[name] (default one); with round_to its kept width is then snapped by `kept_width`.
     """
     def loss(name: str, k: int) -> float:
         f = k / sizes[name]
@@ -98,89 +147,85 @@ def allocate(curves: dict[str, list[float]], sizes: dict[str, int], amount: floa
         t = (f - FRACTIONS[i]) / (FRACTIONS[i + 1] - FRACTIONS[i])
         return curves[name][0] - ((1 - t) * curves[name][i] + t * curves[name][i + 1])
 
+    least = {n: min(s, (min_sizes or {}).get(n, 1)) for n, s in sizes.items()}
     counts = dict.fromkeys(sizes, 0)
     for _ in range(int(amount * sum(sizes.values()))):
-        open_ = [n for n in sizes if counts[n] < sizes[n] - 1]
+        open_ = [n for n in sizes if counts[n] < sizes[n] - least[n]]
         if not open_:
             break
         best = min(open_, key=lambda n: (loss(n, counts[n] + 1) - loss(n, counts[n]), -sizes[n]))
         counts[best] += 1
-    return counts
+    return {n: s - kept_width(s, s - counts[n], round_to, least[n]) for n, s in sizes.items()}
 
 
 @torch.no_grad()
 def mask_units(model: nn.Module, remove: dict[str, torch.Tensor]) -> None:
     """Silence units in place by zeroing their gates: the masked twin of `remove_units`."""
-    for u in model.units():
+    for u in units(model):
+        idxs = remove.get(u.name, torch.empty(0, dtype=torch.long))
         for p in u.gates:
-            p[remove.get(u.name, torch.empty(0, dtype=torch.long))] = 0
-
-
-def remove_units(model: nn.Module, example: torch.Tensor, remove: dict[str, torch.Tensor]) -> nn.Module:
-    """Physically remove units (and every coupled channel: BatchNorm, the next layer's inputs,
-    flattened features) with Torch-Pruning's dependency graph. Returns the same, smaller model."""
-    import torch_pruning as tp
-
-    model.eval()
-    graph = tp.DependencyGraph().build_dependency(model, example_inputs=example)
-    prune_out = {nn.Conv2d: tp.prune_conv_out_channels, nn.Linear: tp.prune_linear_out_channels}
-    for u in model.units():
-        idxs = remove.get(u.name)
-        if idxs is not None and len(idxs):
-            graph.get_pruning_group(u.layer, prune_out[type(u.layer)], idxs=idxs.tolist()).prune()
-    return model
+            p[idxs.to(p.device)] = 0
 
 
 def apply_weight_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
     """Zero weights under fixed masks (torch.nn.utils.prune): they stay zero through fine-tuning."""
-    for u in model.units():
-        if u.name in masks:
-            torch_prune.custom_from_mask(u.layer, "weight", masks[u.name].to(u.layer.weight.device))
+    for name, layer in prunable_layers(model).items():
+        if name in masks:
+            torch_prune.custom_from_mask(layer, "weight", masks[name].to(layer.weight.device))
 
 
 def bake_weight_masks(model: nn.Module) -> None:
     """Make masks permanent: plain weights with zeros, so the state_dict is the usual one."""
-    for u in model.units():
-        if torch_prune.is_pruned(u.layer):
-            torch_prune.remove(u.layer, "weight")
+    for layer in prunable_layers(model).values():
+        if torch_prune.is_pruned(layer):
+            torch_prune.remove(layer, "weight")
 
 
 class ScoresMismatch(ValueError):
     """Scores made for other layers than the model has."""
 
 
+def _check_scores(model: nn.Module, scores: dict[str, torch.Tensor], structured: bool) -> None:
+    shapes = ({u.name: (u.size,) for u in units(model)} if structured
+              else {n: tuple(m.weight.shape) for n, m in prunable_layers(model).items()})
+    if set(scores) != set(shapes):
+        raise ScoresMismatch(f"scores are for layers {sorted(scores)}, the model has {sorted(shapes)}")
+    for n, shape in shapes.items():
+        if tuple(scores[n].shape) != shape:
+            raise ScoresMismatch(f"scores for {n} have shape {tuple(scores[n].shape)}, the model's is {shape}")
+
+
 def prune(model: nn.Module, unit_scores: dict[str, torch.Tensor], weight_scores: dict[str, torch.Tensor],
-          amount: float, scope: str, structured: bool, example: torch.Tensor,
-          accuracy: Callable[[nn.Module], float] | None = None) -> dict[str, torch.Tensor] | None:
+          amount: float, scope: str, structured: bool, accuracy: Callable[[nn.Module], float] | None = None,
+          *, round_to: int = 1) -> dict[str, torch.Tensor] | None:
     """Prune `model` in place; return the weight masks (unstructured) or None (structured).
 
-    scope "sensitivity" (structured only) spreads the amount by each layer's sensitivity curve,
-    measured with `accuracy`."""
-    expected = {u.name for u in model.units()}
-    given = set(unit_scores if structured else weight_scores)
-    if given != expected:
-        raise ScoresMismatch(f"scores are for layers {sorted(given)}, the model has {sorted(expected)}")
-    if structured:
-        if scope == "sensitivity":
-            counts = allocate(sensitivity(model, unit_scores, accuracy), {u.name: u.size for u in model.units()},
-                              amount)
-            remove = {n: unit_scores[n].argsort()[:k].sort().values for n, k in counts.items()}
-        else:
-            remove = select_units(unit_scores, amount, scope)
-        remove_units(model, example, remove)
-        return None
-    masks = select_weights(weight_scores, amount, scope)
-    apply_weight_masks(model, masks)
-    bake_weight_masks(model)
-    return masks
+    scope "sensitivity" (structured only) spreads the amount by each unit's sensitivity curve,
+    measured with `accuracy`. With round_to, every pruned unit keeps a multiple of round_to."""
+    _check_scores(model, unit_scores if structured else weight_scores, structured)
+    if not structured:
+        masks = select_weights(weight_scores, amount, scope)
+        apply_weight_masks(model, masks)
+        bake_weight_masks(model)
+        return masks
+    found = units(model)
+    least = {u.name: u.min_size for u in found}
+    if scope == "sensitivity":
+        counts = allocate(sensitivity(model, unit_scores, accuracy), {u.name: u.size for u in found}, amount,
+                          round_to=round_to, min_sizes=least)
+        remove = {n: _lowest(unit_scores[n], k) for n, k in counts.items()}
+    else:
+        remove = select_units(unit_scores, amount, scope, round_to=round_to, min_sizes=least)
+    remove_units(model, remove)
+    return None
 
 
 ScoreFn = Callable[[nn.Module], tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]]
 
 
 def iterative_prune(model: nn.Module, score: ScoreFn, amount: float, steps: int, scope: str, structured: bool,
-                    example: torch.Tensor, recover: Callable[[nn.Module], None],
-                    accuracy: Callable[[nn.Module], float] | None = None) -> dict[str, torch.Tensor] | None:
+                    recover: Callable[[nn.Module], None], accuracy: Callable[[nn.Module], float] | None = None,
+                    *, round_to: int = 1) -> dict[str, torch.Tensor] | None:
     """Reach `amount` in `steps` rounds (Han et al. 2015): score the current model, prune it to the
     round's target, recover with a short fine-tune, repeat; no recovery after the last round.
 
@@ -191,13 +236,14 @@ def iterative_prune(model: nn.Module, score: ScoreFn, amount: float, steps: int,
     done = 0.0
     for k in range(1, steps + 1):
         target = 1 - (1 - amount) ** (k / steps)
-        units, weights = score(model)
+        unit_scores, weight_scores = score(model)
         if structured:
-            prune(model, units, weights, 1 - (1 - target) / (1 - done), scope, True, example, accuracy)
+            prune(model, unit_scores, weight_scores, 1 - (1 - target) / (1 - done), scope, True, accuracy,
+                  round_to=round_to)
         else:
             if masks is not None:  # already pruned: ranked below everything, so it stays pruned
-                weights = {n: w.masked_fill(~masks[n], float("-inf")) for n, w in weights.items()}
-            masks = prune(model, units, weights, target, scope, False, example)
+                weight_scores = {n: w.masked_fill(~masks[n], float("-inf")) for n, w in weight_scores.items()}
+            masks = prune(model, unit_scores, weight_scores, target, scope, False)
         done = target
         if k < steps:
             if masks is not None:

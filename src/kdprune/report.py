@@ -4,24 +4,84 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from kdprune.files import write_atomic
 
-COLUMNS = [("accuracy", "accuracy", "{:.4f}"), ("params", "params", "{:,}"), ("nonzero_params", "non-zero", "{:,}"),
-           ("macs", "MACs", "{:,}"), ("size_bytes", "bytes", "{:,}"), ("latency_ms_b1", "ms @1", "{:.3f}"),
-           ("latency_ms_b256", "ms @256", "{:.3f}"), ("params_vs_teacher", "params/teacher", "{:.3f}"),
-           ("params_vs_student", "params/student", "{:.3f}"), ("speedup_b256_vs_student", "speed-up @256", "{:.2f}x")]
+
+def count(n: float) -> str:
+    """Integers with thousands separators: 9,272."""
+    return f"{int(round(n)):,}"
+
+
+def ms(t: float) -> str:
+    """Milliseconds to three significant figures: 0.412, 4.18, 41.8."""
+    return f"{t:.3g}" if t < 100 else f"{t:,.0f}"
+
+
+def ratio(r: float) -> str:
+    return f"{r:.3f}"
+
+
+def times(r: float) -> str:
+    return f"{r:.2f}x"
+
+
+def _timing(m: dict[str, Any], key: str) -> str:
+    """A latency, or `noisy` beside it when its rounds spread too wide to trust."""
+    if key not in m:
+        return ""
+    noisy = m.get(key.replace("_ms_", "_noisy_"), False)
+    return ms(m[key]) + (" (noisy)" if noisy else "")
+
+
+def _speedup(m: dict[str, Any], key: str) -> str:
+    """A paired speed-up with its interquartile range, or `noisy` when the rounds disagree."""
+    if key not in m:
+        return ""
+    iqr = m.get(key.replace("speedup_", "speedup_iqr_"), 0.0)
+    noisy = m.get(key.replace("speedup_", "speedup_noisy_"), False)
+    return f"{times(m[key])} ±{iqr / 2:.2f}" + (" (noisy)" if noisy else "")
+
+
+COLUMNS: list[tuple[str, str, Callable[[dict[str, Any], str], str]]] = [
+    ("accuracy", "accuracy", lambda m, k: f"{m[k]:.4f}"),
+    ("errors", "errors", lambda m, k: count(m[k])),
+    ("params", "params", lambda m, k: count(m[k])),
+    ("nonzero_params", "non-zero", lambda m, k: count(m[k])),
+    ("macs", "MACs", lambda m, k: count(m[k])),
+    ("gzip_bytes", "gzip bytes", lambda m, k: count(m[k])),
+    ("latency_ms_b1", "ms @1", _timing),
+    ("latency_ms_b256", "ms @256", _timing),
+    ("ort_latency_ms_b256", "ORT ms @256", _timing),
+    ("params_vs_teacher", "params/teacher", lambda m, k: ratio(m[k])),
+    ("speedup_b256_vs_student", "speed-up @256 vs student", _speedup),
+    ("ort_speedup_b256_vs_student", "ORT speed-up @256", _speedup),
+    ("time_per_macs_b256", "MACs cut -> time", lambda m, k: ratio(m[k])),
+]
 
 
 def comparison_table(models: dict[str, dict[str, Any]]) -> str:
-    """Markdown: one row per model, one column per headline metric; blank where a ratio does not apply."""
+    """Markdown: one row per model, one column per headline figure (blank where a ratio does not apply),
+    then what unstructured sparsity does and does not buy, when a model is masked."""
     cols = [c for c in COLUMNS if any(c[0] in m for m in models.values())]
     lines = ["| model | " + " | ".join(c[1] for c in cols) + " |", "|---|" + "---:|" * len(cols)]
     for name, m in models.items():
-        cells = [fmt.format(m[key]) if key in m else "" for key, _, fmt in cols]
+        cells = [fmt(m, key) if key in m else "" for key, _, fmt in cols]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + _sparsity_notes(models)) + "\n"
+
+
+def _sparsity_notes(models: dict[str, dict[str, Any]]) -> list[str]:
+    notes = []
+    for name, m in models.items():
+        if m["nonzero_params"] < 0.95 * m["params"] and "student" in models:
+            zero = 1 - m["nonzero_params"] / m["params"]
+            gz = m["gzip_bytes"] / models["student"]["gzip_bytes"]
+            notes.append(f"\n{name}: {zero:.0%} of its weights are zero (masked, not removed): gzip shrinks its "
+                         f"model.pt to {gz:.0%} of the student's, but dense kernels (PyTorch, ONNX Runtime) "
+                         f"still multiply the zeros, so it runs no faster than a model of its shape.")
+    return notes
 
 
 def _save_figure(fig: Any, path: Path) -> None:
@@ -79,28 +139,59 @@ def plot_confusion(matrices: dict[str, Any], path: Path) -> None:
     _save_figure(fig, path)
 
 
-def plot_sensitivity(curves: dict[str, list[float]], fractions: tuple[float, ...], path: Path) -> None:
-    """Validation accuracy against the fraction of one layer's units pruned, one line per layer."""
+def plot_pruning(before: dict[str, int], after: dict[str, int], curves: dict[str, list[float]] | None,
+                 fractions: tuple[float, ...], path: Path) -> None:
+    """Units kept per layer (of how many), and, when measured, each layer's sensitivity curve:
+    validation accuracy against the fraction of that layer's units pruned alone."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, curve in curves.items():
-        ax.plot(fractions, curve, marker="o", ms=3, label=name)
-    ax.set_xlabel("fraction of the layer's units pruned (alone)")
-    ax.set_ylabel("validation accuracy")
-    ax.grid(alpha=0.3)
+    fig, axes = plt.subplots(1, 2 if curves else 1, figsize=(12 if curves else 6, 4), squeeze=False)
+    ax = axes[0][0]
+    names = list(before)
+    ax.barh(names, [before[n] for n in names], color="lightgrey", label="student")
+    ax.barh(names, [after[n] for n in names], color="tab:blue", label="pruned")
+    ax.invert_yaxis()
+    ax.set_xlabel("units")
+    ax.tick_params(labelsize=7)
     ax.legend(fontsize=7)
-    ax.set_title("layer sensitivity")
+    ax.set_title("units kept per layer")
+    if curves:
+        ax = axes[0][1]
+        for name, curve in curves.items():
+            ax.plot(fractions, curve, marker="o", ms=3, label=name)
+        ax.set_xlabel("fraction of the layer's units pruned (alone)")
+        ax.set_ylabel("validation accuracy")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+        ax.set_title("layer sensitivity")
     _save_figure(fig, path)
 
 
-def sensitivity_csv(curves: dict[str, list[float]], fractions: tuple[float, ...]) -> str:
-    rows = ["fraction," + ",".join(curves)]
-    rows += [f"{f}," + ",".join(f"{c[i]:.6f}" for c in curves.values()) for i, f in enumerate(fractions)]
-    return "\n".join(rows) + "\n"
+def plot_criteria(unit_scores: dict[str, dict[str, Any]], path: Path) -> None:
+    """Without an oracle: how the criteria rank the units against each other (Spearman, all units)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torch
+    from scipy.stats import spearmanr
+
+    names = list(unit_scores)
+    keys = list(next(iter(unit_scores.values())))
+    flat = [torch.cat([unit_scores[m][k].flatten() for k in keys]).numpy() for m in names]
+    rho = [[float(spearmanr(a, b).statistic) if len(names) > 1 else 1.0 for b in flat] for a in flat]
+    fig, ax = plt.subplots(figsize=(1 + 0.7 * len(names), 0.8 + 0.7 * len(names)))
+    ax.imshow(rho, vmin=-1, vmax=1, cmap="RdBu")
+    ax.set_xticks(range(len(names)), names, rotation=45, fontsize=7)
+    ax.set_yticks(range(len(names)), names, fontsize=7)
+    for i in range(len(names)):
+        for j in range(len(names)):
+            ax.text(j, i, f"{rho[i][j]:.2f}", ha="center", va="center", fontsize=6)
+    ax.set_title("criteria against each other (Spearman; score.oracle is off)", fontsize=8)
+    _save_figure(fig, path)
 
 
 def plot_oracle(unit_scores: dict[str, dict[str, Any]], truth: dict[str, Any], path: Path) -> None:

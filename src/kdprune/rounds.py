@@ -1,23 +1,61 @@
-"""Iterative pruning's rounds: re-scoring the shrunken model, and the short recovery fit between rounds."""
+"""The prune stage's work: the student pruned in one shot or in rounds (re-scored, and recovered by a
+short fit between rounds), its per-layer sensitivity curves when asked, and what is kept of it."""
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-from typing import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdprune.data import batches, labelled_subset
-from kdprune.importance import SCORERS, Scores
+from kdprune import recipes
+from kdprune.recipes import MASKS_FILE
+from kdprune.checkpoints import load_tensors, save_tensors
+from kdprune.data import Normaliser, Split, labelled_subset, materialise
+from kdprune.errors import CheckpointError
+from kdprune.importance import SCORERS, Scores, from_tensors
+from kdprune.inference import evaluate
+from kdprune.models import count_params, units
 from kdprune.params import Params
-from kdprune.training import fit, resolve_device
+from kdprune.progress import Progress
+from kdprune.pruning import FRACTIONS, ScoresMismatch, iterative_prune, sensitivity
+from kdprune.training import fit
 
-Split = tuple[torch.Tensor, torch.Tensor]  # (x (N, C, H, W), y (N,))
+
+@dataclass(frozen=True)
+class Pruned:
+    masks: dict[str, torch.Tensor] | None  # unstructured: the fixed keep-masks per layer
+    curves: dict[str, list[float]] | None  # per-layer sensitivity, when measured
+    before: dict[str, int]  # units per layer before and after
+    after: dict[str, int]
+    metrics: dict[str, float]
 
 
-def rescorer(p: Params, train: Split, first: Scores) -> Callable[[nn.Module], tuple[dict, dict]]:
+def prune_student(model: nn.Module, train: Split, val: Split, norm: Normaliser, scores_dir: Path, p: Params) -> Pruned:
+    """Prune `model` in place as params.prune says; the first round uses the score stage's scores."""
+    scores_file = scores_dir / f"{p.prune.criterion}.pt"
+    first = from_tensors(load_tensors(scores_file))
+    val = val.to(next(model.parameters()).device)
+    accuracy = lambda m: evaluate(m, val, norm)["accuracy"]  # noqa: E731
+    before, widths = accuracy(model), {u.name: u.size for u in units(model)}
+    curves = None
+    if p.prune.scope == "sensitivity" or p.prune.curves:
+        Progress.say(f"prune: sensitivity curves, {len(widths)} layers x {len(FRACTIONS)} fractions")
+        curves = sensitivity(model, first.units, accuracy)
+    try:
+        masks = iterative_prune(model, rescorer(p, train, norm, first), p.prune.amount, p.prune.steps,
+                                p.prune.scope, p.prune.structured, recoverer(p, train, val, norm), accuracy,
+                                round_to=p.prune.round_to)
+    except ScoresMismatch as e:
+        raise CheckpointError(f"{scores_file}: {e}") from e
+    metrics = {"val_accuracy_before": before, "val_accuracy": accuracy(model), "params": count_params(model)}
+    return Pruned(masks, curves, widths, {u.name: u.size for u in units(model)}, metrics)
+
+
+def rescorer(p: Params, train: Split, norm: Normaliser, first: Scores) -> Callable[[nn.Module], tuple[dict, dict]]:
     """Round 1 uses the score stage's scores; round k re-scores the current model with prune.criterion
     on score.samples train samples shuffled by seed + k."""
     rounds = 0
@@ -25,23 +63,38 @@ def rescorer(p: Params, train: Split, first: Scores) -> Callable[[nn.Module], tu
     def score(model: nn.Module) -> tuple[dict, dict]:
         nonlocal rounds
         rounds += 1
+        Progress.say(f"prune: round {rounds}/{p.prune.steps}")
         if rounds == 1:
             return first.units, first.weights
-        sample = batches(*train, p.score.batch_size, p.score.samples, p.seed + rounds)
+        device = next(model.parameters()).device
+        sample = materialise(train.to(device), p.score.batch_size, norm, p.score.samples, p.seed + rounds)
         s = SCORERS[p.prune.criterion](model, sample, F.cross_entropy, seed=p.seed, probes=p.score.probes)
         return s.units, s.weights
     return score
 
 
-def recoverer(p: Params, train: Split, val: Split) -> Callable[[nn.Module], None]:
-    """The fit between rounds: hard labels the student may see (student.label_fraction), Adam at
-    prune.round_lr for prune.round_epochs."""
-    cfg = SimpleNamespace(epochs=p.prune.round_epochs, batch_size=p.finetune.batch_size, optimizer="adam",
-                          lr=p.prune.round_lr, weight_decay=0.0)
-    x, y = train
-    keep = labelled_subset(y, p.student.label_fraction, p.seed)
+def recoverer(p: Params, train: Split, val: Split, norm: Normaliser) -> Callable[[nn.Module], None]:
+    """The fit between rounds (prune.recover: epochs, optimiser, learning rate, weight decay) on the hard
+    labels the student may see (student.label_fraction)."""
+    keep = torch.nonzero(labelled_subset(train.y, p.student.label_fraction, p.seed)).squeeze(1)
+    labelled = train.subset(keep)
 
     def recover(model: nn.Module) -> None:
-        fit(model, (x[keep], y[keep]), val, F.cross_entropy, cfg, p.seed, resolve_device(p.device))
-        model.cpu()
+        device = next(model.parameters()).device
+        fit(model, labelled, val, norm, F.cross_entropy, p.prune.recover, p.seed, device, desc="prune: recover")
     return recover
+
+
+def save(out: Path, model: nn.Module, spec: dict[str, Any], result: Pruned, val: Split, norm: Normaliser,
+         run: Any) -> None:
+    """The pruned model (model.pt, spec.json with its widths, model.onnx), its masks when unstructured,
+    and its sensitivity curves when measured."""
+    recipes.keep_model(out, model, spec, "pruned", val, norm, run)
+    if result.masks is not None:
+        save_tensors(out / MASKS_FILE, {k: v.cpu() for k, v in result.masks.items()})
+
+
+def plot(result: Pruned, path: Path) -> None:
+    from kdprune.report import plot_pruning
+
+    plot_pruning(result.before, result.after, result.curves, FRACTIONS, path)

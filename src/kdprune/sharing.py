@@ -1,232 +1,115 @@
-"""Experiments compute an identical stage once: whether they run side by side or one after another.
+"""Two experiments of a queue starting the same new stage at the same moment compute it once.
 
-DVC's run-cache does not cover two cases a sweep meets at once:
-- two workers (`dvc queue start -j 2`) start two experiments of the same seed together; both reach
-  `train_teacher` before either has finished it, and a run-cache entry exists only once one has;
-- on a clone without the DVC cache (a fresh clone, no remote), an experiment whose stage matches
-  the committed dvc.lock looks for that lock entry's outputs in the cache, not in the run-cache, so
-  every experiment of the committed seed retrains its teacher, one after another.
-
-So inside `dvc exp run`, a stage wrapped by `once` first takes a lock named by the hash of what
-dvc.yaml says it reads: its command, the bytes of its deps, the values of its params. The holder
-computes, then leaves its outputs beside the lock (output directories as hard links). A stage
-that finds such outputs, made less than KEEP seconds ago (by a sibling it waited for, or earlier),
-restores them instead of computing. Like a run-cache hit, it logs no MLflow run: the outputs carry
-the record of the run that made them. Outside `dvc exp run` (`dvc repro`, `dvc repro -f`, tests, a
-script run by hand), and with KDPRUNE_SHARE=0, a stage always computes.
+DVC's run-cache serves a stage that another experiment has *finished*; it cannot serve one that a
+sibling worker is computing right now (`dvc queue start -j 2` on a grid with two points per seed
+starts both teachers of a seed together). So inside `dvc exp run`, a stage first takes a lock named
+by the hash of what it reads (its code, the params it reads, the fingerprints of its inputs). The
+holder computes and leaves hard links to its outputs beside the lock; a sibling that waited on the
+lock restores them instead of computing (and, like a run-cache hit, logs no MLflow run: its
+outputs are the same bytes, so lineage finds the run that made them). Entries are deleted after
+KEEP seconds: by then DVC's own run-cache serves any later experiment. Outside `dvc exp run`, and
+with KDPRUNE_SHARE=0, nothing is shared.
 """
 
 from __future__ import annotations
 
-import functools
+import contextlib
 import hashlib
 import json
 import os
-import re
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Iterator
 
-import yaml
+from kdprune import manifest
+from kdprune.files import staged_dir, write_atomic, write_json
+from kdprune.params import Params, section
 
-from kdprune.files import sha256, staged_dir, write_atomic, write_json
-
-KEEP = 24 * 3600.0  # seconds: outputs left this long ago are deleted, not reused
-_VAR = re.compile(r"\$\{\s*([\w.]+)\s*\}")
+KEEP = 1800.0  # seconds an entry waits for a sibling that was blocked on its lock
 
 
 def store_dir() -> Path:
-    """Where the locks and copies live: the project's own .dvc/tmp, shared by every experiment copy."""
-    from kdprune.tracking import repo_root
+    """The project's own .dvc/tmp, the same from every experiment's temporary copy."""
+    from kdprune.store import repo_root
 
     return repo_root() / ".dvc" / "tmp" / "kdprune-shared"
 
 
-def once(main: Callable[[], Any]) -> Callable[[], None]:
-    """`main`, computed once per distinct inputs among experiments side by side or within KEEP seconds."""
+@contextlib.contextmanager
+def once(stage: str, p: Params, reads: tuple[str, ...], inputs: dict[str, Path], outputs: list[Path]) -> Iterator[None]:
+    """Around a stage's work: restore a sibling's outputs (raising stage.Reused), or compute and leave them."""
+    if not os.environ.get("DVC_EXP_NAME") or os.environ.get("KDPRUNE_SHARE", "1") == "0":
+        yield
+        return
+    from filelock import FileLock
 
-    @functools.wraps(main)
-    def run() -> None:
-        address, exp = os.environ.get("DVC_STAGE"), os.environ.get("DVC_EXP_NAME")
-        enabled = os.environ.get("KDPRUNE_SHARE", "1") != "0"
-        spec = stage_spec(address) if address and exp and enabled else None
-        try:
-            key = stage_key(spec) if spec else None
-        except (OSError, yaml.YAMLError):  # DVC itself reports a missing or broken params file
-            key = None
-        if key is None:
-            main()
-            return
-        run_once(spec["name"], key, spec["outputs"], main, store_dir())
+    from kdprune.stage import Reused
 
-    return run
-
-
-def stage_spec(address: str) -> dict[str, Any] | None:
-    """The command, deps, params and outputs dvc.yaml declares for the stage DVC is running, with vars
-    resolved; None for a stage this module does not model (foreach/matrix, wdir, unknown vars)."""
-    path, _, name = address.rpartition(":")
-    dvcfile = Path(path or "dvc.yaml")
-    try:
-        doc = yaml.safe_load(dvcfile.read_text())
-    except (OSError, yaml.YAMLError):
-        return None
-    stage = (doc.get("stages") or {}).get(name)
-    if not isinstance(stage, dict) or set(stage) & {"foreach", "matrix", "do", "wdir"}:
-        return None
-    if dvcfile.parent != Path("."):  # paths in a nested dvc.yaml are relative to its own folder
-        return None
-    variables: dict[str, Any] = {}
-    for item in doc.get("vars") or []:
-        if not isinstance(item, dict):
-            return None  # a params file of vars: not modelled
-        variables.update(item)
-    try:
-        stage = _resolve(stage, variables)
-    except KeyError:
-        return None
-
-    def paths(entries: list[Any]) -> list[str]:
-        return [e if isinstance(e, str) else next(iter(e)) for e in entries or []]
-
-    outputs = [p for kind in ("outs", "metrics", "plots") for p in paths(stage.get(kind))]
-    return {"name": name, "cmd": stage.get("cmd"), "deps": paths(stage.get("deps")),
-            "params": stage.get("params") or [], "outputs": outputs}
+    root = store_dir()
+    root.mkdir(parents=True, exist_ok=True)
+    key = stage_key(stage, p, reads, inputs)
+    with FileLock(str(root / f"{key}.lock")):
+        entry = root / key
+        if (entry / "entry.json").exists():
+            _restore(entry, outputs)
+            raise Reused(f"{stage}: restored the outputs of the identical {stage} a sibling experiment "
+                         f"computed (same code, params and inputs); nothing recomputed")
+        yield
+        _leave(entry, stage, outputs)
+    _collect(root)
 
 
-def _resolve(obj: Any, variables: dict[str, Any]) -> Any:
-    if isinstance(obj, str):
-        return _VAR.sub(lambda m: str(variables[m.group(1)]), obj)
-    if isinstance(obj, list):
-        return [_resolve(v, variables) for v in obj]
-    if isinstance(obj, dict):
-        return {_resolve(k, variables): _resolve(v, variables) for k, v in obj.items()}
-    return obj
-
-
-def stage_key(spec: dict[str, Any]) -> str:
-    """The hash of everything the stage reads, as dvc.yaml declares it."""
-    files: dict[str, Any] = {}
-
-    def params_file(name: str) -> Any:
-        if name not in files:
-            files[name] = yaml.safe_load(Path(name).read_text()) or {}
-        return files[name]
-
-    params: dict[str, Any] = {}
-    for entry in spec["params"]:
-        if isinstance(entry, str):
-            params[entry] = _lookup(params_file("params.yaml"), entry)
-        else:
-            (name, keys), = entry.items()
-            doc = params_file(name)
-            params[name] = doc if not keys else {k: _lookup(doc, k) for k in keys}
-    blob = {"stage": spec["name"], "cmd": spec["cmd"], "params": params,
-            "deps": {d: _digest(Path(d)) for d in spec["deps"]}}
+def stage_key(stage: str, p: Params, reads: tuple[str, ...], inputs: dict[str, Path]) -> str:
+    """The hash of everything that decides the stage's outputs: all of kdprune's code (over-inclusive,
+    so never wrong), the params it reads and the fingerprints of its inputs."""
+    package = Path(__file__).parent
+    script = Path(__file__).resolve().parents[2] / "stages" / f"{stage}.py"
+    code = {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(package.glob("*.py"))}
+    if script.exists():
+        code[script.name] = hashlib.sha256(script.read_bytes()).hexdigest()
+    blob = {"stage": stage, "code": code, "params": section(p, *reads),
+            "inputs": {role: manifest.fingerprint(path) for role, path in inputs.items()}}
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _lookup(doc: Any, dotted: str) -> Any:
-    for part in dotted.split("."):
-        doc = doc.get(part) if isinstance(doc, dict) else None
-    return doc
-
-
-def _digest(path: Path) -> Any:
-    if path.is_file():
-        return sha256(path)
-    if path.is_dir():
-        return {str(f.relative_to(path)): sha256(f) for f in sorted(path.rglob("*")) if f.is_file()}
-    return None
-
-
-def run_once(name: str, key: str, outputs: list[str], compute: Callable[[], Any], store: Path,
-             keep: float = KEEP) -> bool:
-    """Under the lock for `key`: restore the `outputs` another experiment left less than `keep` seconds
-    ago, or compute them and leave them for the next. True when this process computed."""
-    from filelock import FileLock, Timeout
-
-    store.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(store / f"{key}.lock"))
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        print(f"{name}: the same {name} is running in another experiment; waiting for it", flush=True)
-        lock.acquire()
-    try:
-        entry = _fresh(store / key, since=time.time() - keep)
-        if entry is not None:
-            _restore(store / key, outputs)
-            print(f"{name}: reused the outputs of the identical {name} that experiment "
-                  f"{entry.get('experiment')} finished {time.time() - entry['finished_at']:.0f} s ago "
-                  "(same command, deps and params); nothing recomputed", flush=True)
-            return False
-        compute()
-        try:
-            if all(Path(p).exists() for p in outputs):
-                _save(store, key, name, outputs)
-        except OSError as e:  # the stage's own outputs are complete: a copy we cannot leave only costs reuse
-            print(f"{name}: warning: could not leave a copy for other experiments in {store}: {e}", flush=True)
-        return True
-    finally:
-        lock.release()
-        _collect(store, spare=key, keep=keep)
-
-
-def _fresh(entry: Path, since: float) -> dict[str, Any] | None:
-    try:
-        info = json.loads((entry / "entry.json").read_text())
-    except (OSError, ValueError):
-        return None
-    return info if info.get("finished_at", 0) >= since else None
-
-
-def _save(store: Path, key: str, name: str, outputs: list[str]) -> None:
-    with staged_dir(store / key) as tmp:
-        for rel in outputs:
-            src, dst = Path(rel), tmp / "files" / rel
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            # Output directories (data, models, scores) are DVC-cached and only ever replaced whole: their
-            # files are hard-linked, costing no space. Single files (metrics, plots) are small: copied.
+def _leave(entry: Path, stage: str, outputs: list[Path]) -> None:
+    if not all(Path(o).exists() for o in outputs):
+        return
+    with staged_dir(entry) as tmp:
+        for i, src in enumerate(map(Path, outputs)):
+            dst = tmp / str(i)
+            # directories (data, models, scores) are replaced whole, never edited: hard links cost nothing
             shutil.copytree(src, dst, copy_function=_link) if src.is_dir() else shutil.copy2(src, dst)
-        write_json(tmp / "entry.json", {"stage": name, "experiment": os.environ.get("DVC_EXP_NAME"),
-                                        "finished_at": time.time()})
+        write_json(tmp / "entry.json", {"stage": stage, "made": time.time()})
 
 
-def _link(src: Path | str, dst: Path | str) -> None:
-    """A hard link, or a copy where the filesystem allows none."""
+def _link(src: str, dst: str) -> None:
     try:
         os.link(src, dst)
     except OSError:
         shutil.copy2(src, dst)
 
 
-def _restore(entry: Path, outputs: list[str]) -> None:
-    for rel in outputs:
-        src = entry / "files" / rel
+def _restore(entry: Path, outputs: list[Path]) -> None:
+    for i, out in enumerate(map(Path, outputs)):
+        src = entry / str(i)
         if src.is_dir():
-            with staged_dir(rel) as out:
-                shutil.copytree(src, out, dirs_exist_ok=True, copy_function=shutil.copyfile)  # fresh modes
+            with staged_dir(out) as tmp:
+                shutil.copytree(src, tmp, dirs_exist_ok=True, copy_function=shutil.copyfile)
         else:
-            write_atomic(rel, src.read_bytes())
+            write_atomic(out, src.read_bytes())
 
 
-def _collect(store: Path, spare: str, keep: float) -> None:
-    """Delete outputs left more than `keep` seconds ago, each under its own lock, skipping any in use."""
+def _collect(root: Path) -> None:
+    """Delete entries older than KEEP, each under its own lock, skipping any in use."""
     from filelock import FileLock, Timeout
 
-    for entry in store.iterdir():
-        if entry.name == spare or entry.name.startswith(".") or not entry.is_dir():
+    for entry in root.iterdir():
+        info = entry / "entry.json"
+        if not entry.is_dir() or entry.name.startswith(".") or not info.exists():
             continue
-        if _fresh(entry, since=time.time() - keep) is not None:
+        if time.time() - json.loads(info.read_text())["made"] < KEEP:
             continue
-        lock = FileLock(str(store / f"{entry.name}.lock"))
-        try:
-            lock.acquire(timeout=0)
-        except Timeout:
-            continue
-        try:
+        with contextlib.suppress(Timeout), FileLock(str(root / f"{entry.name}.lock"), timeout=0):
             shutil.rmtree(entry, ignore_errors=True)
-        finally:
-            lock.release()

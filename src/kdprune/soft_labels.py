@@ -1,4 +1,5 @@
-"""Soft labels: the teacher's logits on disk with the hashes of what made them, and the KD loss over them."""
+"""Soft labels: the teacher's logits on disk, checked as made from this teacher and this split, and the
+KD loss over them."""
 
 from __future__ import annotations
 
@@ -7,41 +8,35 @@ from typing import Any, Callable
 
 import torch
 
+from kdprune import manifest
 from kdprune.checkpoints import load_tensors, save_tensors
-from kdprune.data import UNLABELLED, labelled_subset, load_meta, load_split
+from kdprune.data import UNLABELLED, Split, labelled_subset
 from kdprune.distillation import kd_loss
 from kdprune.errors import CheckpointError
-from kdprune.files import read_json, sha256, write_json
 
-LOGITS, PROVENANCE = "logits.pt", "provenance.json"
-
-
-def save(out: Path, logits: torch.Tensor, teacher_dir: Path, data_dir: Path) -> None:
-    """logits.pt, and provenance.json with the hashes of the teacher file and train split they came from."""
-    save_tensors(out / LOGITS, {"train": logits})
-    write_json(out / PROVENANCE, {"teacher_sha256": sha256(teacher_dir / "model.pt"),
-                                  "train_sha256": load_meta(data_dir)["sha256"]["train"]})
+LOGITS = "logits.pt"
 
 
-def check_provenance(soft_dir: Path, teacher_dir: Path, data_dir: Path) -> None:
-    """Refuse soft labels that were not made by this teacher file on this train split."""
-    made = read_json(soft_dir / PROVENANCE)
-    have = {"teacher": sha256(teacher_dir / "model.pt"), "train": load_meta(data_dir)["sha256"]["train"]}
-    for what, path in (("teacher", teacher_dir / "model.pt"), ("train", data_dir / "train.pt")):
-        if made[f"{what}_sha256"] != have[what]:
-            raise CheckpointError(f"{soft_dir / PROVENANCE} was made from another {what} than {path}: "
-                                  f"re-run soft_labels, or pass the {what} it was made from")
+def save(out: Path, logits: torch.Tensor) -> None:
+    """logits.pt: the teacher's logits (N, K) on the train split, in the split's order."""
+    save_tensors(out / LOGITS, {"train": logits.contiguous()})
 
 
-def load_train(data_dir: Path, soft_dir: Path, label_fraction: float = 1.0, seed: int = 0) -> tuple:
-    """(x, y, teacher logits) of the train split; y is UNLABELLED outside the `label_fraction`
-    whose hard labels the student may see (the same stratified subset train_scratch sees)."""
-    x, y = load_split(data_dir, "train")
-    logits = load_tensors(soft_dir / LOGITS)["train"]
-    if logits.shape[0] != len(y):
-        raise CheckpointError(f"{soft_dir / LOGITS} has {logits.shape[0]} rows, {data_dir} has {len(y)}")
-    y = torch.where(labelled_subset(y, label_fraction, seed), y, UNLABELLED)
-    return x, y, logits
+def check_made_from(soft_dir: Path, fingerprints: dict[str, str], teacher_dir: Path, data_dir: Path) -> None:
+    """Refuse soft labels whose manifest does not name this teacher and this prepared data as their source."""
+    manifest.check_made_from(soft_dir, "teacher", teacher_dir, fingerprints["teacher"])
+    manifest.check_made_from(soft_dir, "data", data_dir, fingerprints["data"])
+
+
+def attach(train: Split, soft_dir: Path, label_fraction: float, seed: int) -> Split:
+    """The train split with the teacher's logits as an extra target, and its hard labels withheld
+    (UNLABELLED) outside the `label_fraction` the student may see: the subset train_scratch sees."""
+    blob = load_tensors(soft_dir / LOGITS)
+    logits = blob.get("train") if isinstance(blob, dict) else None
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != len(train.y):
+        raise CheckpointError(f"{soft_dir / LOGITS}: expected logits (N, K) for the {len(train.y)} train samples")
+    y = torch.where(labelled_subset(train.y, label_fraction, seed), train.y, UNLABELLED)
+    return train.with_labels(y).with_extra(logits.float())
 
 
 def loss(distill: Any) -> Callable[..., torch.Tensor]:

@@ -1,16 +1,32 @@
-"""What every stage script shares: its command line, its error handling, the params it logs."""
+"""What every stage script shares: its command line, its run (inputs checked, MLflow helper, threads),
+and how it ends: one line per expected failure, KILLED on Ctrl-C, SIGTERM or the death of its `dvc`."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
+import signal
 import sys
+import threading
+import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
+from kdprune import manifest, procs
 from kdprune.errors import CheckpointError, DataError, ParamsError, TrackingError
-from kdprune.params import Params, flatten
+from kdprune.params import Params, flatten, section
 
 EXPECTED = (ParamsError, CheckpointError, DataError, TrackingError)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (or the death of the `dvc` that started the stage): the run closes KILLED, no output."""
+
+
+class Reused(Exception):
+    """An identical stage of a sibling experiment made the outputs; they were restored, nothing computed."""
 
 
 def parser(doc: str, *paths: str) -> argparse.ArgumentParser:
@@ -25,18 +41,157 @@ def parser(doc: str, *paths: str) -> argparse.ArgumentParser:
 
 def guard(main: Callable[[], Any]) -> None:
     """Run a stage: expected failures print one line per problem and exit 2; Ctrl-C/SIGTERM exit 130."""
+    signal.signal(signal.SIGTERM, _terminate)
+    _die_with_dvc()
     try:
         main()
+    except Reused as e:
+        print(e, file=sys.stderr)
     except EXPECTED as e:
         for line in str(e).splitlines():
             print(f"error: {line}", file=sys.stderr)
+        _recovery_hint()
+        raise SystemExit(2) from None
+    except OSError as e:  # a full or read-only disk, a vanished folder: the path and the reason
+        print(f"error: {e.filename or ''}{': ' if e.filename else ''}{e.strerror or e}", file=sys.stderr)
+        _recovery_hint()
         raise SystemExit(2) from None
     except KeyboardInterrupt:
         print("error: interrupted; no output written", file=sys.stderr)
         raise SystemExit(130) from None
 
 
-def section(p: Params, *names: str) -> dict[str, Any]:
-    """The flattened params a stage reads: section names ('teacher') or single keys ('seed')."""
-    flat = flatten(p)
-    return {k: v for k, v in flat.items() if any(k == n or k.startswith(n + ".") for n in names)}
+def _terminate(signum: int, frame: Any) -> None:
+    raise Terminated(f"signal {signum}")
+
+
+def _recovery_hint() -> None:
+    """Under `dvc repro`, which removed the stage's outputs before running it: how to get them back."""
+    stage = os.environ.get("DVC_STAGE", "").rpartition(":")[2]
+    if stage and stage != "validate":
+        print(f"hint: `dvc checkout {stage}` restores the outputs {stage} had before this run", file=sys.stderr)
+
+
+def _die_with_dvc() -> None:
+    """A stage never outlives the `dvc` that started it: the kernel signals us when our parent dies
+    (PR_SET_PDEATHSIG), and a watchdog thread checks the nearest `dvc` ancestor every second (our
+    parent may be a shell); either way we get SIGTERM, close the run as KILLED and write nothing."""
+    with contextlib.suppress(OSError, AttributeError):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    ancestor = procs.dvc_ancestor()
+    if ancestor is None:
+        return
+
+    def watch() -> None:
+        while not _stop.wait(1.0):
+            if procs.alive(ancestor) is False:
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+
+    threading.Thread(target=watch, name="dvc-watchdog", daemon=True).start()
+
+
+_stop = threading.Event()
+
+
+@dataclass
+class Run:
+    """An executed stage's MLflow run (through the tracking helper) and what it read."""
+    stage: str
+    tracker: Any
+    inputs: dict[str, str]  # role -> fingerprint of the directory read
+    output: str | None = None
+
+    def log_epoch(self, step: int, metrics: dict[str, float]) -> None:
+        """One batched call per epoch, not waited for."""
+        self.tracker.post("log_epoch", step=step, metrics={k: float(v) for k, v in metrics.items()})
+
+    def log_artifact(self, path: Path) -> None:
+        self.tracker.post("log_artifact", path=str(Path(path).resolve()))
+
+    def log_model(self, onnx_file: Path, name: str, example: Any, logits: Any) -> str:
+        """The ONNX file as the MLflow model `name` (its role), with an input example and a signature."""
+        return self.tracker.call("log_model", path=str(Path(onnx_file).resolve()), name=name,
+                                 example=example.tolist(), logits=logits.tolist())
+
+    def seal(self, out_dir: Path) -> str:
+        """manifest.json into the finished output directory; its fingerprint goes on the run."""
+        self.output = manifest.write(out_dir, self.stage, self.inputs)
+        return self.output
+
+
+@contextlib.contextmanager
+def run(name: str, p: Params, reads: tuple[str, ...], inputs: dict[str, Path | str], outputs: list[Path],
+        kind: str = "stage", title: str | None = None) -> Iterator[Run]:
+    """Check the inputs against their manifests, have the helper open the MLflow run while torch is
+    imported (threads and seed set from params), and close the run FINISHED, FAILED or KILLED.
+
+    The stage does not wait for the run to exist: a server that is down is found first (a one-second
+    health check), any other failure of the helper stops the stage at its next message."""
+    from kdprune import sharing, store
+    from kdprune.tracker import Tracker
+
+    store.check_reachable(store.tracking_uri())
+    tracker, clock, finished = Tracker(), {"entered": time.perf_counter()}, False
+    try:
+        with sharing.once(name, p, reads, inputs, outputs):
+            fingerprints = {role: manifest.fingerprint(path) for role, path in inputs.items()}
+            tracker.post("open", stage=name, kind=kind, name=title or f"{name} · {label(p)}",
+                         params=flatten(p) if kind == "summary" else section(p, *reads), inputs=fingerprints,
+                         owner=procs.identity(), execution=procs.dvc_ancestor())
+            import torch
+
+            clock["torch"] = time.perf_counter()
+            torch.set_num_threads(p.threads)
+            torch.manual_seed(p.seed)
+            run = Run(name, tracker, fingerprints)
+            clock["work"] = time.perf_counter()
+            status = "FAILED"
+            try:
+                yield run
+                status = "FINISHED"
+            except KeyboardInterrupt:
+                status = "KILLED"
+                raise
+            finally:
+                clock["done"] = time.perf_counter()
+                finished = _finish(tracker, status, run.output)
+    finally:
+        tracker.close(wait=not finished)
+        _record_timings(name, clock, tracker.waited)
+
+
+def _record_timings(name: str, clock: dict[str, float], waited: float) -> None:
+    """With KDPRUNE_TIMINGS=<file>: one JSON line of where this stage's seconds went (bench/pipeline.py)."""
+    target = os.environ.get("KDPRUNE_TIMINGS")
+    if not target or "done" not in clock:
+        return
+    import json
+
+    end = time.perf_counter()
+    line = {"stage": name, "startup": procs.age() - (end - clock["entered"]),
+            "torch_import": clock["torch"] - clock["entered"], "work": clock["done"] - clock["work"],
+            "close": end - clock["done"], "tracking_wait": waited}
+    with open(target, "a") as f:
+        f.write(json.dumps(line) + "\n")
+
+
+def _finish(tracker: Any, status: str, output: str | None) -> bool:
+    """Close the run; when the stage itself failed, its own error is the one reported. True once the
+    helper has answered."""
+    if status == "FINISHED":
+        tracker.call("finish", status=status, output=output)
+        return True
+    with contextlib.suppress(TrackingError):
+        tracker.call("finish", status=status)
+        return True
+    return False
+
+
+def label(p: Params) -> str:
+    """What a pipeline execution is, in a few words: the DVC experiment, the preset and the headline setting."""
+    setting = f"{p.preset} {p.prune.criterion} {p.prune.amount} seed {p.seed}"
+    exp = os.environ.get("DVC_EXP_NAME")
+    return f"{exp}: {setting}" if exp else setting

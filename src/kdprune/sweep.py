@@ -22,7 +22,9 @@ def summary_runs(experiment: str) -> list[Any]:
     from mlflow import MlflowClient
 
     from kdprune.errors import TrackingError
-    from kdprune.tracking import check_reachable, tracking_uri
+    from kdprune.store import check_reachable, configure, tracking_uri
+
+    configure()
 
     uri = tracking_uri()
     check_reachable(uri)
@@ -44,7 +46,7 @@ def group(runs: list[Any], metrics: tuple[str, ...] = HEADLINE) -> list[dict[str
     """One row per distinct setting of every param except `seed`: mean, std and n of each metric.
 
     Rows carry only the params that differ between rows (the swept ones), so the table reads as
-    the sweep; std is the sample standard deviation (0 for a single run).
+    the sweep; std is the sample standard deviation, None for a single run (there is no spread).
     """
     groups: dict[tuple, list[Any]] = {}
     for r in runs:
@@ -60,13 +62,14 @@ def group(runs: list[Any], metrics: tuple[str, ...] = HEADLINE) -> list[dict[str
             values = [r.data.metrics[m] for r in members if m in r.data.metrics]
             if values:
                 row[f"{m}.mean"] = statistics.fmean(values)
-                row[f"{m}.std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+                row[f"{m}.std"] = statistics.stdev(values) if len(values) > 1 else None
         rows.append(row)
     return sorted(rows, key=lambda r: [str(r[k]) for k in varying])
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    """Markdown: swept params, n, and `mean ± std` of each headline metric."""
+    """Markdown: swept params, n (the seeds behind each row), and each headline metric as `mean ± std`
+    over those seeds (the mean alone where n = 1)."""
     swept = [k for k in rows[0] if not k.endswith((".mean", ".std")) and k not in ("n", "seeds")] if rows else []
     shown = [m for m in HEADLINE if any(f"{m}.mean" in r for r in rows)]
     lines = ["| " + " | ".join([*swept, "n", *shown]) + " |", "|" + "---|" * (len(swept) + 1 + len(shown))]
@@ -78,10 +81,15 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 
 def _pm(row: dict[str, Any], metric: str) -> str:
+    """`mean ± std` over seeds in the metric's own format; the mean alone for one run (no spread to show)."""
     if f"{metric}.mean" not in row:
         return ""
+    fmt = _FORMATS.get(metric.rsplit(".", 1)[1], lambda v: f"{v:.4f}")
     mean, std = row[f"{metric}.mean"], row[f"{metric}.std"]
-    return f"{mean:.4g} ± {std:.2g}"
+    return fmt(mean) if std is None else f"{fmt(mean)} ± {fmt(std)}"
+
+
+_FORMATS = {"params": lambda v: f"{v:,.0f}", "macs": lambda v: f"{v:,.0f}", "latency_ms_b256": lambda v: f"{v:.3g}"}
 
 
 def to_csv(rows: list[dict[str, Any]]) -> str:
@@ -112,8 +120,8 @@ def plot_pareto(rows: list[dict[str, Any]], path: Path) -> None:
     fig, axes = plt.subplots(1, len(COSTS), figsize=(5 * len(COSTS), 4.2), sharey=True)
     for ax, cost in zip(axes, COSTS):
         pts = [(r[f"finetuned.{cost}.mean"], r["finetuned.accuracy.mean"]) for r in rows]
-        ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[r["finetuned.accuracy.std"] for r in rows],
-                    xerr=[r[f"finetuned.{cost}.std"] for r in rows], fmt="o", ms=5, capsize=3, label="fine-tuned")
+        ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[r["finetuned.accuracy.std"] or 0 for r in rows],
+                    xerr=[r[f"finetuned.{cost}.std"] or 0 for r in rows], fmt="o", ms=5, capsize=3, label="fine-tuned")
         front = sorted((pts[i] for i in pareto_front(pts)))
         ax.plot([p[0] for p in front], [p[1] for p in front], "r--", lw=1, label="Pareto front")
         for r, (x, y) in zip(rows, pts):
@@ -139,3 +147,40 @@ def write_report(rows: list[dict[str, Any]], out: Path) -> list[Path]:
     write_atomic(paths[1], to_csv(rows))
     plot_pareto(rows, paths[2])
     return paths
+
+
+def champions(runs: list[Any]) -> list[str]:
+    """One line per registered model the sweep's runs register into: which version `champion` names."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from kdprune.store import tracking_uri
+
+    client = MlflowClient(tracking_uri())
+    names = sorted({r.data.params.get("evaluate.registered_model", "auto").replace(
+        "auto", f"kdprune-{r.data.params.get('data.name', 'digits')}") for r in runs})
+    lines = []
+    for name in names:
+        try:
+            v = client.get_model_version_by_alias(name, "champion")
+        except MlflowException:
+            lines.append(f"{name}: no champion yet (no version kept its accuracy within evaluate.max_accuracy_drop)")
+            continue
+        t = v.tags
+        lines.append(f"{name}@champion: version {v.version}, accuracy {float(t.get('accuracy', 'nan')):.4f}, "
+                     f"params/teacher {float(t.get('params_vs_teacher', 'nan')):.3f}, "
+                     f"from summary run {v.run_id}")
+    return lines
+
+
+def log_report(experiment: str, n_runs: int, paths: list[Path]) -> None:
+    """The report as an MLflow run of its own (kind `report`)."""
+    import mlflow
+
+    from kdprune.store import ensure_experiment
+
+    with mlflow.start_run(experiment_id=ensure_experiment(), run_name=f"report of {n_runs} summary runs",
+                          tags={"pipeline.kind": "report"}):
+        mlflow.log_params({"experiment": experiment, "runs": n_runs})
+        for p in paths:
+            mlflow.log_artifact(str(p))

@@ -1,0 +1,70 @@
+"""Processes by identity: who owns a run, whether that process still lives, which `dvc` started a stage.
+
+An identity is `host:pid:start`, the start time read from /proc, so a pid reused by a later
+process is never mistaken for the one that owned a run. Linux only (/proc); elsewhere nothing
+is known and nothing is claimed.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+
+def _stat(pid: int) -> tuple[int, int] | None:
+    """(parent pid, start time in clock ticks since boot) of a live process, or None."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = text.rsplit(")", 1)[1].split()  # after "pid (comm)": state, ppid, ... starttime is field 22
+    return int(fields[1]), int(fields[19])
+
+
+def identity(pid: int | None = None) -> str | None:
+    pid = os.getpid() if pid is None else pid
+    stat = _stat(pid)
+    return None if stat is None else f"{socket.gethostname()}:{pid}:{stat[1]}"
+
+
+def alive(ident: str) -> bool | None:
+    """Whether the process of an identity lives; None when it belongs to another host (we cannot tell)."""
+    try:
+        host, pid, start = ident.rsplit(":", 2)
+    except ValueError:
+        return None
+    if host != socket.gethostname():
+        return None
+    stat = _stat(int(pid))
+    return stat is not None and str(stat[1]) == start
+
+
+def dvc_ancestor() -> str | None:
+    """The identity of the nearest ancestor process that is DVC (`dvc repro`, `dvc exp run`, a queue's
+    `dvc exp exec-run`): the pipeline execution this stage belongs to. None outside DVC."""
+    pid = os.getppid()
+    for _ in range(32):
+        if pid <= 1:
+            return None
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            return None
+        if any(Path(a.decode(errors="replace")).name == "dvc" for a in argv[:2]) or argv[1:3] == [b"-m", b"dvc"]:
+            return identity(pid)
+        stat = _stat(pid)
+        if stat is None:
+            return None
+        pid = stat[0]
+    return None
+
+
+def age() -> float:
+    """Seconds since this process started (its interpreter start-up and imports included)."""
+    stat = _stat(os.getpid())
+    try:
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+    except (OSError, ValueError):
+        return 0.0
+    return uptime - stat[1] / os.sysconf("SC_CLK_TCK") if stat else 0.0

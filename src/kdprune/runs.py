@@ -1,0 +1,216 @@
+"""MLflow runs of the pipeline: one per executed stage, found again by the fingerprints of what it made.
+
+A stage run is tagged with the fingerprint of every input it read (`pipeline.input.<role>`) and of
+the output it made (`pipeline.output`); its upstream runs are the FINISHED runs whose output is one
+of its inputs, so lineage holds across clones and machines sharing a server, and nothing per-run is
+ever written into an output. `evaluate` opens the summary run of a pipeline execution: every param,
+the headline metrics, the reports, and the stage runs of its execution nested under it.
+
+These functions run in the tracking helper process (kdprune.tracker), one active run at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+from kdprune import procs, store
+from kdprune.errors import TrackingError
+
+ACTIVE: dict[str, Any] = {}  # the helper's one open run: {"run_id", "experiment_id", "kind", "execution"}
+
+
+def _client() -> Any:
+    from mlflow import MlflowClient
+
+    return MlflowClient(store.tracking_uri())
+
+
+def open_run(stage: str, kind: str, name: str, params: dict[str, Any], inputs: dict[str, str],
+             owner: str | None, execution: str | None) -> None:
+    """Start the run of one executed stage (kind "stage") or of a pipeline execution's summary
+    (kind "summary"), tagged with its inputs' fingerprints and the upstream runs found by them.
+
+    The run is created by the client with its tags spelled out (the fluent start_run would spend two
+    seconds asking git and its context providers), then made the active run for log_model."""
+    import mlflow
+    from mlflow.entities import Param
+
+    experiment_id = store.ensure_experiment()
+    reconcile(experiment_id)
+    upstream = store.call(_upstream, experiment_id, inputs, what="looking up upstream runs")
+    tags = {"mlflow.runName": name, "pipeline.stage": stage, "pipeline.kind": kind,
+            "pipeline.host": socket.gethostname(),
+            **{f"pipeline.input.{role}": fp for role, fp in inputs.items()},
+            **{f"pipeline.{'run' if kind == 'summary' else 'upstream'}.{s}": r for s, r in upstream.items()}}
+    for key, value in (("pipeline.owner", owner), ("pipeline.execution", execution),
+                       ("dvc.exp_name", os.environ.get("DVC_EXP_NAME")), ("mlflow.source.git.commit", _commit())):
+        if value:
+            tags[key] = value
+    client = _client()
+    run = store.call(client.create_run, experiment_id, tags=tags, run_name=name, what="starting a run")
+    ACTIVE.update(run_id=run.info.run_id, experiment_id=experiment_id, kind=kind, execution=execution,
+                  upstream=upstream)
+    store.call(client.log_batch, run.info.run_id, params=[Param(k, str(_param(v))) for k, v in params.items()],
+               what="logging params")
+    store.call(mlflow.start_run, run_id=run.info.run_id, what="activating the run")
+
+
+def warm_up() -> None:
+    """While the stage computes: import and exercise what logging a model needs, into a throw-away
+    folder, so the log_model the stage waits for at its end costs a fraction of a second."""
+    import tempfile
+
+    import mlflow.onnx
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper
+
+    from kdprune.export import mlflow_inputs
+
+    graph = helper.make_graph([helper.make_node("Identity", ["input"], ["logits"])], "warm",
+                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, [None, 2])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [None, 2])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    x = np.zeros((1, 2), dtype=np.float32)
+    with tempfile.TemporaryDirectory() as tmp:
+        mlflow.onnx.save_model(model, f"{tmp}/m", **mlflow_inputs(x, x), pip_requirements=["onnx"],
+                               onnx_execution_providers=["CPUExecutionProvider"])
+    del onnx
+
+
+def _upstream(experiment_id: str, inputs: dict[str, str]) -> dict[str, str]:
+    """{stage: run id} of the runs that made the inputs, and of every run upstream of those."""
+    client, found = _client(), {}
+    for fp in inputs.values():
+        runs = client.search_runs([experiment_id], f"tags.`pipeline.output` = '{fp}' and attributes.status = "
+                                  "'FINISHED'", order_by=["attributes.start_time DESC"], max_results=1)
+        if runs:
+            tags = runs[0].data.tags
+            found.update({k.split(".", 2)[2]: v for k, v in tags.items() if k.startswith("pipeline.upstream.")})
+            found[tags["pipeline.stage"]] = runs[0].info.run_id
+    return found
+
+
+def log_epoch(step: int, metrics: dict[str, float]) -> None:
+    import mlflow
+
+    store.call(mlflow.log_metrics, metrics, step=step, what="logging metrics")
+
+
+def log_artifact(path: str, folder: str | None = None) -> None:
+    import mlflow
+
+    store.call(mlflow.log_artifact, path, artifact_path=folder, what=f"logging {Path(path).name}")
+
+
+def log_model(path: str, name: str, example: list, logits: list) -> str:
+    """The ONNX file as an MLflow model named after its role, with an input example and a signature."""
+    import mlflow.onnx
+    import numpy as np
+    import onnx
+    import onnxruntime
+
+    from kdprune.export import mlflow_inputs
+
+    x, y = np.asarray(example, dtype=np.float32), np.asarray(logits, dtype=np.float32)
+    info = store.call(mlflow.onnx.log_model, onnx.load(path), name=name, **mlflow_inputs(x, y),
+                      save_as_external_data=False, onnx_execution_providers=["CPUExecutionProvider"],
+                      pip_requirements=[f"onnx=={onnx.__version__}", f"onnxruntime=={onnxruntime.__version__}"],
+                      what=f"logging the {name} model")
+    return info.model_uri
+
+
+def set_tags(tags: dict[str, str]) -> None:
+    import mlflow
+
+    store.call(mlflow.set_tags, tags, what="tagging the run")
+
+
+def finish(status: str, output: str | None = None) -> None:
+    """Close the active run; a FINISHED one records its output's fingerprint for the stages downstream.
+    A run that cannot be closed is written down locally and closed by the next stage that starts."""
+    import mlflow
+
+    run_id = ACTIVE.get("run_id")
+    if run_id is None:
+        return
+    try:
+        if output and status == "FINISHED":
+            store.call(mlflow.set_tag, "pipeline.output", output, what="recording the output")
+        store.call(mlflow.end_run, status, what="closing the run")
+    except Exception:
+        _remember(run_id, "FAILED")
+        raise
+    finally:
+        ACTIVE.clear()
+
+
+def nest_execution(summary_id: str, experiment_id: str, execution: str | None) -> None:
+    """Make this execution's stage runs children of its summary run (MLflow's parent/child runs)."""
+    if not execution:
+        return
+    client = _client()
+    runs = store.call(client.search_runs, [experiment_id],
+                      f"tags.`pipeline.execution` = '{execution}' and tags.`pipeline.kind` = 'stage'",
+                      max_results=100, what="finding this execution's stage runs")
+    for r in runs:
+        store.call(client.set_tag, r.info.run_id, "mlflow.parentRunId", summary_id, what="nesting a stage run")
+
+
+def reconcile(experiment_id: str) -> list[str]:
+    """Close what a dead process left open: runs recorded locally as unclosable, and RUNNING runs of
+    this host whose owner process is gone (KILLED). Returns one line per run closed."""
+    client, done = _client(), []
+    pending = store.local_dir() / "pending"
+    for record in sorted(pending.glob("*.json")) if pending.is_dir() else ():
+        info = json.loads(record.read_text())
+        if info.get("uri") != store.tracking_uri():
+            continue
+        store.call(client.set_terminated, info["run_id"], info["status"], what="closing a pending run")
+        record.unlink()
+        done.append(f"closed run {info['run_id']} as {info['status']} (its stage could not reach the store)")
+    running = store.call(client.search_runs, [experiment_id], "attributes.status = 'RUNNING' and "
+                         f"tags.`pipeline.host` = '{socket.gethostname()}'", max_results=1000,
+                         what="looking for runs left running")
+    for r in running:
+        owner = r.data.tags.get("pipeline.owner")
+        if owner and procs.alive(owner) is False:
+            store.call(client.set_terminated, r.info.run_id, "KILLED", what="closing a run left running")
+            done.append(f"closed run {r.info.run_id} ({r.data.tags.get('pipeline.stage')}) as KILLED: "
+                        f"its process {owner} is gone")
+    return done
+
+
+def _remember(run_id: str, status: str) -> None:
+    """A run the store would not close now: the next stage start (or `kdprune doctor`) closes it."""
+    pending = store.local_dir() / "pending"
+    try:
+        pending.mkdir(parents=True, exist_ok=True)
+        (pending / f"{run_id}.json").write_text(json.dumps({"uri": store.tracking_uri(), "run_id": run_id,
+                                                            "status": status}))
+    except OSError:
+        pass  # a full or read-only disk: the owner check in reconcile() still closes it, as KILLED
+
+
+def _commit() -> str | None:
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+    except OSError:
+        return None
+    return out.stdout.strip() or None
+
+
+def _param(value: Any) -> Any:
+    return ",".join(map(str, value)) if isinstance(value, list) else value
+
+
+def active() -> dict[str, Any]:
+    if not ACTIVE:
+        raise TrackingError("no run is open")
+    return dict(ACTIVE)

@@ -1,0 +1,146 @@
+"""Where runs go: the tracking URI, the experiment, a store opened once under a lock, and calls that
+survive a short outage of the server but not a long one."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+from kdprune.errors import TrackingError
+
+EXPERIMENT = "kdprune"
+_SQLITE = re.compile(r"^sqlite(\+\w+)?://")
+_EXPS_MARK = f"{os.sep}.dvc{os.sep}tmp{os.sep}exps{os.sep}"
+T = TypeVar("T")
+RETRY_DELAYS = (1.0, 2.0, 4.0)  # seconds between attempts of one call: a restart of the server survives
+
+
+def configure() -> None:
+    """MLflow's client settings for a pipeline: a server that is down fails a call in seconds, not minutes."""
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+
+
+def repo_root() -> Path:
+    """The project root, also from inside a queued DVC experiment's temporary copy (.dvc/tmp/exps/...)."""
+    here = str(Path(os.environ.get("DVC_ROOT") or os.getcwd()).resolve())
+    return Path(here.split(_EXPS_MARK)[0]) if _EXPS_MARK in here else Path(here)
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{repo_root() / 'mlflow.db'}"
+
+
+def experiment_name() -> str:
+    return os.environ.get("MLFLOW_EXPERIMENT_NAME") or EXPERIMENT
+
+
+def local_dir() -> Path:
+    """<repo root>/.kdprune: what this clone keeps for itself (records of runs to close), git-ignored."""
+    return repo_root() / ".kdprune"
+
+
+def is_sqlite(uri: str) -> bool:
+    return bool(_SQLITE.match(uri))
+
+
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """Fail fast, naming the URI, when an HTTP tracking server does not answer."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as r:
+            r.read()
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        reason = getattr(e, "reason", e)
+        raise TrackingError(f"MLflow tracking server {uri} is not answering ({reason})") from e
+
+
+def _sqlite_dir(uri: str) -> Path:
+    """The directory of a sqlite store's database file: its lock and, by default, its artifacts go there."""
+    path = _SQLITE.sub("", uri, count=1).split("?", 1)[0]
+    if path.startswith("/"):  # sqlite:///<path>: the third slash separates, an absolute path keeps its own
+        path = path[1:]
+    return Path(path).resolve().parent if path not in ("", ":memory:") else repo_root()
+
+
+def _store_lock(uri: str) -> Any:
+    """The lock that serialises opening a sqlite store: .mlflow.lock beside the database, so processes
+    started from different working directories (or DVC experiment copies) share it."""
+    from filelock import FileLock
+
+    if not is_sqlite(uri):
+        return contextlib.nullcontext()
+    return FileLock(str(_sqlite_dir(uri) / ".mlflow.lock"))
+
+
+def ensure_experiment() -> str:
+    """Connect, creating the store and the experiment once, under a lock, and return its id.
+
+    Several processes opening a brand-new sqlite store at once corrupt it, and two creating the
+    same experiment race: one lock file beside the database serialises both. The experiment is
+    tagged as model training, so MLflow's UI opens it on runs, not on GenAI traces.
+    """
+    import mlflow
+
+    uri = tracking_uri()
+    check_reachable(uri)
+    mlflow.set_tracking_uri(uri)
+    name = experiment_name()
+    if is_sqlite(uri):
+        # Seconds of imports and ORM set-up: done before the lock, so only the database work is serialised.
+        import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
+    try:
+        with _store_lock(uri):
+            exp = mlflow.get_experiment_by_name(name)
+            if exp is not None:
+                if exp.tags.get("mlflow.experimentKind") != "custom_model_development":
+                    mlflow.MlflowClient().set_experiment_tag(exp.experiment_id, "mlflow.experimentKind",
+                                                             "custom_model_development")
+                return exp.experiment_id
+            location = (_sqlite_dir(uri) / "mlartifacts").as_uri() if is_sqlite(uri) else None
+            try:
+                return mlflow.create_experiment(name, artifact_location=location,
+                                                tags={"mlflow.experimentKind": "custom_model_development"})
+            except mlflow.exceptions.MlflowException:  # another process won the race on a server
+                return mlflow.get_experiment_by_name(name).experiment_id
+    except TrackingError:
+        raise
+    except Exception as e:
+        raise TrackingError(f"MLflow tracking store {uri}: {_first_line(e)}") from e
+
+
+def call(fn: Callable[..., T], *args: Any, what: str = "call", **kwargs: Any) -> T:
+    """One tracking call, retried after 1, 2 and 4 s when the store cannot be reached; after that a
+    TrackingError naming the URI (the server is down, not just restarting)."""
+    for delay in (*RETRY_DELAYS, None):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - mlflow wraps connection failures in several types
+            if not _unreachable(e):
+                if isinstance(e, OSError):  # a full or read-only disk under the artifact store
+                    raise TrackingError(f"MLflow {what} at {tracking_uri()}: {_first_line(e)}") from e
+                raise
+            if delay is None:
+                raise TrackingError(f"MLflow tracking server {tracking_uri()} stopped answering during {what} "
+                                    f"({_first_line(e)})") from e
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def _unreachable(e: BaseException) -> bool:
+    text = f"{type(e).__name__} {e}"
+    return any(s in text for s in ("ConnectionError", "Connection refused", "Max retries exceeded",
+                                   "ConnectTimeout", "ReadTimeout", "RemoteDisconnected", "database is locked"))
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

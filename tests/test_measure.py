@@ -1,0 +1,131 @@
+"""Costs and timing: MACs by hand, interleaved rounds, paired speed-ups, spread statistics on fixed numbers."""
+
+from __future__ import annotations
+
+import gc
+
+import pytest
+import torch
+from torch import nn
+
+from kdprune.export import export_onnx
+from kdprune.measure import (MIN_ROUNDS, NOISY_IQR, Ratio, Timing, batch_of, count_macs, latency_table, speedup,
+                             time_rounds, torch_runner)
+
+
+def mlp() -> nn.Sequential:
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10)).eval()
+
+
+def test_count_macs_of_a_conv_and_a_linear_layer_matches_a_hand_count():
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 4 * 4, 3))
+    x = torch.zeros(5, 1, 6, 6)  # batch 5: only the first row is counted
+    conv = 2 * 4 * 4 * (1 * 3 * 3) + 2 * 4 * 4  # per output element: 9 multiply-adds, one bias add
+    relu = 2 * 4 * 4  # one per element, in Torch-Pruning's count
+    linear = 32 * 3 + 3
+    assert count_macs(model, x) == conv + relu + linear == 451
+
+
+def test_timing_statistics_on_fixed_numbers():
+    t = Timing((5.0, 1.0, 4.0, 2.0, 3.0))
+    assert (t.q1, t.median, t.q3, t.iqr) == (2.0, 3.0, 4.0, 2.0)
+    assert t.samples == (5.0, 1.0, 4.0, 2.0, 3.0)  # in round order, not sorted
+    with pytest.raises(ValueError):
+        Timing(())
+
+
+def test_noisy_flags_a_wide_spread_and_too_few_rounds_but_not_a_tight_one():
+    tight = Timing((10.0, 10.1, 9.9, 10.05, 9.95, 10.02))
+    wide = Timing((6.0, 10.0, 14.0, 9.0, 12.0, 8.0))
+    assert tight.relative_iqr < NOISY_IQR and not tight.noisy
+    assert wide.relative_iqr > NOISY_IQR and wide.noisy
+    assert Timing((10.0,) * (MIN_ROUNDS - 1)).noisy
+    assert not Timing((10.0,) * MIN_ROUNDS).noisy
+
+
+def test_speedup_pairs_rounds_so_a_drifting_machine_cancels_out():
+    drift = (1.0, 8.0, 2.0, 30.0, 4.0, 16.0)  # the machine slows and recovers from round to round
+    base, other = Timing(drift), Timing(tuple(d / 2 for d in drift))
+    assert base.noisy and other.noisy
+    ratio = speedup(base, other)
+    assert isinstance(ratio, Ratio)
+    assert ratio.samples == (2.0,) * 6 and ratio.median == 2.0 and ratio.iqr == 0.0 and not ratio.noisy
+    shuffled = Timing((8.0, 1.0, 30.0, 2.0, 16.0, 4.0))  # same samples, rounds no longer paired
+    assert speedup(shuffled, other).noisy
+
+
+def test_speedup_refuses_timings_of_different_rounds():
+    with pytest.raises(ValueError, match="same rounds"):
+        speedup(Timing((1.0, 2.0)), Timing((1.0, 2.0, 3.0)))
+
+
+def test_each_timed_call_follows_an_untimed_one_and_the_order_rotates():
+    calls: list[str] = []
+    runners = {name: (lambda name=name: calls.append(name)) for name in "abc"}
+    timings = time_rounds(runners, rounds=3, warmup=1)
+    assert calls == [*"abc", *"aabbcc", *"bbccaa", *"ccaabb"]
+    assert all(len(t.samples) == 3 for t in timings.values())
+
+
+def test_two_identical_models_time_alike_when_paired():
+    x = torch.randn(8, 1, 8, 8)
+    runners = {name: torch_runner(mlp(), x, threads=1, device="cpu") for name in ("a", "b")}
+    timings = time_rounds(runners, rounds=15, warmup=2)
+    assert all(len(t.samples) == 15 and t.median > 0 for t in timings.values())
+    # Loose on purpose: a loaded machine must not flake it; pairing keeps the ratio near 1.
+    assert 0.5 < speedup(timings["a"], timings["b"]).median < 2.0
+
+
+def test_the_thread_count_is_set_while_timing_and_restored_after():
+    before = torch.get_num_threads()
+    threads = before + 1
+    run = torch_runner(mlp(), torch.randn(2, 1, 8, 8), threads=threads, device="cpu")
+    seen: list[int] = []
+
+    def spy() -> None:
+        run()
+        seen.append(torch.get_num_threads())
+
+    time_rounds({"m": spy}, rounds=2, warmup=1)
+    assert seen == [threads] * 5
+    assert torch.get_num_threads() == before
+
+
+def test_the_thread_count_and_the_collector_are_restored_when_a_runner_raises():
+    before = torch.get_num_threads()
+    run = torch_runner(mlp(), torch.randn(2, 1, 8, 8), threads=before + 1, device="cpu")
+    calls = []
+
+    def failing() -> None:
+        run()
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("runner failed")
+
+    with pytest.raises(RuntimeError, match="runner failed"):
+        time_rounds({"m": failing}, rounds=5, warmup=1)
+    assert torch.get_num_threads() == before
+    assert gc.isenabled()
+
+
+def test_latency_table_times_both_runtimes_at_every_batch_size(tmp_path):
+    models = {"a": mlp(), "b": mlp()}
+    example = torch.randn(3, 1, 8, 8)
+    paths = {}
+    for name, model in models.items():
+        paths[name] = tmp_path / f"{name}.onnx"
+        export_onnx(model, example, paths[name])
+    table = latency_table(models, paths, example, batch_sizes=[1, 5], threads=1, rounds=3, warmup=1, device="cpu")
+    assert set(table) == {"a", "b"}
+    for row in table.values():
+        assert set(row) == {"torch_b1", "onnx_b1", "torch_b5", "onnx_b5"}
+        assert all(len(t.samples) == 3 for t in row.values())
+    with pytest.raises(ValueError, match="one ONNX file per model"):
+        latency_table(models, {"a": paths["a"]}, example, [1], 1, 1, 0, "cpu")
+
+
+def test_batch_of_repeats_real_rows():
+    example = torch.arange(3.0).view(3, 1)
+    assert batch_of(example, 5).flatten().tolist() == [0.0, 1.0, 2.0, 0.0, 1.0]
