@@ -5,10 +5,13 @@ distilled from the teacher's logits on the whole train split (hard labels only o
 mean ± sample std over seeds, per label fraction.
 
 Per seed: prepare the data with that seed (into a temporary directory), train the teacher on every
-label, take its logits on the train split; then per label fraction train both students from the same
-seed, exactly as the train_scratch and train_student stages do. Everything else comes from
-params.yaml. No MLflow, no DVC, nothing written into the repo; one torch thread unless --threads.
-Run from the repo root (about 2.5 minutes on two CPU cores):
+label (or adopt teacher.weights), write its logits on the train split there; then per label fraction
+(student.label_fraction) train both students from the same seed, as the train_scratch and
+train_student stages do: the same calls (fit with params' augmentation and student.l1,
+soft_labels.attach, soft_labels.loss). Everything else comes from params.yaml. No MLflow, no DVC,
+nothing written into the repo; one torch thread unless --threads. This file also holds what the
+other training bench (iterative.py) shares with it. Run from the repo root (digits defaults: about
+3 minutes on two CPU cores; one seed and one fraction, about 30 seconds):
 
     .venv/bin/python bench/distill_labels.py                      # seeds 0-4, fractions 1.0 and 0.25
     .venv/bin/python bench/distill_labels.py --seeds 0 1 --fractions 0.1
@@ -33,28 +36,34 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdprune import soft_labels
-from kdprune.data import UNLABELLED, labelled_subset, load_meta, load_split, prepare
+from kdprune import recipes, soft_labels, teacher
+from kdprune.data import Normaliser, Split, augmenter, labelled_subset, prepare
+from kdprune.inference import evaluate, predict
 from kdprune.models import build_model
-from kdprune.params import Params, TrainParams, load_params
-from kdprune.trainer import model_spec
-from kdprune.training import LossFn, evaluate, fit, predict, resolve_device, seed_everything
+from kdprune.params import FitParams, NetParams, Params, load_params
+from kdprune.training import LossFn, fit, resolve_device, seed_everything
 
 ROOT = Path(__file__).resolve().parents[1]
-Pair = tuple[torch.Tensor, torch.Tensor]
 
 
 @dataclasses.dataclass(frozen=True)
-class Splits:
-    """One seed's prepared data, in memory."""
-    train: Pair
-    val: Pair
-    test: Pair
+class Prepared:
+    """One seed's prepared splits (uint8, on the CPU) and the temporary folder they were written to;
+    the teacher's logits go there too, where soft_labels.attach reads them as the stages do."""
+    folder: Path
     meta: dict[str, Any]
+    norm: Normaliser
+    train: Split
+    val: Split
+    test: Split
+
+    @property
+    def soft_labels(self) -> Path:
+        return self.folder / "soft_labels"
 
 
 def common_args(doc: str, seeds: list[int]) -> argparse.ArgumentParser:
-    """--params, --raw, --seeds, --threads, --verbose: what both benches take."""
+    """--params, --raw, --seeds, --threads, --verbose: what both training benches take."""
     ap = argparse.ArgumentParser(description=doc.splitlines()[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--params", type=Path, default=ROOT / "params.yaml", help="defaults for everything not varied")
@@ -67,7 +76,7 @@ def common_args(doc: str, seeds: list[int]) -> argparse.ArgumentParser:
 
 @contextlib.contextmanager
 def quiet(enabled: bool) -> Iterator[None]:
-    """Silence fit's per-epoch lines on stderr."""
+    """Silence fit's per-epoch lines and progress on stderr."""
     if not enabled:
         yield
         return
@@ -75,47 +84,67 @@ def quiet(enabled: bool) -> Iterator[None]:
         yield
 
 
-def load_data(p: Params, raw: Path, tmp: Path) -> Splits:
-    """Prepare p.data with p.seed into `tmp` and load every split."""
-    prepare(p.data.name, raw, tmp, p.data.val_fraction, p.data.test_fraction, p.seed, p.data.download)
-    return Splits(*(load_split(tmp, s) for s in ("train", "val", "test")), load_meta(tmp))
+def load_data(p: Params, raw: Path, tmp: Path) -> Prepared:
+    """As the prepare stage: p.data split with p.seed into <tmp>/prepared; then every split, as stages load them."""
+    out = tmp / "prepared"
+    prepare(p.data.name, raw, out, p.data.val_fraction, p.data.test_fraction, p.seed, p.data.download)
+    meta, norm, (train_split, val, test) = recipes.load_data(out, "train", "val", "test")
+    return Prepared(tmp, meta, norm, train_split, val, test)
 
 
-def train(p: Params, cfg: TrainParams, data: Splits, train_set: tuple[torch.Tensor, ...], loss: LossFn,
-          l1: float = 0.0) -> nn.Module:
-    """A fresh model of cfg's architecture, seeded with p.seed, fitted on train_set (+ an l1 penalty)."""
-    seed_everything(p.seed)
-    model = build_model(model_spec(cfg, data.meta))
-    fit(model, train_set, data.val, loss, cfg, p.seed, resolve_device(p.device), l1=l1)
+def labelled(p: Params, split: Split) -> Split:
+    """The rows whose hard labels the student may see (student.label_fraction), as a subset."""
+    return split.subset(torch.nonzero(labelled_subset(split.y, p.student.label_fraction, p.seed)).squeeze(1))
+
+
+def fit_as_stage(p: Params, model: nn.Module, data: Prepared, train_split: Split, loss: LossFn, cfg: FitParams,
+                 desc: str, l1: float = 0.0) -> nn.Module:
+    """fit as the stages call it (params' device, seed and augmentation); the model comes back on the CPU."""
+    fit(model, train_split, data.val, data.norm, loss, cfg, p.seed, resolve_device(p.device), l1=l1,
+        augment=augmenter(p.augment.crop, p.augment.flip), desc=desc)
     return model.cpu()
 
 
-def train_teacher(p: Params, data: Splits) -> nn.Module:
-    """As train_teacher: every hard label."""
-    return train(p, p.teacher, data, data.train, F.cross_entropy)
+def build(p: Params, net: NetParams, data: Prepared) -> nn.Module:
+    """A fresh model of `net`'s architecture for this data, its weights drawn after seeding with p.seed."""
+    seed_everything(p.seed)
+    return build_model(net.spec(data.meta["in_channels"], data.meta["image_size"], data.meta["num_classes"]))
 
 
-def train_scratch(p: Params, data: Splits, fraction: float) -> nn.Module:
+def train_teacher(p: Params, data: Prepared) -> nn.Module:
+    """As train_teacher: every hard label, or the user's own weights (teacher.weights)."""
+    model = build(p, p.teacher, data)
+    if p.teacher.weights:
+        teacher.adopt(model, ROOT / p.teacher.weights, data.val, data.norm, resolve_device(p.device))
+        return model.cpu()
+    return fit_as_stage(p, model, data, data.train, F.cross_entropy, p.teacher, "teacher")
+
+
+def write_logits(p: Params, data: Prepared, model: nn.Module) -> None:
+    """As soft_labels: the teacher's logits on the train split, into the data's soft_labels folder."""
+    soft_labels.save(data.soft_labels, predict(model.to(resolve_device(p.device)), data.train, data.norm).cpu())
+    model.cpu()
+
+
+def train_scratch(p: Params, data: Prepared) -> nn.Module:
     """As train_scratch: the student on the labelled fraction alone."""
-    x, y = data.train
-    keep = labelled_subset(y, fraction, p.seed)
-    return train(p, p.student, data, (x[keep], y[keep]), F.cross_entropy, p.student.l1)
+    return fit_as_stage(p, build(p, p.student, data), data, labelled(p, data.train), F.cross_entropy, p.student,
+                        "scratch", p.student.l1)
 
 
-def kd_train_set(p: Params, data: Splits, logits: torch.Tensor, fraction: float) -> tuple[torch.Tensor, ...]:
-    """As soft_labels.load_train, from logits in memory: (x, y UNLABELLED outside the fraction, logits)."""
-    x, y = data.train
-    return x, torch.where(labelled_subset(y, fraction, p.seed), y, UNLABELLED), logits
+def train_distilled(p: Params, data: Prepared) -> nn.Module:
+    """As train_student: the KD loss over every train sample, hard labels only on the labelled fraction."""
+    train_split = soft_labels.attach(data.train, data.soft_labels, p.student.label_fraction, p.seed)
+    return fit_as_stage(p, build(p, p.student, data), data, train_split, soft_labels.loss(p.distill), p.student,
+                        "student", p.student.l1)
 
 
-def train_distilled(p: Params, data: Splits, logits: torch.Tensor, fraction: float) -> nn.Module:
-    """As train_student: the KD loss over every train sample, hard labels only on the fraction."""
-    return train(p, p.student, data, kd_train_set(p, data, logits, fraction), soft_labels.loss(p.distill),
-                 p.student.l1)
+def with_fraction(p: Params, fraction: float) -> Params:
+    return dataclasses.replace(p, student=dataclasses.replace(p.student, label_fraction=fraction))
 
 
-def accuracy(model: nn.Module, data: Splits) -> float:
-    return evaluate(model, *data.test)["accuracy"]
+def accuracy(model: nn.Module, data: Prepared) -> float:
+    return evaluate(model, data.test, data.norm)["accuracy"]
 
 
 def mean_std(values: list[float]) -> str:
@@ -129,7 +158,7 @@ def markdown(header: list[str], rows: list[list[object]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(map(str, r)) + " |" for r in rows])
 
 
-def json_line(bench: str, seconds: float, results: list[dict[str, float]]) -> str:
+def json_line(bench: str, seconds: float, results: list[dict[str, Any]]) -> str:
     """The results as one JSON line, floats to 6 digits."""
     rows = [{k: round(v, 6) if isinstance(v, float) else v for k, v in r.items()} for r in results]
     return json.dumps({"bench": bench, "seconds": round(seconds, 1), "torch_threads": torch.get_num_threads(),
@@ -138,8 +167,8 @@ def json_line(bench: str, seconds: float, results: list[dict[str, float]]) -> st
 
 def run_bench(name: str, args: argparse.Namespace, per_seed: Callable[[Params], list[dict[str, float]]],
               table: Callable[[list[dict[str, float]]], str]) -> None:
-    """Both benches' main loop: `per_seed` on params.yaml with each of --seeds, on --threads torch threads;
-    then the table and the results as one JSON line, with the time it all took."""
+    """Both training benches' main loop: `per_seed` on params.yaml with each of --seeds, on --threads torch
+    threads; then the table and the results as one JSON line, with the time it all took."""
     torch.set_num_threads(args.threads)
     base = load_params(args.params)
     start = time.perf_counter()
@@ -153,14 +182,14 @@ def log(msg: str) -> None:
 
 
 def run_seed(p: Params, raw: Path, fractions: list[float], verbose: bool) -> list[dict[str, float]]:
-    """One seed: one teacher, then scratch and distilled students per fraction."""
-    with tempfile.TemporaryDirectory() as tmp, quiet(not verbose):
+    """One seed: one teacher and its logits, then scratch and distilled students per fraction."""
+    with tempfile.TemporaryDirectory(prefix="kdprune-bench-") as tmp, quiet(not verbose):
         data = load_data(p, raw, Path(tmp))
-        teacher = train_teacher(p, data)
-        logits = predict(teacher, data.train[0])
-        rows = [{"seed": p.seed, "label_fraction": f, "teacher": accuracy(teacher, data),
-                 "scratch": accuracy(train_scratch(p, data, f), data),
-                 "distilled": accuracy(train_distilled(p, data, logits, f), data)} for f in fractions]
+        model = train_teacher(p, data)
+        write_logits(p, data, model)
+        rows = [{"seed": p.seed, "label_fraction": f, "teacher": accuracy(model, data),
+                 "scratch": accuracy(train_scratch(with_fraction(p, f), data), data),
+                 "distilled": accuracy(train_distilled(with_fraction(p, f), data), data)} for f in fractions]
     for r in rows:
         r["distill_gain"] = r["distilled"] - r["scratch"]
         log(f"seed {p.seed} fraction {r['label_fraction']}: scratch {r['scratch']:.4f} "

@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> None:
                          artifacts=[str(a.resolve()) for a in outputs], table=table)
         verdict = run.tracker.call("register", name=registry_name(p), finetuned=run.inputs["finetuned"],
                                    metrics=results["finetuned"], max_drop=p.evaluate.max_accuracy_drop)
-    print(f"wrote {args.report} (make repro prints it); {verdict}")
+    print(f"wrote {args.report} (make repro prints it)" + (f"; {verdict}" if verdict else ""))
 
 
 def registry_name(p) -> str:

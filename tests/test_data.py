@@ -1,4 +1,5 @@
-"""kdprune.data and the prepare stage on real inputs: torchvision on-disk formats, sklearn digits, offline failures."""
+"""kdprune.data and the prepare stage: torchvision on-disk formats, sklearn digits, offline failures, and
+uint8 splits served as index views, normalised and augmented per batch."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import math
 import pickle
 import subprocess
 import sys
+import tracemalloc
 from pathlib import Path
 from typing import Any
 
@@ -117,11 +119,18 @@ def assert_stratified(y_split: np.ndarray, y_all: np.ndarray, n_classes: int = 1
     assert np.all(np.abs(have - overall * len(y_split)) <= 1.0), (have, overall * len(y_split))
 
 
-def assert_meta_and_normalisation(out: Path, meta: dict[str, Any], channels: int, size: int, scale: float) -> None:
-    """meta.json as returned, shapes/classes as given, train-only stats, and load_split normalising with them."""
+def assert_prepared(out: Path, meta: dict[str, Any], channels: int, size: int, scale: float) -> None:
+    """The files prepare() writes (no hashes: the stage's manifest.json holds them), meta.json as returned,
+    uint8 images and int64 labels, train-only statistics, and batches normalised with them."""
+    assert sorted(p.name for p in out.iterdir()) == ["meta.json", "test.pt", "train.pt", "val.pt"]
     assert data.load_meta(out) == meta
+    assert set(meta) == {"name", "scale", "mean", "std", "in_channels", "image_size", "num_classes", "counts"}
     assert (meta["in_channels"], meta["image_size"], meta["num_classes"], meta["scale"]) == (channels, size, 10, scale)
-    x_train, _ = load_pt(out / "train.pt")
+    for s in data.SPLITS:
+        x, y = load_pt(out / f"{s}.pt")
+        assert x.dtype == np.uint8 and x.shape == (meta["counts"][s], channels, size, size)
+        assert y.dtype == np.int64 and y.shape == (meta["counts"][s],)
+    x_train, y_train = load_pt(out / "train.pt")
     train = x_train.astype(np.float64) / scale
     assert len(meta["mean"]) == len(meta["std"]) == channels
     np.testing.assert_allclose(meta["mean"], train.mean(axis=(0, 2, 3)), rtol=1e-9)
@@ -129,16 +138,18 @@ def assert_meta_and_normalisation(out: Path, meta: dict[str, Any], channels: int
     # train only: the statistics of train + val + test are different
     everything = np.concatenate([load_pt(out / f"{s}.pt")[0] for s in data.SPLITS]).astype(np.float64) / scale
     assert np.all(np.abs(everything.mean(axis=(0, 2, 3)) - meta["mean"]) > 1e-4)
-    for s in data.SPLITS:
-        assert meta["sha256"][s] == hashlib.sha256((out / f"{s}.pt").read_bytes()).hexdigest()
-    x, y = data.load_split(out, "train")
-    assert x.dtype == torch.float32 and y.dtype == torch.int64
-    assert x.shape == x_train.shape
-    np.testing.assert_array_equal(y.numpy(), load_pt(out / "train.pt")[1])
+
+    split = data.load_split(out, "train")
+    assert split.x.dtype == torch.uint8 and split.y.dtype == torch.int64
+    np.testing.assert_array_equal(split.x.numpy(), x_train)
+    np.testing.assert_array_equal(split.y.numpy(), y_train)
+    norm = data.normaliser(meta)
+    x = torch.cat([xb for xb, _ in data.batches(split, 7, norm)])  # (N, C, H, W) float32, batch by batch
+    assert x.dtype == torch.float32 and x.shape == x_train.shape
     per_channel = x.double().transpose(0, 1).reshape(channels, -1)
     assert per_channel.mean(dim=1).abs().max().item() < 1e-4
     assert (per_channel.std(dim=1, unbiased=False) - 1).abs().max().item() < 1e-3
-    x_test, _ = data.load_split(out, "test")
+    x_test = torch.cat([xb for xb, _ in data.batches(data.load_split(out, "test"), 7, norm)])
     assert x_test.mean().item() > 1.0  # the brighter test images are normalised with the train stats, not their own
 
 
@@ -169,7 +180,7 @@ def test_mnist_like_through_torchvision_keeps_official_test_split(name: str, tmp
     assert_stratified(y_va, y_src)
     assert meta["counts"] == {"train": 48, "val": 12, "test": 20}
     assert meta["name"] == name
-    assert_meta_and_normalisation(out, meta, channels=1, size=28, scale=255.0)
+    assert_prepared(out, meta, channels=1, size=28, scale=255.0)
 
 
 def test_cifar10_through_torchvision_channels_first(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -187,7 +198,7 @@ def test_cifar10_through_torchvision_channels_first(tmp_path: Path, monkeypatch:
     assert_stratified(y_tr, written["train"][1])
     assert meta["counts"] == {"train": 40, "val": 10, "test": 10}
     assert meta["mean"][0] > meta["mean"][1] > meta["mean"][2]  # R, G, B planes kept apart
-    assert_meta_and_normalisation(out, meta, channels=3, size=32, scale=255.0)
+    assert_prepared(out, meta, channels=3, size=32, scale=255.0)
 
 
 # ---------------------------------------------------------------- offline and absent
@@ -228,15 +239,15 @@ def test_prepare_stage_offline_exits_2_and_leaves_out_alone(tmp_path: Path) -> N
     before = tree_bytes(out)
     params = write_params(tmp_path / "params.yaml", data={"name": "mnist", "download": False})
     argv = ["--params", str(params), "--raw", str(raw), "--out", str(out)]
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "stages/prepare.py"), *argv],
-        cwd=tmp_path, env=stage_env(f"sqlite:///{tmp_path / 'mlflow.db'}"), capture_output=True, text=True,
-        timeout=120)
+    env = stage_env(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    env.pop("DVC_STAGE", None)  # under `dvc repro` a recovery hint would follow the error
+    proc = subprocess.run([sys.executable, str(REPO / "stages/prepare.py"), *argv], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, proc.stderr
-    assert str(raw / "MNIST/raw") in errors[0] and all(f in errors[0] for f in IDX_FILES)
-    assert "Traceback" not in proc.stderr
+    where = raw / "MNIST/raw"
+    ours = [line for line in proc.stderr.splitlines() if " INFO mlflow." not in line]  # MLflow creating its store
+    assert ours == [  # one line, no traceback
+        f"error: MNIST is not under {where} (data.download is false): place {', '.join(IDX_FILES)} in {where}/"]
     assert tree_bytes(out) == before
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".prepared")) == []  # no staged leftovers
 
@@ -290,3 +301,203 @@ def test_digits_fractions_are_honoured(key: str, val_fraction: float, test_fract
     assert counts == {"train": 1797 - n_test - n_val, "val": n_val, "test": n_test}
     for s in data.SPLITS:
         assert len(load_pt(digits_runs[key] / f"{s}.pt")[1]) == counts[s]
+
+
+# ---------------------------------------------------------------- statistics without a float copy
+
+
+def test_channel_stats_are_exact_per_channel_and_independent_of_the_chunk() -> None:
+    x = np.random.default_rng(0).integers(0, 256, (7, 3, 4, 5), dtype=np.uint8)  # (N, C, H, W)
+    x[:, 1] //= 4  # channels with different statistics
+    mean, std = data.channel_stats(x, 255.0)
+    as_float = x.astype(np.float64) / 255.0
+    np.testing.assert_allclose(mean, as_float.mean(axis=(0, 2, 3)), rtol=1e-12)
+    np.testing.assert_allclose(std, as_float.std(axis=(0, 2, 3)), rtol=1e-12)
+    assert mean[1] < mean[0] / 2
+    for chunk in (1, 3, 7, 100):  # integer sums: the same numbers, whatever the chunking
+        assert data.channel_stats(x, 255.0, chunk=chunk) == (mean, std)
+
+
+def _traced_peak(fn: Any, *args: Any, **kwargs: Any) -> tuple[Any, int]:
+    """fn's result and the peak of the memory it allocated (numpy reports its buffers to tracemalloc)."""
+    tracemalloc.start()
+    try:
+        return fn(*args, **kwargs), tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_prepare_of_a_large_source_never_holds_a_float_copy_of_the_split(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(0)
+    d = tmp_path / "raw/MNIST/raw"
+    d.mkdir(parents=True)
+    y = rng.permutation(np.arange(30_000) % 10).astype(np.uint8)
+    write_idx(d / "train-images-idx3-ubyte", rng.integers(0, 256, (30_000, 28, 28), dtype=np.uint8))
+    write_idx(d / "train-labels-idx1-ubyte", y)
+    write_idx(d / "t10k-images-idx3-ubyte", rng.integers(0, 256, (100, 28, 28), dtype=np.uint8))
+    write_idx(d / "t10k-labels-idx1-ubyte", np.arange(100, dtype=np.uint8) % 10)
+    measured: list[tuple[int, int]] = []  # (peak bytes allocated by channel_stats, bytes of the uint8 split)
+    real = data.channel_stats
+
+    def traced(x: np.ndarray, scale: float, **kwargs: Any) -> tuple[list[float], list[float]]:
+        stats, peak = _traced_peak(real, x, scale, **kwargs)
+        measured.append((peak, x.nbytes))
+        return stats
+
+    monkeypatch.setattr(data, "channel_stats", traced)
+    meta = data.prepare("mnist", tmp_path / "raw", tmp_path / "out", 0.1, 0.2, 0, download=False)
+
+    assert meta["counts"] == {"train": 27_000, "val": 3_000, "test": 100}
+    [(peak, split_bytes)] = measured
+    assert split_bytes == 27_000 * 28 * 28
+    _, float_copy = _traced_peak(np.ndarray.astype, np.zeros((27_000, 1, 28, 28), np.uint8), np.float32)
+    assert float_copy >= 4 * split_bytes  # the measure sees a float copy where there is one
+    assert peak < 4 * split_bytes  # chunks of the split, never a float32 (or wider) copy of it
+    x_train = data.load_split(tmp_path / "out", "train").x.numpy()
+    np.testing.assert_allclose(meta["mean"], [x_train.mean(dtype=np.float64) / 255.0], rtol=1e-9)
+
+
+# ---------------------------------------------------------------- splits, batches and augmentation
+
+
+def numbered(n: int, shape: tuple[int, ...] = (1, 2, 2)) -> data.Split:
+    """A split whose row i has every pixel i, label i and one extra target row [i, i]."""
+    rows = torch.arange(n)
+    x = rows.to(torch.uint8).view(n, *[1] * len(shape)).expand(n, *shape).contiguous()
+    return data.Split(x, rows.clone(), (rows.float()[:, None].repeat(1, 2),))
+
+
+IDENTITY = data.Normaliser(1.0, (0.0,), (1.0,))  # batches of numbered() then carry the row number as pixels
+
+
+def taken(split: data.Split, batch_size: int, **kwargs: Any) -> tuple[list[int], list[int]]:
+    """The labels (row numbers) of every batch, in order, and the batch sizes; pixels and extras agree."""
+    labels, sizes = [], []
+    for x, y, extra in data.batches(split, batch_size, IDENTITY, **kwargs):
+        assert x.dtype == torch.float32
+        assert torch.equal(x[:, 0, 0, 0], y.float()) and torch.equal(extra[:, 0], y.float())
+        labels += y.tolist()
+        sizes.append(len(y))
+    return labels, sizes
+
+
+def test_load_split_is_uint8_and_subsets_are_views(digits_runs: dict[str, Path]) -> None:
+    split = data.load_split(digits_runs["a"], "train")
+    assert split.x.dtype == torch.uint8 and split.x.dim() == 4 and split.y.dtype == torch.int64
+    idx = torch.tensor([5, 0, 9, 3])
+    sub = split.subset(idx)
+    assert sub.x.data_ptr() == split.x.data_ptr() and sub.y.data_ptr() == split.y.data_ptr()  # no copy
+    assert sub.x.dtype == torch.uint8 and len(sub) == 4 and sub.rows.tolist() == [5, 0, 9, 3]
+    assert sub.subset(torch.tensor([1, 3])).rows.tolist() == [0, 3]  # indices into the current rows
+    moved = sub.to(torch.device("cpu"))
+    assert moved.x.dtype == torch.uint8 and moved.rows.tolist() == [5, 0, 9, 3]
+    labelled = sub.with_labels(torch.zeros_like(split.y)).with_extra(split.y)
+    assert labelled.x.data_ptr() == split.x.data_ptr() and labelled.rows is sub.rows
+
+
+def test_normaliser_scales_then_standardises_each_channel() -> None:
+    x = torch.tensor([[[[0, 255]], [[51, 102]]]], dtype=torch.uint8)  # (1, 2, 1, 2)
+    norm = data.normaliser({"scale": 255.0, "mean": [0.5, 0.2], "std": [0.5, 0.1]})
+    out = norm(x)
+    assert out.dtype == torch.float32 and out.shape == (1, 2, 1, 2)
+    torch.testing.assert_close(out, torch.tensor([[[[-1.0, 1.0]], [[0.0, 2.0]]]]))
+    assert x.dtype == torch.uint8 and x[0, 0, 0, 1].item() == 255  # the batch itself is left as it was
+
+
+def test_batches_in_order_without_a_generator_and_of_a_subset_only_its_rows() -> None:
+    split = numbered(10)
+    assert taken(split, 4) == (list(range(10)), [4, 4, 2])
+    assert taken(split.subset(torch.tensor([7, 2, 5])), 2) == ([7, 2, 5], [2, 1])
+    assert taken(split, 4, limit=3) == ([0, 1, 2], [3])
+
+
+def test_batches_shuffle_deterministically_cover_every_row_once_and_limit_takes_a_prefix() -> None:
+    split = numbered(50)
+    order, sizes = taken(split, 16, generator=torch.Generator().manual_seed(0))
+    assert sorted(order) == list(range(50)) and order != list(range(50))  # every row exactly once, shuffled
+    assert sizes == [16, 16, 16, 2]
+    assert taken(split, 16, generator=torch.Generator().manual_seed(0))[0] == order
+    assert taken(split, 16, generator=torch.Generator().manual_seed(1))[0] != order
+    assert taken(split, 16, generator=torch.Generator().manual_seed(0), limit=20) == (order[:20], [16, 4])
+    sub = split.subset(torch.arange(10, 30))
+    shuffled, _ = taken(sub, 8, generator=torch.Generator().manual_seed(0))
+    assert sorted(shuffled) == list(range(10, 30))
+
+
+def test_materialise_is_the_first_rows_of_a_seeded_shuffle() -> None:
+    split = numbered(30)
+    order, _ = taken(split, 8, generator=torch.Generator().manual_seed(3))
+    got = data.materialise(split, 8, IDENTITY, 12, seed=3)
+    assert [len(y) for _, y in got] == [8, 4]
+    assert torch.cat([y for _, y in got]).tolist() == order[:12]
+
+
+def ramp(batch: int = 64, channels: int = 2, size: int = 5) -> torch.Tensor:
+    """`batch` copies of one image whose pixels are all different and non-zero: (B, C, H, W) uint8."""
+    image = 1 + torch.arange(channels * size * size).view(channels, size, size)
+    return image.to(torch.uint8).expand(batch, -1, -1, -1).contiguous()
+
+
+def shift_of(out: torch.Tensor, image: torch.Tensor, crop: int) -> tuple[int, int] | None:
+    """The (dy, dx) in [-crop, crop] by which `out` is `image` shifted, zeros entering; None if it is not."""
+    h, w = image.shape[1:]
+    padded = torch.nn.functional.pad(image, (crop, crop, crop, crop))
+    for dy in range(2 * crop + 1):
+        for dx in range(2 * crop + 1):
+            if torch.equal(padded[:, dy:dy + h, dx:dx + w], out):
+                return dy - crop, dx - crop
+    return None
+
+
+def test_augmenter_is_none_when_both_are_off() -> None:
+    assert data.augmenter(0, False) is None
+
+
+def test_random_crop_shifts_by_at_most_crop_with_zeros_entering() -> None:
+    x = ramp()
+    out = data.augmenter(2, False)(x, torch.Generator().manual_seed(0))
+    assert out.shape == x.shape and out.dtype == torch.uint8
+    shifts = [shift_of(o, x[0], 2) for o in out]
+    assert None not in shifts  # every image is the original moved, channels together, by at most 2 pixels
+    assert len(set(shifts)) > 5 and (0, 0) in shifts
+    for o, (dy, dx) in zip(out, shifts):
+        assert (o == 0).sum().item() == 2 * (25 - (5 - abs(dy)) * (5 - abs(dx)))  # zeros where the image left
+    again = data.augmenter(2, False)(x, torch.Generator().manual_seed(0))
+    assert torch.equal(again, out)
+    assert not torch.equal(data.augmenter(2, False)(x, torch.Generator().manual_seed(1)), out)
+
+
+def test_random_flip_mirrors_some_images_and_leaves_the_rest() -> None:
+    x = ramp()
+    out = data.augmenter(0, True)(x, torch.Generator().manual_seed(0))
+    assert out.shape == x.shape and out.dtype == torch.uint8
+    mirrored = [torch.equal(o, x[0].flip(-1)) for o in out]
+    assert all(m or torch.equal(o, x[0]) for m, o in zip(mirrored, out))
+    assert 10 < sum(mirrored) < 54
+    assert torch.equal(data.augmenter(0, True)(x, torch.Generator().manual_seed(0)), out)
+
+
+def test_crop_and_flip_together_are_a_shifted_image_maybe_mirrored_and_deterministic() -> None:
+    x = ramp()
+    aug = data.augmenter(1, True)
+    out = aug(x, torch.Generator().manual_seed(0))
+    assert out.shape == x.shape and out.dtype == torch.uint8
+    kinds = [(shift_of(o, x[0], 1) is not None, shift_of(o.flip(-1), x[0], 1) is not None) for o in out]
+    assert all(plain or flipped for plain, flipped in kinds)
+    assert any(flipped and not plain for plain, flipped in kinds)
+    assert torch.equal(aug(x, torch.Generator().manual_seed(0)), out)
+
+
+def test_labelled_subset_is_stratified_and_deterministic_from_the_seed() -> None:
+    counts = [10, 7, 3, 1]  # per class; 30% of each, rounded, at least one: 3, 2, 1, 1
+    y = torch.repeat_interleave(torch.arange(4), torch.tensor(counts))
+    y = y[torch.randperm(len(y), generator=torch.Generator().manual_seed(0))]
+    mask = data.labelled_subset(y, 0.3, seed=0)
+    assert mask.dtype == torch.bool and mask.shape == y.shape
+    assert torch.bincount(y[mask], minlength=4).tolist() == [max(1, round(0.3 * c)) for c in counts] == [3, 2, 1, 1]
+    assert torch.equal(data.labelled_subset(y, 0.3, seed=0), mask)
+    other = data.labelled_subset(y, 0.3, seed=1)
+    assert not torch.equal(other, mask) and torch.equal(torch.bincount(y[other], minlength=4),
+                                                        torch.bincount(y[mask], minlength=4))
+    assert data.labelled_subset(y, 1.0, seed=0).all()

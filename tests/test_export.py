@@ -128,11 +128,11 @@ def test_export_leaves_the_callers_model_in_training_mode(tmp_path):
 
 
 def test_mlflow_gets_a_named_signature_with_a_free_batch_axis():
-    from kdprune.export import mlflow_inputs
+    from kdprune.runs import model_inputs
 
     model, x = tiny_cnn(), inputs(2)
     with torch.no_grad():
-        kwargs = mlflow_inputs(x, model(x))
+        kwargs = model_inputs(x.numpy(), model(x).numpy(), (INPUT, OUTPUT))
     sig = kwargs["signature"]
     assert [(s.name, s.shape) for s in sig.inputs.inputs] == [(INPUT, (-1, *SHAPE))]
     assert [(s.name, s.shape) for s in sig.outputs.inputs] == [(OUTPUT, (-1, 10))]

@@ -1,9 +1,7 @@
-"""Identical stages in experiments running side by side compute once (kdprune.sharing)."""
+"""Two experiments starting the same new stage at once compute it once (kdprune.sharing)."""
 
 from __future__ import annotations
 
-import json
-import os
 import subprocess
 import sys
 import time
@@ -12,157 +10,127 @@ from pathlib import Path
 import pytest
 
 from kdprune import sharing
-from tests.conftest import REPO
+from kdprune.params import load_params
+from kdprune.stage import Reused
+from tests.conftest import REPO, write_params
 
-DVC_YAML = """\
-vars:
-  - pkg: src
-stages:
-  fit:
-    cmd: python fit.py
-    deps:
-      - ${pkg}/code.py
-      - data
-    params:
-      - seed
-      - teacher
-      - other.yaml:
-          - x.y
-    outs:
-      - model
-    plots:
-      - curve.csv:
-          cache: false
-"""
+READS = ("seed", "teacher")
 
 
 @pytest.fixture
-def workspace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    (tmp_path / "src").mkdir()
-    (tmp_path / "src/code.py").write_text("print(1)\n")
-    (tmp_path / "data").mkdir()
-    (tmp_path / "data/a.bin").write_bytes(b"\x00\x01")
-    (tmp_path / "dvc.yaml").write_text(DVC_YAML)
-    (tmp_path / "params.yaml").write_text("seed: 0\nteacher: {epochs: 2}\nprune: {amount: 0.5}\n")
-    (tmp_path / "other.yaml").write_text("x: {y: 1, z: 2}\n")
+def workspace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict:
+    """A repo root with .dvc/tmp, an input directory with a manifest, params, inside `dvc exp run`."""
+    from kdprune import manifest
+
+    (tmp_path / ".dvc/tmp").mkdir(parents=True)
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a.bin").write_bytes(b"\x00\x01")
+    manifest.write(data, "prepare", {})
     monkeypatch.chdir(tmp_path)
-    return tmp_path
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    monkeypatch.setenv("DVC_EXP_NAME", "exp-a")
+    monkeypatch.delenv("KDPRUNE_SHARE", raising=False)
+    return {"root": tmp_path, "data": data, "params": write_params(tmp_path / "params.yaml")}
 
 
-def test_the_spec_of_a_real_stage_resolves_vars_and_lists_every_output(monkeypatch):
-    monkeypatch.chdir(REPO)
-    spec = sharing.stage_spec("train_teacher")
-    assert spec["outputs"] == ["models/teacher", "plots/train_teacher.csv"]
-    assert "src/kdprune/trainer.py" in spec["deps"] and "data/prepared" in spec["deps"]
-    assert spec["params"] == ["seed", "device", "teacher"]
-    assert sharing.stage_spec("no_such_stage") is None
+def _compute(out: Path, curve: Path, text: str) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "model.pt").write_text(text)
+    curve.write_text(text + " curve")
 
 
-def test_the_key_follows_exactly_what_the_stage_reads(workspace):
-    key = lambda: sharing.stage_key(sharing.stage_spec("fit"))  # noqa: E731
-    base = key()
-    (workspace / "params.yaml").write_text("seed: 0\nteacher: {epochs: 2}\nprune: {amount: 0.8}\n")
-    (workspace / "other.yaml").write_text("x: {y: 1, z: 3}\n")
-    assert key() == base  # prune.amount and x.z are not read
-    changes = [("params.yaml", "seed: 1\nteacher: {epochs: 2}\n"), ("params.yaml", "seed: 0\nteacher: {epochs: 3}\n"),
-               ("other.yaml", "x: {y: 2}\n"), ("src/code.py", "print(2)\n"), ("data/a.bin", "\x00\x02"),
-               ("data/b.bin", "")]
-    seen = {base}
-    for name, text in changes:
-        (workspace / name).write_text(text)
-        seen.add(key())
-    assert len(seen) == len(changes) + 1
+def test_a_sibling_restores_the_outputs_the_first_computed(workspace):
+    p = load_params(workspace["params"])
+    out, curve = workspace["root"] / "models/teacher", workspace["root"] / "plots/c.csv"
+    curve.parent.mkdir()
+    with sharing.once("train_teacher", p, READS, {"data": workspace["data"]}, [out, curve]):
+        _compute(out, curve, "first")
+    out.rename(workspace["root"] / "elsewhere")
+    curve.unlink()
+    with pytest.raises(Reused, match="restored the outputs of the identical train_teacher"):
+        with sharing.once("train_teacher", p, READS, {"data": workspace["data"]}, [out, curve]):
+            pytest.fail("computed again")
+    assert (out / "model.pt").read_text() == "first" and curve.read_text() == "first curve"
 
 
-WORKER = """
-import os, sys, time
+def test_nothing_is_shared_outside_dvc_exp_run_or_with_kdprune_share_0(workspace, monkeypatch):
+    p = load_params(workspace["params"])
+    out, curve = workspace["root"] / "m", workspace["root"] / "c.csv"
+    for env in ({"DVC_EXP_NAME": None}, {"KDPRUNE_SHARE": "0"}):
+        for key, value in env.items():
+            monkeypatch.delenv(key) if value is None else monkeypatch.setenv(key, value)
+        for _ in range(2):
+            ran = []
+            with sharing.once("train_teacher", p, READS, {"data": workspace["data"]}, [out, curve]):
+                ran.append(1)
+                _compute(out, curve, "x")
+            assert ran == [1]
+        monkeypatch.setenv("DVC_EXP_NAME", "exp-a")
+        monkeypatch.delenv("KDPRUNE_SHARE", raising=False)
+    assert not (workspace["root"] / ".dvc/tmp/kdprune-shared").exists() or not any(
+        e.is_dir() for e in (workspace["root"] / ".dvc/tmp/kdprune-shared").iterdir())
+
+
+def test_a_failed_holder_leaves_nothing_to_restore(workspace):
+    p = load_params(workspace["params"])
+    out, curve = workspace["root"] / "m", workspace["root"] / "c.csv"
+    with pytest.raises(RuntimeError):
+        with sharing.once("train_teacher", p, READS, {"data": workspace["data"]}, [out, curve]):
+            raise RuntimeError("boom")
+    ran = []
+    with sharing.once("train_teacher", p, READS, {"data": workspace["data"]}, [out, curve]):
+        ran.append(1)
+        _compute(out, curve, "second")
+    assert ran == [1]
+
+
+def test_the_key_changes_with_the_params_read_the_inputs_and_the_code(workspace, monkeypatch):
+    from kdprune import manifest
+
+    p = load_params(workspace["params"])
+    key = sharing.stage_key("train_teacher", p, READS, {"data": workspace["data"]})
+    other = load_params(write_params(workspace["root"] / "p2.yaml", teacher={"epochs": 3}))
+    assert sharing.stage_key("train_teacher", other, READS, {"data": workspace["data"]}) != key
+    unread = load_params(write_params(workspace["root"] / "p3.yaml", prune={"amount": 0.9}))
+    assert sharing.stage_key("train_teacher", unread, READS, {"data": workspace["data"]}) == key
+    (workspace["data"] / "a.bin").write_bytes(b"\x02")
+    manifest.write(workspace["data"], "prepare", {})
+    assert sharing.stage_key("train_teacher", p, READS, {"data": workspace["data"]}) != key
+
+
+WAITER = """
+import sys, time
 from pathlib import Path
 from kdprune import sharing
-
-ws, store, hold, keep = Path(sys.argv[1]), Path(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4])
-os.chdir(ws)
-
-def compute():
-    Path("started").write_text("")
-    time.sleep(hold)
-    if os.environ.get("FAIL"):
-        raise RuntimeError("boom")
-    Path("model").mkdir()
-    Path("model/w.txt").write_text(f"made by {os.getpid()}")
-    Path("curve.csv").write_text("epoch,loss\\n1,0.5\\n")
-
-computed = sharing.run_once("fit", "k" * 64, ["model", "curve.csv"], compute, store, keep)
-print("computed" if computed else "reused")
+from kdprune.params import load_params
+from kdprune.stage import Reused
+out, curve = Path("m"), Path("c.csv")
+try:
+    with sharing.once("train_teacher", load_params("params.yaml"), ("seed", "teacher"), {"data": Path("data")},
+                      [out, curve]):
+        if sys.argv[1] == "first":
+            Path("holding").write_text("")
+            time.sleep(3)
+        out.mkdir(exist_ok=True)
+        (out / "model.pt").write_text(sys.argv[1])
+        curve.write_text(sys.argv[1])
+    print("computed")
+except Reused:
+    print("reused")
 """
 
 
-def _worker(ws: Path, store: Path, hold: float = 0.0, keep: float = 60.0, fail: bool = False) -> subprocess.Popen:
-    ws.mkdir(exist_ok=True)
-    env = {**os.environ, "DVC_EXP_NAME": ws.name, **({"FAIL": "1"} if fail else {})}
-    return subprocess.Popen([sys.executable, "-c", WORKER, str(ws), str(store), str(hold), str(keep)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def _wait_for(path: Path) -> None:
+def test_a_twin_arriving_mid_computation_waits_and_takes_the_result(workspace):
+    env = {"DVC_EXP_NAME": "exp", "DVC_ROOT": str(workspace["root"]), "PATH": "/usr/bin:/bin"}
+    first = subprocess.Popen([sys.executable, "-c", WAITER, "first"], cwd=workspace["root"], env=env,
+                             stdout=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
-    while not path.exists():
-        assert time.monotonic() < deadline, f"{path} never appeared"
+    while not (workspace["root"] / "holding").exists():
+        assert first.poll() is None and time.monotonic() < deadline
         time.sleep(0.05)
-
-
-def test_a_sibling_that_arrives_while_the_first_computes_waits_and_takes_its_outputs(tmp_path):
-    store = tmp_path / "store"
-    first = _worker(tmp_path / "exp-a", store, hold=2.0)
-    _wait_for(tmp_path / "exp-a/started")
-    second = _worker(tmp_path / "exp-b", store)
-    out_a, out_b = first.communicate(timeout=120)[0], second.communicate(timeout=120)[0]
-    assert out_a.split()[-1] == "computed"
-    assert "waiting for it" in out_b and "reused the outputs of the identical fit that experiment exp-a" in out_b
-    assert out_b.split()[-1] == "reused"
-    assert not (tmp_path / "exp-b/started").exists()  # never computed
-    for rel in ("model/w.txt", "curve.csv"):
-        assert (tmp_path / "exp-b" / rel).read_bytes() == (tmp_path / "exp-a" / rel).read_bytes()
-    assert json.loads((store / ("k" * 64) / "entry.json").read_text())["experiment"] == "exp-a"
-
-
-def test_a_later_experiment_reuses_what_an_earlier_one_left_until_it_is_too_old(tmp_path):
-    store = tmp_path / "store"
-    assert _worker(tmp_path / "exp-a", store).communicate(timeout=120)[0].split()[-1] == "computed"
-    assert _worker(tmp_path / "exp-b", store).communicate(timeout=120)[0].split()[-1] == "reused"
-    time.sleep(0.1)
-    assert _worker(tmp_path / "exp-c", store, keep=0).communicate(timeout=120)[0].split()[-1] == "computed"
-    assert (tmp_path / "exp-c/started").exists()
-    assert (tmp_path / "exp-c/model/w.txt").read_text() != (tmp_path / "exp-a/model/w.txt").read_text()
-
-
-def test_a_sibling_that_fails_leaves_nothing_to_reuse(tmp_path):
-    store = tmp_path / "store"
-    first = _worker(tmp_path / "exp-a", store, hold=1.0, fail=True)
-    _wait_for(tmp_path / "exp-a/started")
-    second = _worker(tmp_path / "exp-b", store)
-    assert first.wait(timeout=120) != 0
-    assert second.communicate(timeout=120)[0].split()[-1] == "computed"
-    assert (tmp_path / "exp-b/model/w.txt").read_text() == f"made by {second.pid}"
-
-
-@pytest.mark.parametrize("env", [{"DVC_EXP_NAME": None}, {"DVC_EXP_NAME": "exp-a", "KDPRUNE_SHARE": "0"}])
-def test_outside_an_experiment_or_when_switched_off_a_stage_always_computes(workspace, monkeypatch, env):
-    calls = []
-    monkeypatch.setenv("DVC_STAGE", "fit")
-    for name, value in env.items():
-        monkeypatch.setenv(name, value) if value else monkeypatch.delenv(name, raising=False)
-    monkeypatch.setattr(sharing, "run_once", lambda *a, **k: pytest.fail("shared"))
-    sharing.once(lambda: calls.append(1))()
-    assert calls == [1]
-
-
-def test_inside_an_experiment_a_stage_runs_under_its_key(workspace, monkeypatch):
-    seen = []
-    monkeypatch.setenv("DVC_STAGE", "fit")
-    monkeypatch.setenv("DVC_EXP_NAME", "exp-a")
-    monkeypatch.setattr(sharing, "store_dir", lambda: workspace / "store")
-    monkeypatch.setattr(sharing, "run_once", lambda name, key, outputs, compute, store: seen.append(
-        (name, key, outputs, store)))
-    sharing.once(lambda: None)()
-    assert seen == [("fit", sharing.stage_key(sharing.stage_spec("fit")), ["model", "curve.csv"],
-                     workspace / "store")]
+    second = subprocess.run([sys.executable, "-c", WAITER, "second"], cwd=workspace["root"], env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert first.communicate(timeout=60)[0].strip() == "computed"
+    assert second.stdout.strip() == "reused", second.stderr
+    assert (workspace["root"] / "m/model.pt").read_text() == "first"

@@ -7,8 +7,7 @@ import statistics
 import mlflow
 import pytest
 
-from kdprune import cli, sweep
-from kdprune.tracking import summary_run
+from kdprune import cli, runs, sweep
 
 BASE = {"prune.criterion": "taylor", "prune.structured": True, "teacher.epochs": 20}
 
@@ -22,12 +21,19 @@ def _metrics(acc: float, params: float) -> dict[str, float]:
     return m
 
 
+def summary_run(params: dict, metrics: dict) -> None:
+    """A summary run as evaluate leaves one: opened by the helper's own functions, its metrics, FINISHED."""
+    runs.open_run("evaluate", "summary", "sweep point", params, {}, None, None)
+    mlflow.log_metrics(metrics)
+    runs.finish("FINISHED")
+
+
 @pytest.fixture
 def sweep_store(mlflow_store: str) -> str:
     """Four summary runs: prune.amount 0.5 and 0.8, seeds 0 and 1 each."""
     for amount, seed, acc, params in ((0.5, 0, 0.98, 9000), (0.5, 1, 0.96, 9100), (0.8, 0, 0.90, 2000),
                                       (0.8, 1, 0.94, 2100)):
-        summary_run({**BASE, "prune.amount": amount, "seed": seed}, _metrics(acc, params), {}, [])
+        summary_run({**BASE, "prune.amount": amount, "seed": seed}, _metrics(acc, params))
     return mlflow_store
 
 
@@ -60,7 +66,7 @@ def test_the_command_prints_one_row_per_setting_and_writes_three_files(sweep_sto
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.startswith("| 0.")]
     assert len(rows) == 2 and all(" | 2 | " in r for r in rows)
-    assert "0.97 ± 0.014" in rows[0]
+    assert "0.9700 ± 0.0141" in rows[0]
     for name in ("sweep.md", "sweep.csv", "pareto.png"):
         assert (tmp_path / "reports" / name).stat().st_size > 0
     assert (tmp_path / "reports/pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -76,3 +82,15 @@ def test_an_empty_experiment_is_a_clear_error(mlflow_store, capsys):
         cli.main(["report", "--experiment", "nothing-here"])
     assert e.value.code == 2
     assert "has no experiment 'nothing-here'" in capsys.readouterr().err
+
+
+def test_a_single_run_has_n_1_and_no_spread(mlflow_store, tmp_path, capsys):
+    summary_run({**BASE, "prune.amount": 0.5, "seed": 0}, _metrics(0.98, 9000))
+    summary_run({**BASE, "prune.amount": 0.8, "seed": 0}, _metrics(0.9, 2000))
+    cli.main(["report", "--out", str(tmp_path / "reports")])
+    out = capsys.readouterr().out
+    assert "±" not in out  # n = 1: a mean, not "± 0"
+    rows = [line for line in out.splitlines() if line.startswith("| 0.")]
+    assert [r.split(" | ")[1] for r in rows] == ["1", "1"]
+    assert "| 0.5 | 1 | 0.9800 | 9,000 |" in rows[0]  # counts with separators, accuracies with 4 decimals
+    assert "kdprune-digits: no champion yet" in out

@@ -1,11 +1,16 @@
-"""MLflow tracking under stress: a brand-new store opened by many stages at once, a server that is down,
-a real server over HTTP, and stages that fail or are killed."""
+"""MLflow tracking with real parts: a brand-new sqlite store opened by several stages at once, a server
+that is down, a real `mlflow server` (killed mid-stage and restarted), stages that fail, are
+interrupted or are killed, and `kdprune doctor` closing what a dead process left open.
+
+Every stage here is a real subprocess (`python stages/<stage>.py`), with its MLflow helper. Nothing is
+timed except as a loose upper bound; conditions are polled for, with generous limits."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import sqlite3
@@ -15,21 +20,116 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 import pytest
 import yaml
 
 from tests.conftest import REPO, run_stage, stage_env, stage_paths, tree_bytes, write_params
 
+pytestmark = pytest.mark.slow
+
 PY = sys.executable
+T = TypeVar("T")
 
 
-def stage_cmd(name: str, params: Path, **paths: Path) -> list[str]:
-    argv = [PY, str(REPO / "stages" / f"{name}.py"), "--params", str(params)]
-    for key, value in paths.items():
-        argv += [f"--{key.replace('_', '-')}", str(value)]
-    return argv
+# -- helpers -----------------------------------------------------------------------------------------------
+
+
+def env_for(uri: str) -> dict[str, str]:
+    """A stage's environment, outside DVC (no DVC_* variable, so no `dvc` watchdog and no recovery hint)."""
+    env = stage_env(uri)
+    for key in [k for k in env if k.startswith("DVC_")]:
+        del env[key]
+    return env
+
+
+class Stage:
+    """One stage (or `kdprune` command) as a subprocess, its stdout and stderr in files."""
+
+    def __init__(self, argv: list[str], cwd: Path, uri: str, logs: Path) -> None:
+        from kdprune import procs
+
+        logs.mkdir(parents=True, exist_ok=True)
+        self.stdout_file, self.stderr_file = logs / "stdout.txt", logs / "stderr.txt"
+        with self.stdout_file.open("w") as out, self.stderr_file.open("w") as err:
+            self.proc = subprocess.Popen(argv, cwd=cwd, env=env_for(uri), stdout=out, stderr=err)
+        self.owner = procs.identity(self.proc.pid)  # its runs' pipeline.owner tag
+
+    @property
+    def stdout(self) -> str:
+        return self.stdout_file.read_text()
+
+    @property
+    def stderr(self) -> str:
+        return self.stderr_file.read_text()
+
+    def tail(self) -> str:
+        return f"stdout:\n{self.stdout[-1500:]}\nstderr:\n{self.stderr[-3000:]}"
+
+    def wait(self, within: float, what: str) -> int:
+        """The exit code, failing the test if the process is still there after `within` seconds."""
+        try:
+            return self.proc.wait(timeout=within)
+        except subprocess.TimeoutExpired:
+            self.stop()
+            pytest.fail(f"{what}: still running after {within:.0f} s\n{self.tail()}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=30)
+
+
+@pytest.fixture
+def launch(tmp_path: Path) -> Iterator[Callable[..., Stage]]:
+    """launch(name, params, uri, cwd, **paths) starts stages/<name>.py; whatever is left is killed after."""
+    started: list[Stage] = []
+
+    def start(name: str, params: Path, uri: str, cwd: Path, **paths: Path) -> Stage:
+        argv = [PY, str(REPO / "stages" / f"{name}.py"), "--params", str(params)]
+        for key, value in paths.items():
+            argv += [f"--{key.replace('_', '-')}", str(value)]
+        stage = Stage(argv, cwd, uri, tmp_path / "logs" / f"{name}-{len(started)}")
+        started.append(stage)
+        return stage
+
+    yield start
+    for stage in started:
+        stage.stop()
+
+
+def doctor(uri: str, cwd: Path, logs: Path) -> Stage:
+    stage = Stage([PY, "-m", "kdprune.cli", "doctor"], cwd, uri, logs)
+    stage.wait(120, "kdprune doctor")
+    return stage
+
+
+def errors(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("error:")]
+
+
+def assert_one_error(stage: Stage, *needles: str) -> str:
+    """Exactly one `error:` line, holding every needle, and no traceback."""
+    found = errors(stage.stderr)
+    assert len(found) == 1, stage.tail()
+    assert all(n in found[0] for n in needles), f"{needles} not in {found[0]!r}"
+    assert "Traceback" not in stage.stderr + stage.stdout, stage.tail()
+    return found[0]
+
+
+def wait_until(check: Callable[[], T | None], within: float, what: str, stage: Stage | None = None) -> T:
+    """Poll `check` until it returns something true; fail after `within` seconds or if `stage` exits."""
+    deadline = time.monotonic() + within
+    while True:
+        result = check()
+        if result:
+            return result
+        if stage is not None and stage.proc.poll() is not None:
+            pytest.fail(f"{what}: the stage exited {stage.proc.returncode} first\n{stage.tail()}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what}: not after {within:.0f} s" + (f"\n{stage.tail()}" if stage else ""))
+        time.sleep(0.25)
 
 
 def client(uri: str) -> Any:
@@ -38,16 +138,64 @@ def client(uri: str) -> Any:
     return MlflowClient(uri)
 
 
-def stop(proc: subprocess.Popen) -> None:
-    """Kill a stage subprocess this test started, if it is still there."""
-    if proc.poll() is None:
+def experiment_id(uri: str) -> str:
+    exp = client(uri).get_experiment_by_name("kdprune")
+    assert exp is not None, f"no experiment 'kdprune' in {uri}"
+    return exp.experiment_id
+
+
+def runs_of(uri: str, owner: str) -> list[Any]:
+    """The runs a stage process opened (tagged with its identity)."""
+    return client(uri).search_runs([experiment_id(uri)], f"tags.`pipeline.owner` = '{owner}'")
+
+
+def training(uri: str, stage: Stage) -> Callable[[], str | None]:
+    """A check: the id of the stage's run once it is RUNNING and has logged its first epoch."""
+
+    def check() -> str | None:
+        try:
+            c = client(uri)
+            exp = c.get_experiment_by_name("kdprune")
+            runs = [] if exp is None else c.search_runs(
+                [exp.experiment_id], f"tags.`pipeline.owner` = '{stage.owner}' and attributes.status = 'RUNNING'")
+            if runs and c.get_metric_history(runs[0].info.run_id, "val_accuracy"):
+                return runs[0].info.run_id
+        except Exception:  # noqa: BLE001 - a store being written by the stage: asked again
+            return None
+        return None
+
+    return check
+
+
+def dead_pid() -> int:
+    """The pid of a process that has come and gone."""
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+def dead_identity() -> str:
+    """The identity (host:pid:start) of a process that has exited."""
+    from kdprune import procs
+
+    proc = subprocess.Popen(["sleep", "60"])
+    try:
+        ident = procs.identity(proc.pid)
+    finally:
         proc.kill()
-        proc.wait(timeout=10)
+        proc.wait()
+    assert ident is not None and procs.alive(ident) is False
+    return ident
+
+
+def staged_leftovers(*outputs: Path) -> list[str]:
+    """`.<name>.<pid>.*` siblings of the outputs: a stage's staged directories and temporary files."""
+    return sorted(p.name for out in outputs if out.parent.exists() for p in out.parent.glob(f".{out.name}.*"))
 
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """The tiny prepared data, made in-process under its own (now initialised) sqlite store."""
+    """The tiny prepared data, made once, in-process, into a module-wide sqlite store (now initialised)."""
     root = tmp_path_factory.mktemp("prepared")
     params = write_params(root / "params.yaml")
     uri = f"sqlite:///{root / 'mlflow.db'}"
@@ -60,67 +208,56 @@ def prepared(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return {"root": root, "params": params, "uri": uri, "data": paths["out"]}
 
 
-# -- a brand-new sqlite store -----------------------------------------------------------------------------
+# -- a brand-new sqlite store ------------------------------------------------------------------------------
 
 
-WRITER = """
-import sys
-from pathlib import Path
-from kdprune.tracking import log_epoch, stage_run, write_run_record
-
-with stage_run("writer", {"writer": sys.argv[1]}) as run:
-    log_epoch(1, {"written": 1.0})
-    write_run_record(Path(sys.argv[2]), run)
-"""
-
-
-def test_concurrent_stages_share_a_brand_new_sqlite_store(tmp_path: Path) -> None:
+def test_four_stages_opening_a_brand_new_sqlite_store_at_once_all_log_into_it(
+        tmp_path: Path, launch: Callable[..., Stage]) -> None:
     db = tmp_path / "mlflow.db"
     uri = f"sqlite:///{db}"
-    assert not db.exists()
-    outs = [tmp_path / f"out{i}" for i in range(4)]
-    logs = [tmp_path / f"writer{i}.log" for i in range(4)]
-    procs = []
-    try:
-        for i, (out, log) in enumerate(zip(outs, logs)):
-            with log.open("w") as f:
-                procs.append(subprocess.Popen([PY, "-c", WRITER, str(i), str(out)], cwd=tmp_path, env=stage_env(uri),
-                                              stdout=f, stderr=subprocess.STDOUT))
-        deadline = time.monotonic() + 120
-        codes = [p.wait(timeout=max(deadline - time.monotonic(), 1)) for p in procs]
-    finally:
-        for p in procs:
-            stop(p)
-    assert codes == [0] * 4, "\n".join(log.read_text()[-1500:] for log in logs)
+    params = write_params(tmp_path / "params.yaml")
+    stages = [launch("prepare", params, uri, tmp_path, raw=tmp_path / "data/raw", out=tmp_path / f"prepared{i}")
+              for i in range(4)]
+    for i, stage in enumerate(stages):
+        assert stage.wait(240, f"prepare #{i}") == 0, stage.tail()
 
-    with sqlite3.connect(db) as con:
+    with contextlib.closing(sqlite3.connect(db)) as con:
         assert con.execute("PRAGMA integrity_check").fetchone() == ("ok",)
     c = client(uri)
-    experiments = {e.name: e.experiment_id for e in c.search_experiments()}
+    experiments = {e.name: e for e in c.search_experiments()}
     assert sorted(experiments) == ["Default", "kdprune"]
-    assert c.search_runs([experiments["Default"]]) == []
-    runs = c.search_runs([experiments["kdprune"]], max_results=100)
-    assert len(runs) == 4
+    assert experiments["kdprune"].tags.get("mlflow.experimentKind") == "custom_model_development"
+    assert c.search_runs([experiments["Default"].experiment_id]) == []
+    runs = c.search_runs([experiments["kdprune"].experiment_id], max_results=100)
+    assert sorted(r.data.tags["pipeline.owner"] for r in runs) == sorted(s.owner for s in stages)
     assert [r.info.status for r in runs] == ["FINISHED"] * 4
-    recorded = [json.loads((out / "mlflow_run.json").read_text())["run_id"] for out in outs]
-    assert len(set(recorded)) == 4
-    assert set(recorded) == {r.info.run_id for r in runs}
-    assert sorted(r.data.params["writer"] for r in runs) == ["0", "1", "2", "3"]
-    assert all(r.data.metrics["written"] == 1.0 for r in runs)
+    assert all(r.data.tags["pipeline.stage"] == "prepare" for r in runs)
+    assert all((tmp_path / f"prepared{i}" / "manifest.json").is_file() for i in range(4))
 
 
-def test_store_lock_sits_beside_the_database_not_in_the_working_directory(
+def _waiting_on(worker: threading.Thread, lock_file: Path) -> bool:
+    """Whether `worker` is inside filelock's acquire of `lock_file` (read off its live stack)."""
+    frame = sys._current_frames().get(worker.ident)
+    while frame is not None:
+        owner = frame.f_locals.get("self")
+        if getattr(owner, "lock_file", None) == str(lock_file):
+            return True
+        frame = frame.f_back
+    return False
+
+
+def test_the_store_lock_sits_beside_the_database_not_in_the_working_directory(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A stage started from another directory must wait for the lock of the store it opens."""
+    """A stage started from another directory (a DVC experiment's copy) waits for the lock of the store it opens."""
     import mlflow.store.tracking.sqlalchemy_store  # noqa: F401  (imported up front: only the lock may hold it back)
     from filelock import FileLock
 
-    from kdprune.tracking import ensure_experiment
+    from kdprune.store import ensure_experiment
 
-    store, elsewhere = tmp_path / "store", tmp_path / "elsewhere"
-    store.mkdir()
+    home, elsewhere = tmp_path / "store", tmp_path / "elsewhere"
+    home.mkdir()
     elsewhere.mkdir()
-    db = store / "mlflow.db"
+    db, lock_file = home / "mlflow.db", home / ".mlflow.lock"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
     monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
     monkeypatch.chdir(elsewhere)
@@ -129,45 +266,38 @@ def test_store_lock_sits_beside_the_database_not_in_the_working_directory(
     def connect() -> None:
         try:
             result["id"] = ensure_experiment()
-        except Exception as e:  # handed to the test thread
+        except Exception as e:  # noqa: BLE001 - handed to the test's thread
             result["error"] = e
 
-    lock = FileLock(str(store / ".mlflow.lock"))
-    lock.acquire(timeout=5)
     worker = threading.Thread(target=connect, daemon=True)
-    try:
+    with FileLock(str(lock_file), timeout=10):
         worker.start()
-        worker.join(timeout=2)
-        waited = worker.is_alive() and not db.exists()
-    finally:
-        lock.release()
-    worker.join(timeout=60)
-    assert waited, "ensure_experiment opened the store without taking the lock beside it"
+        wait_until(lambda: _waiting_on(worker, lock_file) or not worker.is_alive(), 60,
+                   "ensure_experiment reaching the lock beside the database")
+        assert worker.is_alive() and not db.exists(), "the store was opened while its lock was held"
+    worker.join(timeout=120)
+    assert not worker.is_alive()
     assert "error" not in result, result.get("error")
     assert client(f"sqlite:///{db}").get_experiment_by_name("kdprune").experiment_id == result["id"]
+    assert not (elsewhere / ".mlflow.lock").exists()
 
 
 # -- a tracking server that is down ------------------------------------------------------------------------
 
 
-def test_stage_fails_fast_naming_a_server_that_is_down(prepared: dict[str, Any], tmp_path: Path) -> None:
+def test_a_server_that_is_down_stops_the_stage_before_training_naming_it(
+        prepared: dict[str, Any], tmp_path: Path, launch: Callable[..., Stage]) -> None:
     uri = "http://127.0.0.1:9"
     out, plots = tmp_path / "teacher", tmp_path / "plots" / "train_teacher.csv"
-    start = time.monotonic()
-    res = subprocess.run(stage_cmd("train_teacher", prepared["params"], data=prepared["data"], out=out, plots=plots),
-                         cwd=tmp_path, env=stage_env(uri), capture_output=True, text=True, timeout=60)
-    elapsed = time.monotonic() - start
-    assert res.returncode == 2, res.stderr[-2000:]
-    assert elapsed < 30
-    errors = [line for line in res.stderr.splitlines() if line.startswith("error: ")]
-    assert errors and uri in errors[0], res.stderr[-2000:]
-    assert "Traceback" not in res.stderr
-    assert "epoch 1/" not in res.stderr  # refused before training, not after
+    stage = launch("train_teacher", prepared["params"], uri, tmp_path, data=prepared["data"], out=out, plots=plots)
+    assert stage.wait(60, "train_teacher against a server that is down") == 2, stage.tail()
+    assert_one_error(stage, uri)
+    assert "epoch" not in stage.stdout + stage.stderr  # refused before training, not after
     assert not out.exists() and not plots.exists()
-    assert not list(tmp_path.glob(".teacher.*"))
+    assert staged_leftovers(out, plots) == []
 
 
-# -- a real tracking server ---------------------------------------------------------------------------------
+# -- a real tracking server --------------------------------------------------------------------------------
 
 
 def free_port() -> int:
@@ -177,250 +307,372 @@ def free_port() -> int:
 
 
 class Server:
+    """`mlflow server` on 127.0.0.1 in its own process group, over a sqlite store and an artifact folder;
+    killed and started again on the same port and store."""
+
     def __init__(self, root: Path) -> None:
-        self.artifacts = root / "srv-artifacts"
-        self.log = root / "server.log"
-        port = free_port()
-        self.uri = f"http://127.0.0.1:{port}"
+        self.root, self.port = root, free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.artifacts, self.log = root / "srv-artifacts", root / "server.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
         env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false", MLFLOW_DISABLE_TELEMETRY="true")
         env.pop("MLFLOW_TRACKING_URI", None)
-        with self.log.open("w") as f:
+        with self.log.open("a") as f:
             self.proc = subprocess.Popen(
-                [PY, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root / 'srv.db'}",
-                 "--artifacts-destination", str(self.artifacts), "--host", "127.0.0.1", "--port", str(port),
+                [PY, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{self.root / 'srv.db'}",
+                 "--artifacts-destination", str(self.artifacts), "--host", "127.0.0.1", "--port", str(self.port),
                  "--workers", "1"],
-                cwd=root, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
-        self.pgid = self.proc.pid  # its own session, so its own process group
+                cwd=self.root, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+        wait_until(self._healthy, 120, f"mlflow server on {self.uri} answering /health")
 
-    def wait_healthy(self, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.proc.poll() is not None:
-                pytest.fail(f"mlflow server exited {self.proc.returncode}:\n{self.log.read_text()[-2000:]}")
-            try:
-                with urllib.request.urlopen(self.uri + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"mlflow server not healthy after {timeout}s:\n{self.log.read_text()[-2000:]}")
-            time.sleep(0.25)
-
-    def group_alive(self) -> bool:
+    def _healthy(self) -> bool:
+        if self.proc.poll() is not None:
+            pytest.fail(f"mlflow server exited {self.proc.returncode}:\n{self.log.read_text()[-2000:]}")
         try:
-            os.killpg(self.pgid, 0)
-        except ProcessLookupError:
+            with urllib.request.urlopen(self.uri + "/health", timeout=5) as r:
+                return r.status == 200
+        except OSError:
             return False
-        return True
 
-    def stop(self, timeout: float = 20) -> bool:
-        """SIGTERM the whole process group, SIGKILL what is left; True if it went on SIGTERM alone."""
-        with_term = True
+    def kill(self) -> None:
+        """SIGKILL its whole process group (the CLI and its uvicorn worker), as a crash would."""
+        self._signal_group(signal.SIGKILL)
+        self.proc.wait(timeout=30)
+        wait_until(lambda: not self._healthy_quietly(), 60, f"{self.uri} going quiet")
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        self._signal_group(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self._signal_group(signal.SIGKILL)
+            self.proc.wait(timeout=30)
+        self._signal_group(signal.SIGKILL)  # a worker that outlived its parent
+
+    def _healthy_quietly(self) -> bool:
+        try:
+            with urllib.request.urlopen(self.uri + "/health", timeout=5) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    def _signal_group(self, signum: int) -> None:
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.pgid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        while (self.proc.poll() is None or self.group_alive()) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        if self.proc.poll() is None or self.group_alive():
-            with_term = False
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.pgid, signal.SIGKILL)
-            self.proc.wait(timeout=10)
-        return with_term
+            os.killpg(self.proc.pid, signum)  # start_new_session: the group is the server's pid
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """One real server for the module (a test that kills it starts it again)."""
+    srv = Server(tmp_path_factory.mktemp("server"))
+    try:
+        srv.start()
+        yield srv
+    finally:
+        srv.stop()
+
+
+def test_stages_log_through_a_real_server_and_what_it_prints_corrupts_nothing(
+        server: Server, tmp_path: Path, launch: Callable[..., Stage]) -> None:
+    uri = server.uri
+    params = write_params(tmp_path / "params.yaml")
+    paths = stage_paths(tmp_path)
+    done = {}
+    for name in ("prepare", "train_teacher"):
+        done[name] = launch(name, params, uri, tmp_path, **paths[name])
+        assert done[name].wait(240, name) == 0, done[name].tail()
+    # MLflow prints "View run ... at ..." when a run on a server ends; the helper keeps it off its replies
+    assert "View run" in done["train_teacher"].stderr
+
+    c = client(uri)
+    runs = {name: runs_of(uri, stage.owner) for name, stage in done.items()}
+    assert [len(r) for r in runs.values()] == [1, 1]
+    prepare, teacher = runs["prepare"][0], runs["train_teacher"][0]
+    assert (prepare.info.status, teacher.info.status) == ("FINISHED", "FINISHED")
+    assert teacher.data.tags["pipeline.upstream.prepare"] == prepare.info.run_id
+    epochs = yaml.safe_load(params.read_text())["teacher"]["epochs"]
+    assert sorted(m.step for m in c.get_metric_history(teacher.info.run_id, "val_accuracy")) == \
+        list(range(1, epochs + 1))
+    models = c.search_logged_models([experiment_id(uri)],
+                                    filter_string=f"source_run_id = '{teacher.info.run_id}'")
+    assert [m.name for m in models] == ["teacher"]
+    # the model went to the server's artifact store over HTTP, not into a local folder
+    assert list(server.artifacts.rglob("MLmodel"))
+    assert not (tmp_path / "mlartifacts").exists()
+
+
+class SlowToFail(AssertionError):
+    """A stage that fails correctly, but only after longer than a user would wait."""
+
+
+@pytest.mark.xfail(strict=True, raises=SlowToFail, reason=(
+    "BUG (src/kdprune/tracker.py serve + src/kdprune/store.py call): once the server is gone, the helper "
+    "retries every queued message for 1+2+4 s in turn, so the stage blocks in `finish` and then in "
+    "Tracker.close(wait=True) for its full 60 s before SIGKILLing its helper: it exits ~75 s after the "
+    "server died, and the helper never gets to `finish` (no pending record; the run is only closed later "
+    "by the owner check, as KILLED). Everything else in this test holds."))
+def test_acceptance_a_server_killed_mid_training_fails_the_stage_cleanly_and_its_run_is_closed_after_restart(
+        server: Server, prepared: dict[str, Any], tmp_path: Path, launch: Callable[..., Stage]) -> None:
+    uri = server.uri
+    params = write_params(tmp_path / "params.yaml", teacher={"epochs": 200})  # still training when it fails
+    out, plots = tmp_path / "models" / "teacher", tmp_path / "plots" / "train_teacher.csv"
+    stage = launch("train_teacher", params, uri, tmp_path, data=prepared["data"], out=out, plots=plots)
+    run_id = wait_until(training(uri, stage), 180, "train_teacher logging its first epoch", stage)
+
+    server.kill()
+    killed = time.monotonic()
+    code = stage.wait(300, "train_teacher after its server was killed")
+    took = time.monotonic() - killed
+    assert code == 2, stage.tail()
+    assert_one_error(stage, uri)
+    assert "epoch 200/200" not in stage.stderr, "the stage trained on to the end against a dead server"
+    assert not out.exists() and not plots.exists()
+    assert staged_leftovers(out, plots) == []
+
+    server.start()  # same port, same store
+    closed = doctor(uri, tmp_path, tmp_path / "logs" / "doctor")
+    assert closed.proc.returncode == 0, closed.tail()
+    assert run_id in closed.stdout
+    assert client(uri).get_run(run_id).info.status in ("FAILED", "KILLED")
+    assert client(uri).search_runs([experiment_id(uri)], "attributes.status = 'RUNNING'") == []
+    if took > 60:
+        raise SlowToFail(f"the stage exited {took:.0f} s after its server was killed (want well under 60 s)")
+
+
+# -- interrupted and killed stages -------------------------------------------------------------------------
 
 
 @pytest.fixture
-def mlflow_server(tmp_path: Path) -> Iterator[Server]:
-    server = Server(tmp_path)
-    try:
-        server.wait_healthy()
-        yield server
-    finally:
-        server.stop()
+def old_teacher(tmp_path: Path) -> dict[str, Any]:
+    """An output folder holding a previous teacher (a sentinel file), its bytes, and a params file with
+    enough epochs that the stage is still training when it is signalled."""
+    out = tmp_path / "models" / "teacher"
+    out.mkdir(parents=True)
+    (out / "sentinel.txt").write_text("the previous teacher\n")
+    return {"out": out, "plots": tmp_path / "plots" / "train_teacher.csv", "before": tree_bytes(out),
+            "params": write_params(tmp_path / "params.yaml", teacher={"epochs": 200})}
 
 
-def test_stages_log_to_a_real_tracking_server(mlflow_server: Server, tmp_path: Path) -> None:
+def test_sigterm_mid_training_exits_130_kills_the_run_and_writes_nothing(
+        prepared: dict[str, Any], old_teacher: dict[str, Any], tmp_path: Path, launch: Callable[..., Stage]) -> None:
+    uri, out, plots = prepared["uri"], old_teacher["out"], old_teacher["plots"]
+    stage = launch("train_teacher", old_teacher["params"], uri, tmp_path, data=prepared["data"], out=out, plots=plots)
+    run_id = wait_until(training(uri, stage), 180, "train_teacher logging its first epoch", stage)
+    stage.proc.send_signal(signal.SIGTERM)
+    assert stage.wait(120, "train_teacher after SIGTERM") == 130, stage.tail()
+    assert errors(stage.stderr) == ["error: interrupted; no output written"], stage.tail()
+    assert "Traceback" not in stage.stderr
+    assert client(uri).get_run(run_id).info.status == "KILLED"  # closed before the stage exited
+    assert tree_bytes(out) == old_teacher["before"]
+    assert not plots.exists()
+    assert staged_leftovers(out, plots) == []
+
+
+def test_sigkill_mid_training_leaves_the_helper_to_close_the_run_as_killed(
+        prepared: dict[str, Any], old_teacher: dict[str, Any], tmp_path: Path, launch: Callable[..., Stage]) -> None:
     import psutil
 
-    uri = mlflow_server.uri
-    work = tmp_path / "work"
-    work.mkdir()
-    params = write_params(work / "params.yaml")
-    paths = stage_paths(work)
-    for name in ("prepare", "train_teacher"):
-        res = subprocess.run(stage_cmd(name, params, **paths[name]), cwd=work, env=stage_env(uri),
-                             capture_output=True, text=True, timeout=120)
-        assert res.returncode == 0, f"{name}:\n{res.stderr[-2000:]}"
+    uri, out, plots = prepared["uri"], old_teacher["out"], old_teacher["plots"]
+    stage = launch("train_teacher", old_teacher["params"], uri, tmp_path, data=prepared["data"], out=out, plots=plots)
+    run_id = wait_until(training(uri, stage), 180, "train_teacher logging its first epoch", stage)
+    helpers = [p for p in psutil.Process(stage.proc.pid).children() if "kdprune.tracker" in p.cmdline()]
+    assert len(helpers) == 1
+    stage.proc.kill()
+    assert stage.wait(60, "train_teacher after SIGKILL") == -signal.SIGKILL
 
-    c = client(uri)
-    exp = c.get_experiment_by_name("kdprune")
-    assert exp is not None
-    runs = {r.data.tags["pipeline.stage"]: r for r in c.search_runs([exp.experiment_id], max_results=100)}
-    assert sorted(runs) == ["prepare", "train_teacher"]
-    assert [r.info.status for r in runs.values()] == ["FINISHED", "FINISHED"]
-    teacher = runs["train_teacher"]
-    record = json.loads((paths["train_teacher"]["out"] / "mlflow_run.json").read_text())
-    assert record["run_id"] == teacher.info.run_id and record["tracking_uri"] == uri
-    assert teacher.data.tags["pipeline.upstream.prepare"] == runs["prepare"].info.run_id
-    epochs = yaml.safe_load(params.read_text())["teacher"]["epochs"]
-    history = c.get_metric_history(teacher.info.run_id, "val_accuracy")
-    assert sorted(m.step for m in history) == list(range(1, epochs + 1))
-    models = c.search_logged_models([exp.experiment_id], filter_string=f"source_run_id = '{teacher.info.run_id}'")
-    assert len(models) == 1
-    # the model went to the server's artifact store over HTTP, not to a local directory
-    assert list(mlflow_server.artifacts.rglob("MLmodel"))
-    assert not (work / "mlartifacts").exists()
+    def closed() -> str | None:
+        with contextlib.suppress(Exception):
+            status = client(uri).get_run(run_id).info.status
+            return status if status != "RUNNING" else None
+        return None
 
-    leader = psutil.Process(mlflow_server.proc.pid)
-    started = [leader, *leader.children(recursive=True)]
-    assert len(started) >= 2  # the CLI and its uvicorn worker: both must go
-    assert mlflow_server.stop(), "the server's process group needed SIGKILL"
-    assert not mlflow_server.group_alive()
-    for p in started:
-        assert not p.is_running() or p.status() == psutil.STATUS_ZOMBIE, f"left behind: {p}"
-
-
-# -- failed and killed stages --------------------------------------------------------------------------------
-
-
-class Fallback(Exception):
-    """What the SIGTERM handler installed before a stage run raises: a SIGTERM that reaches it."""
-
-
-@pytest.fixture
-def sigterm_fallback() -> Iterator[Any]:
-    """A harmless SIGTERM handler for the test process (so a stray SIGTERM cannot kill pytest), restored after."""
-    import mlflow
-
-    def handler(signum: int, frame: Any) -> None:
-        raise Fallback()
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield handler
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-        while mlflow.active_run() is not None:
-            mlflow.end_run("FAILED")
-
-
-@pytest.fixture
-def store(prepared: dict[str, Any], monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> Iterator[Any]:
-    """(uri, a stage name no other test uses) in the already initialised store of `prepared`."""
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", prepared["uri"])
-    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
-    monkeypatch.chdir(prepared["root"])
-    yield prepared["uri"], "probe " + request.node.name
-
-
-def only_run(uri: str, stage: str) -> Any:
-    c = client(uri)
-    exp = c.get_experiment_by_name("kdprune")
-    runs = c.search_runs([exp.experiment_id], filter_string=f"tags.`pipeline.stage` = '{stage}'")
-    assert len(runs) == 1, f"{len(runs)} runs of {stage!r}"
-    return runs[0]
-
-
-@pytest.mark.parametrize("error, status", [(None, "FINISHED"), (RuntimeError("boom"), "FAILED"),
-                                           (KeyboardInterrupt(), "KILLED")])
-def test_stage_run_ends_with_the_status_of_its_body(store: Any, sigterm_fallback: Any,
-                                                    error: BaseException | None, status: str) -> None:
-    import mlflow
-
-    from kdprune.tracking import stage_run
-
-    uri, stage = store
-    with pytest.raises(type(error)) if error else contextlib.nullcontext():
-        with stage_run(stage, {"widths": [1, 2]}):
-            if error:
-                raise error
-    run = only_run(uri, stage)
-    assert run.info.status == status
-    assert run.data.params["widths"] == "1,2"
-    assert mlflow.active_run() is None
-    assert signal.getsignal(signal.SIGTERM) is sigterm_fallback
-
-
-@pytest.mark.parametrize("during, status, raised", [
-    ("body", "KILLED", "Terminated"),          # mid-stage: raised where the stage is
-    ("start_run", "KILLED", "Terminated"),     # while the run is opened: held back, raised once it is open
-    ("log_metrics", "KILLED", "Terminated"),   # while an epoch is logged: that write completes first
-    ("end_run", "FINISHED", "Fallback"),       # while a finished run is closed: closed, then passed on
-])
-def test_sigterm_never_leaves_a_run_running(store: Any, sigterm_fallback: Any, during: str, status: str,
-                                            raised: str) -> None:
-    import mlflow
-
-    from kdprune.tracking import Terminated, log_epoch, stage_run
-
-    uri, stage = store
-    with pytest.MonkeyPatch.context() as mp:
-        if during != "body":
-            real = getattr(mlflow, during)
-
-            def with_sigterm(*args: Any, **kwargs: Any) -> Any:
-                # the handler runs at the next bytecode, so inside this call: after the run is created,
-                # or before the metric is written / the run is closed
-                if during == "start_run":
-                    result = real(*args, **kwargs)
-                    signal.raise_signal(signal.SIGTERM)
-                    return result
-                signal.raise_signal(signal.SIGTERM)
-                return real(*args, **kwargs)
-
-            mp.setattr(mlflow, during, with_sigterm)
-        caught: BaseException | None = None
-        try:  # Terminated is a KeyboardInterrupt: caught here, or it would stop the whole session
-            with stage_run(stage, {}):
-                if during == "body":
-                    signal.raise_signal(signal.SIGTERM)
-                log_epoch(1, {"val_accuracy": 0.5})
-        except BaseException as e:
-            caught = e
-    run = only_run(uri, stage)
-    assert run.info.status == status
-    assert type(caught) is (Terminated if raised == "Terminated" else Fallback), repr(caught)
-    assert mlflow.active_run() is None
-    assert signal.getsignal(signal.SIGTERM) is sigterm_fallback
-    logged = len(client(uri).get_metric_history(run.info.run_id, "val_accuracy"))
-    assert logged == (0 if during in ("body", "start_run") else 1)
-
-
-def test_sigterm_mid_training_kills_the_run_and_keeps_the_old_output(prepared: dict[str, Any],
-                                                                      tmp_path: Path) -> None:
-    uri = prepared["uri"]
-    params = write_params(tmp_path / "params.yaml", teacher={"epochs": 200})
-    out, plots = tmp_path / "teacher", tmp_path / "plots" / "train_teacher.csv"
-    out.mkdir()
-    (out / "sentinel.txt").write_text("the previous teacher\n")
-    before = tree_bytes(out)
-    log = tmp_path / "train_teacher.log"
-    c = client(uri)
-    exp_id = c.get_experiment_by_name("kdprune").experiment_id
-    teacher_runs = "tags.`pipeline.stage` = 'train_teacher'"
-    assert c.search_runs([exp_id], filter_string=teacher_runs) == []
-    with log.open("w") as f:
-        proc = subprocess.Popen(stage_cmd("train_teacher", params, data=prepared["data"], out=out, plots=plots),
-                                cwd=prepared["root"], env=stage_env(uri), stdout=f, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 60
-        run_id = None
-        while run_id is None:  # RUNNING, and training: at least one epoch logged
-            assert proc.poll() is None, log.read_text()[-2000:]
-            assert time.monotonic() < deadline, "train_teacher never got to training"
-            running = c.search_runs([exp_id], filter_string=f"{teacher_runs} and attributes.status = 'RUNNING'")
-            if running and c.get_metric_history(running[0].info.run_id, "val_accuracy"):
-                run_id = running[0].info.run_id
-            else:
-                time.sleep(0.2)
-        proc.send_signal(signal.SIGTERM)
-        code = proc.wait(timeout=30)
-    finally:
-        stop(proc)
-    assert code == 130, log.read_text()[-2000:]
-    assert "error: interrupted; no output written" in log.read_text()
-    assert c.get_run(run_id).info.status == "KILLED"
-    assert tree_bytes(out) == before
-    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".teacher")) == []
+    assert wait_until(closed, 60, "the helper closing the run") == "KILLED"
+    wait_until(lambda: not helpers[0].is_running() or helpers[0].status() == psutil.STATUS_ZOMBIE, 60,
+               "the helper exiting")
+    assert tree_bytes(out) == old_teacher["before"]
     assert not plots.exists()
+
+
+def test_the_next_run_of_a_stage_removes_the_staged_folder_a_killed_one_left(
+        prepared: dict[str, Any], tmp_path: Path, launch: Callable[..., Stage]) -> None:
+    out, plots = tmp_path / "models" / "teacher", tmp_path / "plots" / "train_teacher.csv"
+    dead = dead_pid()
+    stale_dir, stale_old = out.parent / f".teacher.{dead}.k2x9q.tmp", out.parent / f".teacher.{dead}.old"
+    live = out.parent / f".teacher.{os.getpid()}.a7b3c.tmp"  # its maker still runs: not ours to remove
+    for folder in (stale_dir, stale_old, live):
+        folder.mkdir(parents=True)
+        (folder / "model.pt").write_bytes(b"half a teacher")
+    stage = launch("train_teacher", prepared["params"], prepared["uri"], tmp_path, data=prepared["data"],
+                   out=out, plots=plots)
+    assert stage.wait(240, "train_teacher") == 0, stage.tail()
+    assert not stale_dir.exists() and not stale_old.exists()
+    assert live.is_dir()
+    assert (out / "manifest.json").is_file()
+    assert staged_leftovers(out) == [live.name]
+    assert [r.info.status for r in runs_of(prepared["uri"], stage.owner)] == ["FINISHED"]
+
+
+# -- runs left open ----------------------------------------------------------------------------------------
+
+
+def test_doctor_closes_runs_left_open_by_dead_processes_and_leaves_live_ones(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from kdprune import procs, store
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    monkeypatch.chdir(tmp_path)
+    exp_id = store.ensure_experiment()
+    c, host = client(uri), socket.gethostname()
+
+    def running(stage: str, **tags: str) -> str:
+        return c.create_run(exp_id, tags={"pipeline.stage": stage, "pipeline.kind": "stage", **tags}).info.run_id
+
+    dead = running("train_teacher", **{"pipeline.host": host, "pipeline.owner": dead_identity()})
+    alive = running("train_student", **{"pipeline.host": host, "pipeline.owner": procs.identity()})
+    foreign = running("score", **{"pipeline.host": "another-host", "pipeline.owner": "another-host:4242:1"})
+    unreachable = running("prune", **{"pipeline.host": host})  # its stage recorded it when the store was lost
+    pending = tmp_path / ".kdprune" / "pending"
+    pending.mkdir(parents=True)
+    (pending / f"{unreachable}.json").write_text(json.dumps({"uri": uri, "run_id": unreachable, "status": "FAILED"}))
+
+    result = doctor(uri, tmp_path, tmp_path / "logs" / "doctor")
+    assert result.proc.returncode == 0, result.tail()
+    lines = result.stdout.splitlines()
+    assert len(lines) == 2, result.tail()
+    assert sum(dead in line and "KILLED" in line for line in lines) == 1
+    assert sum(unreachable in line and "FAILED" in line for line in lines) == 1
+    status = {run_id: c.get_run(run_id).info.status for run_id in (dead, alive, foreign, unreachable)}
+    assert status == {dead: "KILLED", alive: "RUNNING", foreign: "RUNNING", unreachable: "FAILED"}
+    assert list(pending.iterdir()) == []
+
+
+# -- one line per expected failure -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(prepared: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A teacher folder as train_teacher writes it (model.pt, spec.json, manifest.json), untrained."""
+    from kdprune import manifest
+    from kdprune.checkpoints import save_model
+    from kdprune.data import load_meta
+    from kdprune.models import build_model
+    from kdprune.params import load_params
+
+    out = tmp_path_factory.mktemp("teacher") / "teacher"
+    out.mkdir()
+    meta = load_meta(prepared["data"])
+    spec = load_params(prepared["params"]).teacher.spec(meta["in_channels"], meta["image_size"], meta["num_classes"])
+    save_model(out, build_model(spec), spec)
+    manifest.write(out, "train_teacher", {"data": manifest.fingerprint(prepared["data"])})
+    return out
+
+
+def tampered(src: Path, dst: Path, name: str, edit: Callable[[str], str]) -> Path:
+    """A copy of a stage's folder with one JSON file edited and its manifest written again, so the
+    reader gets past the manifest check to the file itself."""
+    from kdprune import manifest
+
+    shutil.copytree(src, dst)
+    (dst / name).write_text(edit((dst / name).read_text()))
+    record = json.loads((dst / "manifest.json").read_text())
+    manifest.write(dst, record["stage"], record["inputs"])
+    return dst
+
+
+def _first_unit(spec_text: str) -> str:
+    from kdprune.models import build_model, units
+
+    return units(build_model(json.loads(spec_text)))[0].name
+
+
+def with_width(width: int) -> Callable[[str], str]:
+    def edit(text: str) -> str:
+        spec = json.loads(text)
+        return json.dumps({**spec, "widths": {_first_unit(text): width}})
+
+    return edit
+
+
+BROKEN_INPUTS = {  # case -> (folder, file, edit, what the error line names besides the file)
+    "malformed meta.json": ("data", "meta.json", lambda t: t[: len(t) // 2], "cannot read JSON"),
+    "malformed spec.json": ("teacher", "spec.json", lambda t: "{'arch': cnn", "cannot read JSON"),
+    "negative width in spec.json": ("teacher", "spec.json", with_width(-3), "widths."),
+    "width 10**10 in spec.json": ("teacher", "spec.json", with_width(10**10), "widths."),
+}
+
+
+@pytest.mark.parametrize("case", list(BROKEN_INPUTS))
+def test_a_broken_input_file_stops_the_stage_with_one_line_naming_it(
+        case: str, prepared: dict[str, Any], teacher_dir: Path, tmp_path: Path, launch: Callable[..., Stage]) -> None:
+    folder, name, edit, named = BROKEN_INPUTS[case]
+    inputs = {"data": prepared["data"], "teacher": teacher_dir}
+    inputs[folder] = tampered(inputs[folder], tmp_path / folder, name, edit)
+    out = tmp_path / "soft_labels"
+    stage = launch("soft_labels", prepared["params"], prepared["uri"], tmp_path, out=out, **inputs)
+    assert stage.wait(240, f"soft_labels on a {case}") == 2, stage.tail()
+    assert_one_error(stage, str(inputs[folder] / name), named)
+    assert not out.exists()
+    assert staged_leftovers(out) == []
+    assert [r.info.status for r in runs_of(prepared["uri"], stage.owner)] == ["FAILED"]
+
+
+def _can_drop_dac_override() -> bool:
+    return shutil.which("setpriv") is not None and subprocess.run(
+        ["setpriv", "--bounding-set=-dac_override", "--", "true"], capture_output=True).returncode == 0
+
+
+def test_an_output_folder_under_a_file_stops_the_stage_with_one_line(
+        prepared: dict[str, Any], tmp_path: Path, launch: Callable[..., Stage]) -> None:
+    blocker = tmp_path / "models"
+    blocker.write_text("a file where a folder should be\n")
+    out = blocker / "prepared"
+    stage = launch("prepare", prepared["params"], prepared["uri"], tmp_path, raw=tmp_path / "raw", out=out)
+    assert stage.wait(240, "prepare into a folder under a file") == 2, stage.tail()
+    assert_one_error(stage, str(blocker))
+    assert blocker.read_text() == "a file where a folder should be\n"
+
+
+def test_a_read_only_output_folder_stops_the_stage_with_one_line(
+        prepared: dict[str, Any], tmp_path: Path) -> None:
+    """Root writes through any mode bits; without CAP_DAC_OVERRIDE (dropped with setpriv) it is held to them."""
+    parent = tmp_path / "read-only"
+    parent.mkdir()
+    out = parent / "prepared"
+    argv = [PY, str(REPO / "stages" / "prepare.py"), "--params", str(prepared["params"]),
+            "--raw", str(tmp_path / "raw"), "--out", str(out)]
+    if os.geteuid() == 0:
+        if not _can_drop_dac_override():
+            pytest.skip("running as root and cannot drop CAP_DAC_OVERRIDE (no usable setpriv): "
+                        "a read-only folder cannot be made")
+        argv = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", "--", *argv]
+    parent.chmod(0o555)
+    try:
+        stage = Stage(argv, tmp_path, prepared["uri"], tmp_path / "logs")
+        try:
+            assert stage.wait(240, "prepare into a read-only folder") == 2, stage.tail()
+        finally:
+            stage.stop()
+    finally:
+        parent.chmod(0o755)
+    assert_one_error(stage, str(parent), "Permission denied")
+    assert list(parent.iterdir()) == []
+
+
+def test_device_cuda_on_a_machine_without_it_is_refused_at_validate(tmp_path: Path,
+                                                                     launch: Callable[..., Stage]) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: device cuda is valid here")
+    params = write_params(tmp_path / "params.yaml", device="cuda")
+    marker = tmp_path / "artifacts" / "params.ok"
+    stage = launch("validate", params, "sqlite:///unused.db", tmp_path, out=marker)
+    assert stage.wait(120, "validate with device cuda") == 2, stage.tail()
+    assert_one_error(stage, str(params), "device: cuda")
+    assert not marker.exists()

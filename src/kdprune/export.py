@@ -116,15 +116,3 @@ def check_onnx(path: str | Path, model: nn.Module, x: torch.Tensor, atol: float 
         raise CheckpointError(f"{path}: ONNX Runtime and PyTorch logits differ by up to {diff:.3g} "
                               f"(> atol {atol:g}); the file does not match this model")
     return diff
-
-
-def mlflow_inputs(example: torch.Tensor | np.ndarray, logits: torch.Tensor | np.ndarray) -> dict[str, Any]:
-    """`signature=` and `input_example=` for mlflow.onnx.log_model, from a few rows and their logits.
-
-    Tensor specs named like the graph's input and output; the batch axis is left free (-1). Pass
-    onnx_execution_providers=["CPUExecutionProvider"] too, or MLflow warns that CUDA's is missing.
-    """
-    from mlflow.models import infer_signature  # mlflow takes seconds to import; only the logging path pays
-
-    x, y = to_numpy(example), to_numpy(logits)
-    return {"signature": infer_signature({INPUT: x}, {OUTPUT: y}), "input_example": {INPUT: x}}

@@ -251,21 +251,27 @@ SCORERS: dict[str, Scorer] = {"l1": l1, "l2": l2, "taylor": taylor, "hessian": h
 
 
 @torch.no_grad()
-def removal_loss_change(model: nn.Module, batches: Batches, loss_fn: LossFn) -> dict[str, torch.Tensor]:
-    """The truth: the loss increase of removing each unit alone (its gates zeroed), unit by unit."""
+def removal_loss_change(model: nn.Module, batches: Batches, loss_fn: LossFn,
+                        progress: Callable[[], None] | None = None) -> dict[str, torch.Tensor]:
+    """The truth: the loss increase of removing each unit alone (its gates zeroed), unit by unit.
+
+    The deltas stay on the model's device until the end (no host synchronisation per unit);
+    `progress` is called once per unit."""
     model.eval()
     base = _mean_loss(model, batches, loss_fn)
     out = {}
     for u in units(model):
-        deltas = torch.zeros(u.size)
+        deltas = torch.zeros(u.size, device=base.device)
         for j in range(u.size):
             saved = [p[j].clone() for p in u.gates]
             for p in u.gates:
                 p[j] = 0
-            deltas[j] = (_mean_loss(model, batches, loss_fn) - base).item()
+            deltas[j] = _mean_loss(model, batches, loss_fn) - base
             for p, s in zip(u.gates, saved):
                 p[j] = s
-        out[u.name] = deltas
+            if progress is not None:
+                progress()
+        out[u.name] = deltas.cpu()
     return out
 
 

@@ -158,7 +158,9 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         with path.open() as f:
             raw = yaml.safe_load(f)  # plain data only: no tag can construct an object
     except (OSError, yaml.YAMLError) as e:
-        raise ParamsError(f"{path}: cannot read: {e}".splitlines()[0]) from e
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise ParamsError(f"{path}: cannot read: {str(e).splitlines()[0]}{where}") from e
     errors: list[str] = []
     params = _build(Params, {} if raw is None else raw, "", errors)
     if not errors:
@@ -199,8 +201,8 @@ def _check(key: str, value: Any, hint: Any, meta: dict[str, Any], errors: list[s
             return _BAD
         if meta.get("unique") and len(set(map(str, value))) != len(value):
             errors.append(f"{key}: lists {value!r} with a duplicate")
-        for v in value if bounds else ():
-            _check_range(key, v, bounds, errors)
+        for i, v in enumerate(value if bounds else ()):
+            _check_range(f"{key}[{i}]", v, bounds, errors)
         return value
     if not _fits(value, hint):
         errors.append(f"{key}: must be {_describe(hint)}, got {value!r}")
@@ -253,6 +255,9 @@ def cross_checks(p: Params) -> list[str]:
                       f"folder), got {p.teacher.weights!r}")
     if not p.evaluate.registered_model.strip():
         errors.append("evaluate.registered_model: must name a registered model, or be auto")
+    elif p.evaluate.registered_model != "auto" and not _REGISTRY_NAME.fullmatch(p.evaluate.registered_model):
+        errors.append(f"evaluate.registered_model: {p.evaluate.registered_model!r} is not a registry name "
+                      "(letters, digits, '.', '_' and '-', at most 256, starting with a letter or digit)")
     if not {1, 256} <= set(p.evaluate.batch_sizes):
         errors.append(f"evaluate.batch_sizes: must include 1 and 256 (the headline latencies), "
                       f"got {p.evaluate.batch_sizes}")
@@ -262,9 +267,6 @@ def cross_checks(p: Params) -> list[str]:
         errors.append("score.methods: list at least one criterion")
     if p.prune.criterion not in p.score.methods:
         errors.append(f"prune.criterion: {p.prune.criterion!r} is not among score.methods {p.score.methods}")
-    if p.evaluate.registered_model != "auto" and not _REGISTRY_NAME.fullmatch(p.evaluate.registered_model):
-        errors.append(f"evaluate.registered_model: {p.evaluate.registered_model!r} is not a registry name "
-                      "(letters, digits, '.', '_' and '-', at most 256, starting with a letter or digit)")
     return errors
 
 
@@ -298,9 +300,6 @@ def _arch_checks(name: str, net: NetParams, dataset: str) -> list[str]:
     return errors
 
 
-MAX_TRAINABLE_BYTES = 8 << 30  # weights, gradients and two Adam moments of the largest model we accept
-
-
 def _size_checks(p: Params) -> list[str]:
     from kdprune.models import model_size_on_meta
 
@@ -312,9 +311,6 @@ def _size_checks(p: Params) -> list[str]:
             sizes[name] = model_size_on_meta(net.spec(c, s, k))
         except ValueError as e:
             return [f"{name}: {e}"]
-        if 16 * sizes[name] > MAX_TRAINABLE_BYTES:
-            return [f"{name}.channels: {sizes[name]:,} parameters would need {16 * sizes[name] / 2**30:.0f} GiB to "
-                    f"train (weights, gradients, Adam moments); the limit is {MAX_TRAINABLE_BYTES / 2**30:.0f} GiB"]
     if sizes["student"] >= sizes["teacher"]:
         return [f"student: the student ({sizes['student']:,} parameters) is not smaller than its teacher "
                 f"({sizes['teacher']:,}): shrink student.channels, student.hidden or student.width"]
@@ -322,14 +318,15 @@ def _size_checks(p: Params) -> list[str]:
 
 
 def _device_checks(p: Params) -> list[str]:
-    if "cuda" not in (p.device, p.evaluate.device):
+    keys = [k for k, v in (("device", p.device), ("evaluate.device", p.evaluate.device)) if v == "cuda"]
+    if not keys:
         return []
     import torch
 
     if torch.cuda.is_available():
         return []
-    key = "device" if p.device == "cuda" else "evaluate.device"
-    return [f"{key}: cuda, but this machine has no CUDA device (use auto or cpu)"]
+    return [f"{k}: cuda, but this machine has no CUDA device (use {'auto or ' if k == 'device' else ''}cpu)"
+            for k in keys]
 
 
 def flatten(section: Any, prefix: str = "") -> dict[str, Any]:

@@ -13,7 +13,7 @@ from torch import nn
 
 from kdprune.checkpoints import save_model
 from kdprune.data import Normaliser, Split, batches, load_meta, load_split, normaliser
-from kdprune.export import export_onnx
+from kdprune.export import INPUT, OUTPUT, export_onnx
 from kdprune.files import write_atomic
 from kdprune.inference import predict
 
@@ -48,7 +48,7 @@ def keep_model(out: Path, model: nn.Module, spec: dict[str, Any], role: str, val
     export_onnx(model, example, out / ONNX_FILE)
     with torch.no_grad():
         logits = model(example)
-    run.log_model(out / ONNX_FILE, role, example.numpy(), logits.numpy())
+    run.log_model(out / ONNX_FILE, role, example.numpy(), logits.numpy(), (INPUT, OUTPUT))
 
 
 def keep_curve(path: Path, history: list[dict[str, float]], run: Any) -> None:

@@ -69,15 +69,13 @@ def warm_up() -> None:
     import onnx
     from onnx import TensorProto, helper
 
-    from kdprune.export import mlflow_inputs
-
     graph = helper.make_graph([helper.make_node("Identity", ["input"], ["logits"])], "warm",
                               [helper.make_tensor_value_info("input", TensorProto.FLOAT, [None, 2])],
                               [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [None, 2])])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     x = np.zeros((1, 2), dtype=np.float32)
     with tempfile.TemporaryDirectory() as tmp:
-        mlflow.onnx.save_model(model, f"{tmp}/m", **mlflow_inputs(x, x), pip_requirements=["onnx"],
+        mlflow.onnx.save_model(model, f"{tmp}/m", **model_inputs(x, x, ("input", "logits")), pip_requirements=["onnx"],
                                onnx_execution_providers=["CPUExecutionProvider"])
     del onnx
 
@@ -107,17 +105,24 @@ def log_artifact(path: str, folder: str | None = None) -> None:
     store.call(mlflow.log_artifact, path, artifact_path=folder, what=f"logging {Path(path).name}")
 
 
-def log_model(path: str, name: str, example: list, logits: list) -> str:
-    """The ONNX file as an MLflow model named after its role, with an input example and a signature."""
-    import mlflow.onnx
+def model_inputs(example: Any, logits: Any, names: tuple[str, str]) -> dict[str, Any]:
+    """`signature=` and `input_example=` for mlflow.onnx.log_model, from a few rows and their logits:
+    tensor specs named like the graph's input and output, the batch axis left free (-1)."""
     import numpy as np
+    from mlflow.models import infer_signature
+
+    x, y = np.asarray(example, dtype=np.float32), np.asarray(logits, dtype=np.float32)
+    return {"signature": infer_signature({names[0]: x}, {names[1]: y}), "input_example": {names[0]: x}}
+
+
+def log_model(path: str, name: str, example: list, logits: list, names: tuple[str, str]) -> str:
+    """The ONNX file as an MLflow model named after its role, with an input example and a signature.
+    onnx_execution_providers is the CPU's, or MLflow warns that CUDA's is missing."""
+    import mlflow.onnx
     import onnx
     import onnxruntime
 
-    from kdprune.export import mlflow_inputs
-
-    x, y = np.asarray(example, dtype=np.float32), np.asarray(logits, dtype=np.float32)
-    info = store.call(mlflow.onnx.log_model, onnx.load(path), name=name, **mlflow_inputs(x, y),
+    info = store.call(mlflow.onnx.log_model, onnx.load(path), name=name, **model_inputs(example, logits, names),
                       save_as_external_data=False, onnx_execution_providers=["CPUExecutionProvider"],
                       pip_requirements=[f"onnx=={onnx.__version__}", f"onnxruntime=={onnxruntime.__version__}"],
                       what=f"logging the {name} model")

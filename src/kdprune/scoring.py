@@ -13,6 +13,7 @@ from kdprune import importance
 from kdprune.checkpoints import save_tensors
 from kdprune.data import Normaliser, Split, materialise
 from kdprune.files import write_json
+from kdprune.models import units
 from kdprune.progress import Progress
 
 ORACLE_FILE = "oracle.pt"
@@ -36,8 +37,10 @@ def oracle(model: nn.Module, split: Split, norm: Normaliser, cfg: Any, seed: int
     device = next(model.parameters()).device
     held = materialise(split.to(device), cfg.batch_size, norm, cfg.oracle_samples, seed + 1)
     n = sum(len(y) for _, y in held)
-    Progress.say(f"score: oracle, removing each unit alone, on {n} {cfg.oracle_split} samples")
-    return importance.removal_loss_change(model, held, F.cross_entropy)
+    total = sum(u.size for u in units(model))
+    with Progress(f"score: oracle, removing each of {total} units alone, on {n} {cfg.oracle_split} samples",
+                  total, unit="unit") as progress:
+        return importance.removal_loss_change(model, held, F.cross_entropy, progress=progress.step)
 
 
 def save(out: Path, scores: dict[str, importance.Scores], truth: dict[str, torch.Tensor] | None) -> None:

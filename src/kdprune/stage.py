@@ -111,10 +111,11 @@ class Run:
     def log_artifact(self, path: Path) -> None:
         self.tracker.post("log_artifact", path=str(Path(path).resolve()))
 
-    def log_model(self, onnx_file: Path, name: str, example: Any, logits: Any) -> str:
-        """The ONNX file as the MLflow model `name` (its role), with an input example and a signature."""
+    def log_model(self, onnx_file: Path, name: str, example: Any, logits: Any, names: tuple[str, str]) -> str:
+        """The ONNX file as the MLflow model `name` (its role), with an input example and a signature
+        whose tensors bear the graph's input and output `names`."""
         return self.tracker.call("log_model", path=str(Path(onnx_file).resolve()), name=name,
-                                 example=example.tolist(), logits=logits.tolist())
+                                 example=example.tolist(), logits=logits.tolist(), names=list(names))
 
     def seal(self, out_dir: Path) -> str:
         """manifest.json into the finished output directory; its fingerprint goes on the run."""
@@ -130,11 +131,11 @@ def run(name: str, p: Params, reads: tuple[str, ...], inputs: dict[str, Path | s
 
     The stage does not wait for the run to exist: a server that is down is found first (a one-second
     health check), any other failure of the helper stops the stage at its next message."""
-    from kdprune import sharing, store
-    from kdprune.tracker import Tracker
+    from kdprune import sharing, store, tracker as tracking
 
-    store.check_reachable(store.tracking_uri())
-    tracker, clock, finished = Tracker(), {"entered": time.perf_counter()}, False
+    if os.environ.get("KDPRUNE_TRACKING", "on") != "off":
+        store.check_reachable(store.tracking_uri())
+    tracker, clock, finished = tracking.start(), {"entered": time.perf_counter()}, False
     try:
         with sharing.once(name, p, reads, inputs, outputs):
             fingerprints = {role: manifest.fingerprint(path) for role, path in inputs.items()}

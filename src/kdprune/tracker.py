@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import select
 import signal
@@ -96,6 +97,30 @@ class Tracker:
         return f"the MLflow tracking helper exited{f' with code {code}' if code is not None else ''}"
 
 
+class Offline:
+    """KDPRUNE_TRACKING=off: no helper, no run, every call answered with None. For a machine without
+    MLflow (a GPU box timing stages); DVC's outputs are the same bytes either way."""
+
+    waited = 0.0
+
+    def post(self, op: str, **args: Any) -> int:
+        return 0
+
+    def wait(self, ident: int) -> Any:
+        return None
+
+    def call(self, op: str, **args: Any) -> Any:
+        return None
+
+    def close(self, wait: bool) -> None:
+        return None
+
+
+def start() -> Tracker | Offline:
+    """The helper for this stage, or none when KDPRUNE_TRACKING=off."""
+    return Offline() if os.environ.get("KDPRUNE_TRACKING", "on") == "off" else Tracker()
+
+
 @contextlib.contextmanager
 def _sigterm_blocked() -> Iterator[None]:
     if not hasattr(signal, "pthread_sigmask"):
@@ -116,6 +141,7 @@ def serve() -> None:
     from kdprune import registry, runs, store, summary
 
     store.configure()
+    logging.getLogger("mlflow").setLevel(logging.WARNING)  # its INFO lines ("Creating initial tables") are noise
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the stage decides; its end of the pipe tells us
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     ops = {"open": runs.open_run, "log_epoch": runs.log_epoch, "log_artifact": runs.log_artifact,

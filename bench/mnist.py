@@ -1,0 +1,265 @@
+"""MNIST end to end: every stage of dvc.yaml on the real data, timed, per seed; the preset's acceptance.
+
+Per seed: a temporary project directory with the MNIST files (copied from --raw), links to the repo's
+stages/ and weights/, and a params.yaml
+composed by `kdprune params preset=mnist seed=<s> [student.label_fraction=<f>] [overrides]`; then the
+command of every stage of dvc.yaml, in its order, verbatim (`python` is this interpreter), as a
+subprocess in that directory, with its own MLflow sqlite store there. Each stage's wall time and
+peak resident memory (ru_maxrss of the stage process, as `/usr/bin/time -v` reports it) are measured;
+the models' test errors, parameters, MACs and latency come from the metrics/evaluate.json that
+evaluate writes. Prints a per-stage table, the pipeline time (the sum of the stages' wall times),
+the results table (mean ± sample std over --seeds), the distill gain per seed, and the acceptance
+checks. Nothing is written into the repo (no MLflow store, no DVC). Run from the repo root, about
+10 minutes per seed on two CPU cores:
+
+    .venv/bin/python bench/mnist.py                                    # seed 0, every label
+    .venv/bin/python bench/mnist.py --seeds 0 1 2
+    .venv/bin/python bench/mnist.py --seeds 0 1 2 --label-fraction 0.1  # the distill gain
+    .venv/bin/python bench/mnist.py --keep -S teacher.epochs=1 -S score.oracle=false   # overrides
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from kdprune import cli
+from kdprune.params import Params, load_params
+
+ROOT = Path(__file__).resolve().parents[1]
+MODELS = ("teacher", "student_scratch", "student", "pruned", "finetuned")  # evaluate.json's, in pipeline order
+LABELS = {"teacher": "teacher", "student_scratch": "scratch student", "student": "distilled student",
+          "pruned": "pruned", "finetuned": "fine-tuned"}
+TAIL_LINES = 30  # of a failed stage's output
+# The project's acceptance on real data (the task that sized conf/preset/mnist.yaml)
+MAX_PIPELINE_S = 15 * 60
+MIN_TEACHER_ACCURACY = 0.992
+MAX_FINETUNE_DROP = 0.003  # accuracy, against the distilled student
+MAX_PARAMS_VS_TEACHER = 1 / 20
+MAX_RSS_MIB = 3 * 1024
+
+
+@dataclass(frozen=True)
+class StageRun:
+    name: str
+    seconds: float  # wall time of the stage's process
+    peak_mib: float  # its peak resident memory (ru_maxrss)
+
+
+class StageFailed(RuntimeError):
+    pass
+
+
+def stage_commands() -> list[tuple[str, str]]:
+    """(stage, command) of every stage of dvc.yaml, in the order dvc.yaml lists them (a valid order)."""
+    with open(ROOT / "dvc.yaml") as f:
+        stages = yaml.safe_load(f)["stages"]
+    return [(name, " ".join(s["cmd"].split())) for name, s in stages.items()]
+
+
+def compose_params(out: Path, seed: int, label_fraction: float | None, overrides: list[str]) -> Params:
+    """`kdprune params preset=mnist ...`: the params.yaml `dvc exp run -S preset=mnist -S ...` composes."""
+    extra = [f"seed={seed}"] + ([f"student.label_fraction={label_fraction}"] if label_fraction is not None else [])
+    cli.main(["params", "preset=mnist", *extra, *overrides, "--conf", str(ROOT / "conf"), "--out", str(out)])
+    return load_params(out)
+
+
+def copy_raw(raw: Path, work: Path) -> None:
+    """--raw (the MNIST folder, with raw/ inside) to <work>/data/raw/MNIST, as data/README.md says. Plain
+    copies: the shared files are read-only, and a read-only folder could not be removed afterwards."""
+    dest = work / "data" / "raw" / raw.name
+    for src in sorted(raw.rglob("*")):
+        target = dest / src.relative_to(raw)
+        if src.is_dir():
+            target.mkdir(parents=True, exist_ok=True)
+        else:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, target)
+
+
+def child_env(work: Path) -> dict[str, str]:
+    """The stages' environment: MLflow in a sqlite store of the work dir, no DVC context (a stage run
+    under `dvc exp run` would share outputs through the repo's .dvc/tmp), this venv first on PATH."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DVC_")}
+    env |= {"MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}", "MLFLOW_EXPERIMENT_NAME": "kdprune-bench",
+            "KDPRUNE_SHARE": "0", "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"}
+    env.pop("MLFLOW_RUN_ID", None)
+    return env
+
+
+def run_stage(name: str, cmd: str, work: Path, env: dict[str, str]) -> StageRun:
+    """One stage's command in the work dir, its output to logs/<stage>.log; wall time and peak RSS.
+
+    os.wait4 gives this child's own rusage; getrusage(RUSAGE_CHILDREN) would give the maximum over
+    every child so far, so a stage lighter than an earlier one would show the earlier one's peak."""
+    import subprocess
+
+    argv = shlex.split(cmd)
+    if argv[0] == "python":
+        argv[0] = sys.executable
+    log = work / "logs" / f"{name}.log"
+    log.parent.mkdir(exist_ok=True)
+    with open(log, "wb") as out:
+        start = time.perf_counter()
+        proc = subprocess.Popen(argv, cwd=work, env=env, stdout=out, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)
+        seconds = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, so Popen must not wait again
+    if proc.returncode != 0:
+        raise StageFailed(f"stage {name} failed (exit code {proc.returncode}): {cmd}\n"
+                          f"--- last {TAIL_LINES} lines of {log} ---\n{tail(log)}")
+    return StageRun(name, seconds, usage.ru_maxrss / 1024)  # ru_maxrss is in KiB on Linux
+
+
+def tail(path: Path, n: int = TAIL_LINES) -> str:
+    text = path.read_text(errors="replace").replace("\r", "\n")
+    return "\n".join([line for line in text.splitlines() if line.strip()][-n:])
+
+
+def run_seed(seed: int, args: argparse.Namespace) -> dict[str, Any]:
+    """The whole pipeline for one seed in a fresh work dir: its stage runs and evaluate.json."""
+    work = Path(tempfile.mkdtemp(prefix=f"kdprune-mnist-seed{seed}-"))
+    ok = False
+    try:
+        p = compose_params(work / "params.yaml", seed, args.label_fraction, args.overrides)
+        copy_raw(args.raw, work)
+        for folder in ("stages", "weights"):  # the commands name stages/<stage>.py; teacher.weights a file in weights/
+            (work / folder).symlink_to(ROOT / folder, target_is_directory=True)
+        env = child_env(work)
+        stages = []
+        for name, cmd in stage_commands():
+            stages.append(run_stage(name, cmd, work, env))
+            log(f"seed {seed}: {name} {stages[-1].seconds:.1f} s, {stages[-1].peak_mib:.0f} MiB")
+        with open(work / "metrics" / "evaluate.json") as f:
+            results = json.load(f)
+        ok = True
+        return {"seed": seed, "params": p, "stages": stages, "results": results}
+    finally:
+        if args.keep or not ok:
+            log(f"seed {seed}: work dir kept: {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def mean_std(values: list[float], fmt: str = "{:.1f}") -> str:
+    """'mean ± sample std' (just the value for one seed)."""
+    if len(values) == 1:
+        return fmt.format(values[0])
+    return f"{fmt.format(statistics.mean(values))} ± {fmt.format(statistics.stdev(values))}"
+
+
+def markdown(header: list[str], rows: list[list[object]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(map(str, r)) + " |" for r in rows])
+
+
+def stage_table(runs: list[dict[str, Any]]) -> str:
+    """Seconds and peak MiB per stage: median over seeds (the machine is shared, timings are noisy), max."""
+    names = [s.name for s in runs[0]["stages"]]
+    rows = []
+    for i, name in enumerate(names):
+        secs = [r["stages"][i].seconds for r in runs]
+        mib = [r["stages"][i].peak_mib for r in runs]
+        rows.append([name, f"{statistics.median(secs):.1f}", f"{min(secs):.1f}-{max(secs):.1f}",
+                     f"{statistics.median(mib):.0f}", f"{max(mib):.0f}"])
+    totals = [pipeline_seconds(r) for r in runs]
+    rows.append(["**pipeline**", f"**{statistics.median(totals):.1f}**", f"{min(totals):.1f}-{max(totals):.1f}", "",
+                 f"{max(max(s.peak_mib for s in r['stages']) for r in runs):.0f}"])
+    return markdown(["stage", "median s", "range s", "median peak MiB", "max peak MiB"], rows)
+
+
+def pipeline_seconds(run: dict[str, Any]) -> float:
+    return sum(s.seconds for s in run["stages"])
+
+
+def results_table(runs: list[dict[str, Any]]) -> str:
+    rows = []
+    for m in MODELS:
+        res = [r["results"][m] for r in runs]
+        rows.append([LABELS[m], mean_std([x["errors"] for x in res]), mean_std([100 * x["accuracy"] for x in res], "{:.2f}"),
+                     mean_std([x["params"] for x in res], "{:,.0f}"), mean_std([x["macs"] for x in res], "{:,.0f}"),
+                     mean_std([x["latency_ms_b256"] for x in res], "{:.2f}")])
+    p = runs[0]["params"]
+    return markdown(["model", "test errors / 10,000", "accuracy %", "params", "MACs", "latency b256 ms"], rows) \
+        + f"\n\n{len(runs)} seed(s) {[r['seed'] for r in runs]}, mean ± sample std; student.label_fraction " \
+          f"{p.student.label_fraction}; latency: eager PyTorch, {p.evaluate.threads} thread(s), median of " \
+          f"{p.evaluate.rounds} rounds"
+
+
+def gain_lines(runs: list[dict[str, Any]]) -> str:
+    """The distill gain (distilled minus scratch test accuracy) per seed, in points, and its mean ± std."""
+    gains = [100 * r["results"]["student"]["distill_gain"] for r in runs]
+    per_seed = ", ".join(f"seed {r['seed']}: {g:+.2f}" for r, g in zip(runs, gains))
+    return f"distill gain (points): {per_seed}; mean {mean_std(gains, '{:+.2f}')}"
+
+
+def checks(runs: list[dict[str, Any]]) -> list[str]:
+    """The acceptance, per seed: what holds and by how much."""
+    lines = []
+    for r in runs:
+        res, total = r["results"], pipeline_seconds(r)
+        peak = max(s.peak_mib for s in r["stages"])
+        ft = res["finetuned"]
+        items = [(total <= MAX_PIPELINE_S, f"pipeline {total:.0f} s <= {MAX_PIPELINE_S}"),
+                 (res["teacher"]["accuracy"] >= MIN_TEACHER_ACCURACY,
+                  f"teacher {100 * res['teacher']['accuracy']:.2f}% >= {100 * MIN_TEACHER_ACCURACY:.1f}%"),
+                 (ft["accuracy_drop_vs_student"] <= MAX_FINETUNE_DROP,
+                  f"fine-tuned drop {100 * ft['accuracy_drop_vs_student']:+.2f} pt <= {100 * MAX_FINETUNE_DROP:.1f}"),
+                 (ft["params_vs_teacher"] <= MAX_PARAMS_VS_TEACHER,
+                  f"fine-tuned params 1/{1 / ft['params_vs_teacher']:.1f} of the teacher's <= 1/20"),
+                 (res["student"]["distill_gain"] > 0, f"distill gain {100 * res['student']['distill_gain']:+.2f} pt > 0"),
+                 (peak < MAX_RSS_MIB, f"peak RSS {peak:.0f} MiB < {MAX_RSS_MIB}")]
+        lines.append(f"seed {r['seed']}: " + "; ".join(("ok " if good else "FAIL ") + text for good, text in items))
+    return lines
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="a Hydra override of the preset, as `dvc exp run -S` takes it (repeatable)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--label-fraction", type=float, default=None,
+                    help="student.label_fraction (default: the preset's)")
+    ap.add_argument("--raw", type=Path, default=ROOT.parent / "shared" / "data" / "MNIST",
+                    help="the MNIST folder (with raw/ and its four files inside)")
+    ap.add_argument("--keep", action="store_true", help="keep each seed's work dir (a failed seed's is always kept)")
+    args = ap.parse_args()
+    if not (args.raw / "raw").is_dir():
+        ap.error(f"--raw {args.raw}: no raw/ folder inside (see ../shared/data/README.md)")
+    start = time.perf_counter()
+    try:
+        runs = [run_seed(s, args) for s in args.seeds]
+    except StageFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
+    print(stage_table(runs), end="\n\n")
+    print(results_table(runs), end="\n\n")
+    print(gain_lines(runs))
+    print("\n".join(checks(runs)))
+    print(json.dumps({"bench": "mnist", "seconds": round(time.perf_counter() - start, 1),
+                      "seeds": [{"seed": r["seed"], "pipeline_s": round(pipeline_seconds(r), 1),
+                                 "stages": {s.name: [round(s.seconds, 1), round(s.peak_mib)] for s in r["stages"]},
+                                 **{m: {k: r["results"][m][k] for k in ("accuracy", "errors", "params", "macs",
+                                                                          "latency_ms_b256")} for m in MODELS}}
+                                for r in runs]}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""Where the pipeline's seconds go: `dvc repro -f` on the default params, stage by stage, split into
+interpreter start-up, torch's import, waiting on MLflow (the tracking helper) and the stage's own work,
+and a no-op `dvc repro` against DVC's own `dvc status`.
+
+It runs in a temporary clone of this repository (its own MLflow store, the repo's DVC cache shared, so
+nothing here is touched) and reports medians over --repeats runs. Every stage writes its split to
+KDPRUNE_TIMINGS (see kdprune.stage). The targets of the project: `dvc repro -f` at most 45 s and a no-op
+`dvc repro` at most 0.8 s on an idle 2-core machine, tracking at most 15 % of a stage's time.
+
+    .venv/bin/python bench/pipeline.py                 # 3 forced repros, 3 no-op repros: about 3 minutes
+    .venv/bin/python bench/pipeline.py --repeats 1 --keep
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PARTS = ("startup", "torch_import", "tracking", "work")
+
+
+def sh(cmd: list[str], cwd: Path, env: dict[str, str]) -> float:
+    """Run a command, fail loudly, return its wall time in seconds."""
+    start = time.perf_counter()
+    out = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    if out.returncode != 0:
+        sys.exit(f"{' '.join(cmd)} failed ({out.returncode}):\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}")
+    return time.perf_counter() - start
+
+
+def clone(dest: Path, env: dict[str, str]) -> None:
+    sh(["git", "clone", "-q", str(ROOT), str(dest)], ROOT, env)
+    shutil.copy(ROOT / "params.yaml", dest / "params.yaml")  # the working copy's params, committed or not
+    sh(["dvc", "cache", "dir", "--local", str(ROOT / ".dvc/cache")], dest, env)
+
+
+def stage_rows(lines: list[dict]) -> dict[str, dict[str, float]]:
+    """Per stage, the median over runs of each part; tracking is the time the stage waited on the helper."""
+    by_stage: dict[str, list[dict]] = {}
+    for line in lines:
+        by_stage.setdefault(line["stage"], []).append(line)
+    rows = {}
+    for stage, runs in by_stage.items():
+        parts = [{"startup": r["startup"], "torch_import": r["torch_import"],
+                  "tracking": r["tracking_wait"] + r["close"], "work": r["work"] - r["tracking_wait"]} for r in runs]
+        rows[stage] = {k: statistics.median(p[k] for p in parts) for k in PARTS}
+    return rows
+
+
+def print_table(rows: dict[str, dict[str, float]]) -> None:
+    print("| stage | start-up s | torch import s | tracking s | work s | total s | tracking share |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for stage, r in rows.items():
+        total = sum(r.values())
+        print(f"| {stage} | " + " | ".join(f"{r[k]:.2f}" for k in PARTS) + f" | {total:.2f} | {r['tracking'] / total:.0%} |")
+    sums = {k: sum(r[k] for r in rows.values()) for k in PARTS}
+    print("| all stages | " + " | ".join(f"{sums[k]:.2f}" for k in PARTS) + f" | {sum(sums.values()):.2f} | "
+          f"{sums['tracking'] / sum(sums.values()):.0%} |")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=3, help="forced and no-op repros to take medians over")
+    ap.add_argument("--keep", action="store_true", help="keep the temporary clone and print its path")
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="kdprune-bench-"))
+    timings = work / "timings.jsonl"
+    env = dict(os.environ, DVC_NO_ANALYTICS="1", KDPRUNE_TIMINGS=str(timings),
+               PATH=f"{ROOT / '.venv/bin'}{os.pathsep}{os.environ['PATH']}")
+    env.pop("MLFLOW_TRACKING_URI", None)
+    try:
+        repo = work / "repo"
+        clone(repo, env)
+        forced, lines = [], []
+        for _ in range(args.repeats):
+            timings.unlink(missing_ok=True)
+            forced.append(sh(["dvc", "repro", "-f"], repo, env))
+            lines += [json.loads(line) for line in timings.read_text().splitlines()]
+        noop = [sh(["dvc", "repro"], repo, env) for _ in range(args.repeats)]
+        status = [sh(["dvc", "status"], repo, env) for _ in range(args.repeats)]
+        print(f"median of {args.repeats}, {os.cpu_count()} cores, load {os.getloadavg()[0]:.2f}")
+        print_table(stage_rows(lines))
+        print(f"\ndvc repro -f: {statistics.median(forced):.1f} s (runs: {', '.join(f'{t:.1f}' for t in forced)})")
+        print(f"no-op dvc repro: {statistics.median(noop):.2f} s; dvc status: {statistics.median(status):.2f} s")
+    finally:
+        if args.keep:
+            print(f"kept {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

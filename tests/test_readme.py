@@ -1,0 +1,100 @@
+"""The README's commands exist as printed: every dvc, make, kdprune, mlflow and python command of its shell
+blocks names a real subcommand, target or script, and every flag it passes is one that command accepts."""
+
+from __future__ import annotations
+
+import functools
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+
+BIN = Path(sys.executable).parent
+GROUPS = {"exp", "queue", "plots", "metrics", "params", "remote", "cache", "stage", "config", "data"}
+
+
+def shell_commands() -> list[str]:
+    """Every command line of the README's ```sh blocks: comments dropped, `&&`, `;`, `|` split, and the
+    commands inside `$(...)` taken out too."""
+    text = (REPO / "README.md").read_text()
+    lines = []
+    for block in re.findall(r"```sh\n(.*?)```", text, re.S):
+        for line in block.splitlines():
+            line = re.sub(r"\s+#.*$", "", line).strip()
+            if not line or line.startswith("#"):
+                continue
+            inner = re.findall(r"\$\(([^()]*)\)", line)
+            line = re.sub(r"\"?\$\([^()]*\)\"?", "SUBST", line)
+            lines += _split(line) + inner
+    return lines
+
+
+def _split(line: str) -> list[str]:
+    """`a && b; c | d` as [a, b, c, d], quotes respected."""
+    lex = shlex.shlex(line, posix=True, punctuation_chars=True)
+    lex.whitespace_split = True
+    parts, current = [], []
+    for token in lex:
+        if token in ("&&", ";", "|", "||"):
+            parts.append(shlex.join(current))
+            current = []
+        else:
+            current.append(token)
+    return [p for p in parts + [shlex.join(current)] if p]
+
+
+def _ours(command: str) -> bool:
+    words = shlex.split(command)
+    words = words[1:] if words and words[0] == "eval" else words
+    return bool(words) and words[0] in ("dvc", "make", "kdprune", "mlflow", "python")
+
+
+COMMANDS = [c for c in shell_commands() if _ours(c)]
+
+
+def test_the_readme_names_the_commands_a_user_runs():
+    firsts = {shlex.split(c)[0] for c in COMMANDS}
+    assert {"dvc", "make", "kdprune", "mlflow", "python"} <= firsts
+    assert "source .venv/bin/activate" in shell_commands()  # what every later command assumes
+
+
+@functools.cache
+def _help(*words: str) -> str:
+    exe = str(BIN / words[0]) if words[0] != "python" else sys.executable
+    out = subprocess.run([exe, *words[1:], "--help"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, (words, out.stderr[-1000:])
+    return out.stdout
+
+
+def _flags(words: list[str]) -> list[str]:
+    return [w.split("=", 1)[0] for w in words if w.startswith("-") and w != "-"]
+
+
+def _make_targets() -> set[str]:
+    text = (REPO / "Makefile").read_text() + (REPO / "scripts/team.mk").read_text()
+    return {t for line in re.findall(r"^([\w .%/-]+):(?!=)", text, re.M) for t in line.split()}
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_readme_command_exists_with_the_flags_it_uses(command):
+    words = shlex.split(command)
+    words = words[1:] if words[0] == "eval" else words
+    tool, rest = words[0], words[1:]
+    if tool == "make":
+        targets = [w for w in rest if not w.startswith("-") and "=" not in w]
+        assert targets and set(targets) <= _make_targets(), command
+        return
+    if tool == "python":
+        script = REPO / rest[0]
+        assert script.exists(), command
+        _help("python", rest[0])
+        return
+    sub = rest[:2] if tool == "dvc" and rest and rest[0] in GROUPS else rest[:1]
+    usage = _help(tool, *sub)
+    for flag in _flags(rest[len(sub):]):
+        assert re.search(rf"(^|[\s,\[]){re.escape(flag)}([\s,=\]]|$)", usage, re.M), (command, flag)
