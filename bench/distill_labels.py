@@ -41,7 +41,8 @@ from kdprune.data import Normaliser, Split, augmenter, labelled_subset, prepare
 from kdprune.inference import evaluate, predict
 from kdprune.models import build_model
 from kdprune.params import FitParams, NetParams, Params, load_params
-from kdprune.training import LossFn, fit, resolve_device, seed_everything
+from kdprune.determinism import setup
+from kdprune.training import LossFn, fit, resolve_device
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -107,7 +108,7 @@ def fit_as_stage(p: Params, model: nn.Module, data: Prepared, train_split: Split
 
 def build(p: Params, net: NetParams, data: Prepared) -> nn.Module:
     """A fresh model of `net`'s architecture for this data, its weights drawn after seeding with p.seed."""
-    seed_everything(p.seed)
+    setup(p.seed, torch.get_num_threads())
     return build_model(net.spec(data.meta["in_channels"], data.meta["image_size"], data.meta["num_classes"]))
 
 

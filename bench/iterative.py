@@ -36,7 +36,8 @@ from kdprune import rounds, scoring, soft_labels
 from kdprune.models import prunable_layers
 from kdprune.params import Params
 from kdprune.pruning import apply_weight_masks, bake_weight_masks
-from kdprune.training import resolve_device, seed_everything
+from kdprune.determinism import setup
+from kdprune.training import resolve_device
 
 Masks = dict[str, torch.Tensor]
 
@@ -73,7 +74,7 @@ def finetune(p: Params, data: Prepared, model: nn.Module, masks: Masks) -> None:
     else:
         train_split, loss = labelled(p, data.train), F.cross_entropy
     apply_weight_masks(model, masks)
-    seed_everything(p.seed)
+    setup(p.seed, torch.get_num_threads())
     fit_as_stage(p, model, data, train_split, loss, p.finetune, "finetune")
     bake_weight_masks(model)
 

@@ -55,7 +55,9 @@ MAX_RSS_MIB = 3 * 1024
 class StageRun:
     name: str
     seconds: float  # wall time of the stage's process
+    cpu_seconds: float  # its user + system CPU time (and that of the children it waited for)
     peak_mib: float  # its peak resident memory (ru_maxrss)
+    load: float  # the machine's 1-minute load average as it ended: above ~2.5 on 2 cores, others were running
 
 
 class StageFailed(RuntimeError):
@@ -120,7 +122,8 @@ def run_stage(name: str, cmd: str, work: Path, env: dict[str, str]) -> StageRun:
     if proc.returncode != 0:
         raise StageFailed(f"stage {name} failed (exit code {proc.returncode}): {cmd}\n"
                           f"--- last {TAIL_LINES} lines of {log} ---\n{tail(log)}")
-    return StageRun(name, seconds, usage.ru_maxrss / 1024)  # ru_maxrss is in KiB on Linux
+    return StageRun(name, seconds, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024,  # ru_maxrss: KiB
+                    os.getloadavg()[0])
 
 
 def tail(path: Path, n: int = TAIL_LINES) -> str:
@@ -141,7 +144,9 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict[str, Any]:
         stages = []
         for name, cmd in stage_commands():
             stages.append(run_stage(name, cmd, work, env))
-            log(f"seed {seed}: {name} {stages[-1].seconds:.1f} s, {stages[-1].peak_mib:.0f} MiB")
+            s = stages[-1]
+            log(f"seed {seed}: {name} {s.seconds:.1f} s ({s.cpu_seconds:.1f} s CPU), {s.peak_mib:.0f} MiB, "
+                f"load {s.load:.1f}")
         with open(work / "metrics" / "evaluate.json") as f:
             results = json.load(f)
         ok = True
@@ -170,18 +175,21 @@ def markdown(header: list[str], rows: list[list[object]]) -> str:
 
 
 def stage_table(runs: list[dict[str, Any]]) -> str:
-    """Seconds and peak MiB per stage: median over seeds (the machine is shared, timings are noisy), max."""
-    names = [s.name for s in runs[0]["stages"]]
+    """Per stage, over seeds: wall seconds (median and range: the machine is shared, timings are noisy),
+    CPU seconds, peak MiB, and the load average as it ended."""
     rows = []
-    for i, name in enumerate(names):
-        secs = [r["stages"][i].seconds for r in runs]
-        mib = [r["stages"][i].peak_mib for r in runs]
+    for i, name in enumerate(s.name for s in runs[0]["stages"]):
+        secs, cpu, mib, load = ([getattr(r["stages"][i], k) for r in runs]
+                                for k in ("seconds", "cpu_seconds", "peak_mib", "load"))
         rows.append([name, f"{statistics.median(secs):.1f}", f"{min(secs):.1f}-{max(secs):.1f}",
-                     f"{statistics.median(mib):.0f}", f"{max(mib):.0f}"])
-    totals = [pipeline_seconds(r) for r in runs]
-    rows.append(["**pipeline**", f"**{statistics.median(totals):.1f}**", f"{min(totals):.1f}-{max(totals):.1f}", "",
-                 f"{max(max(s.peak_mib for s in r['stages']) for r in runs):.0f}"])
-    return markdown(["stage", "median s", "range s", "median peak MiB", "max peak MiB"], rows)
+                     f"{statistics.median(cpu):.1f}", f"{statistics.median(mib):.0f}", f"{max(mib):.0f}",
+                     f"{statistics.median(load):.1f}"])
+    totals, cpus = [pipeline_seconds(r) for r in runs], [sum(s.cpu_seconds for s in r["stages"]) for r in runs]
+    rows.append(["**pipeline**", f"**{statistics.median(totals):.1f}**", f"{min(totals):.1f}-{max(totals):.1f}",
+                 f"{statistics.median(cpus):.1f}", "", f"{max(max(s.peak_mib for s in r['stages']) for r in runs):.0f}",
+                 ""])
+    return markdown(["stage", "median s", "range s", "median CPU s", "median peak MiB", "max peak MiB",
+                     "median load"], rows)
 
 
 def pipeline_seconds(run: dict[str, Any]) -> float:
@@ -255,7 +263,9 @@ def main() -> None:
     print("\n".join(checks(runs)))
     print(json.dumps({"bench": "mnist", "seconds": round(time.perf_counter() - start, 1),
                       "seeds": [{"seed": r["seed"], "pipeline_s": round(pipeline_seconds(r), 1),
-                                 "stages": {s.name: [round(s.seconds, 1), round(s.peak_mib)] for s in r["stages"]},
+                                 "stages": {s.name: {"s": round(s.seconds, 1), "cpu_s": round(s.cpu_seconds, 1),
+                                                    "peak_mib": round(s.peak_mib), "load": round(s.load, 1)}
+                                            for s in r["stages"]},
                                  **{m: {k: r["results"][m][k] for k in ("accuracy", "errors", "params", "macs",
                                                                           "latency_ms_b256")} for m in MODELS}}
                                 for r in runs]}))

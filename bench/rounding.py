@@ -17,7 +17,7 @@ Prints per model the unit widths (before, round_to 1, round_to 8), params and MA
 round_to 8 / round_to 1, the median ms of each with its IQR, and the latency ratio round_to 8 /
 round_to 1 paired round by round (< 1: round_to 8 is faster; IQR beside it; `noisy` when the IQR
 exceeds 15 % of the median); then every figure as one JSON line. Nothing is written into the repo.
-Run from the repo root (defaults: about 3 minutes on two busy CPU cores; --rounds 5, about 40 seconds):
+Run from the repo root (defaults: about 2 minutes on two busy CPU cores; --rounds 5, about 45 seconds):
 
     .venv/bin/python bench/rounding.py
     .venv/bin/python bench/rounding.py --amount 0.7 --threads 2 --rounds 50 --arch resnet18
@@ -47,7 +47,7 @@ from kdprune.models import build_model, count_params, units
 from kdprune.params import Params, load_params
 from kdprune.pruning import prune
 from kdprune.report import count
-from kdprune.training import seed_everything
+from kdprune.determinism import setup
 
 ROUND_TOS = (1, 8)
 BATCH_SIZES = [1, 256]
@@ -68,7 +68,7 @@ def student(args: argparse.Namespace, p: Params) -> tuple[nn.Module, str]:
 def torchvision_model(arch: str) -> nn.Module:
     """models.py's adaptation of a torchvision architecture at TORCHVISION_WIDTH, random weights (seed 0)."""
     c, size, k = TORCHVISION_SHAPE
-    seed_everything(0)
+    setup(0, torch.get_num_threads())
     return build_model({"arch": arch, "in_channels": c, "image_size": size, "num_classes": k, "channels": [],
                         "hidden": [], "width": TORCHVISION_WIDTH}).eval()
 

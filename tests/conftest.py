@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+# The tests' own MLflow tracking services (kdprune.tracker), apart from any a developer runs beside them,
+# and stopped when the session ends.
+os.environ["KDPRUNE_SERVICE_DIR"] = tempfile.mkdtemp(prefix="kdp-")
 
 # The project's own smoke-test preset: the whole pipeline in seconds on 2 cores, on the real digits data.
 TINY: dict[str, Any] = yaml.safe_load((REPO / "conf/preset/tiny.yaml").read_text())
@@ -95,14 +99,26 @@ def randomised(spec: dict[str, Any], seed: int = 0) -> Any:
 STAGES = list(stage_paths(Path(".")))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def tracking_services() -> Iterator[None]:
+    """Every tracking service a test started is stopped at the end: no process outlives the tests."""
+    yield
+    from kdprune import tracker
+
+    tracker.stop_all()
+
+
 @pytest.fixture
-def mlflow_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+def mlflow_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """A fresh sqlite store under tmp_path, and tmp_path as the working directory."""
+    from kdprune import tracker
+
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
     monkeypatch.chdir(tmp_path)
-    return uri
+    yield uri
+    tracker.stop(uri, "kdprune")
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,9 @@
 """The team stack (`make team-up` / `team-join` / `team-down`, scripts/team.py) with real parts: PostgreSQL,
 SeaweedFS's S3 gateway and an MLflow server on free ports in a temporary folder. A run logged through the
 server is read back from PostgreSQL and its artifact from the bucket; `dvc push` from one throw-away repo and
-`dvc pull` into a clone of it go through the DVC bucket; team-down leaves no process and no port behind.
+`dvc pull` into a clone of it go through the DVC bucket; two clones of the tiny pipeline share the stack as
+README "Working as a team" says (the second pulls and recomputes nothing; its runs link to the first's by
+fingerprint); team-down leaves no process and no port behind.
 
 The tests run in file order on one stack (module fixture); the last one takes it down."""
 
@@ -12,6 +14,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 import shlex
 import shutil
 import socket
@@ -26,7 +29,8 @@ from typing import Any, Iterator
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, tree_bytes
+from tests.test_dvc import ALL, GIT, RAN, clone, make_project, sh
 
 pytestmark = pytest.mark.slow
 
@@ -312,6 +316,190 @@ def test_down_then_up_keeps_the_runs_the_data_and_the_exports(stack: Stack) -> N
               for r in client.search_runs([e.experiment_id])]
     assert [r.data.tags["mlflow.runName"] for r in probes] == ["team-probe"]
     assert any(k.startswith("files/") for k in keys(stack, stack.exports["KDPRUNE_DVC_REMOTE"][5:]))
+
+
+# -- the acceptance: two clones of the pipeline on one stack --------------------------------------------------
+
+# the stages that open a stage run (validate opens none, evaluate the summary run), and who makes what
+STAGE_RUNS = [s for s in ALL if s not in ("validate", "evaluate")]
+MAKER = {"data": "prepare", "teacher": "train_teacher", "soft_labels": "soft_labels",
+         "student_scratch": "train_scratch", "student": "train_student", "scores": "score", "pruned": "prune",
+         "finetuned": "finetune"}
+MODELS = {"train_teacher": "teacher", "train_scratch": "student_scratch", "train_student": "student",
+          "prune": "pruned", "finetune": "finetuned"}  # the stage -> the model it logs, in models/<name>
+
+
+def assert_linked(run: Any, made: dict[str, Any]) -> None:
+    """Every input of `run` is the output of the run `made` holds for its maker, and `run` names that run
+    (`pipeline.upstream.<stage>`, or `pipeline.run.<stage>` on a summary): lineage by fingerprint."""
+    tags = run.data.tags
+    link = "pipeline.run." if tags["pipeline.kind"] == "summary" else "pipeline.upstream."
+    inputs = {k.removeprefix("pipeline.input."): v for k, v in tags.items() if k.startswith("pipeline.input.")}
+    assert inputs, tags
+    for role, fingerprint in inputs.items():
+        maker = made[MAKER[role]]
+        assert maker.data.tags["pipeline.output"] == fingerprint, (tags["pipeline.stage"], role)
+        assert tags[link + MAKER[role]] == maker.info.run_id, (tags["pipeline.stage"], role)
+
+
+def share_through_the_stack(stack: Stack, a: Path, b: Path) -> None:
+    """The README's recipe on two clones: A joins, reproduces, commits and pushes outputs and run-cache; B, a
+    git clone of A with no DVC cache, joins and pulls (its repro then runs nothing) and runs an experiment.
+
+    Joining runs `python scripts/team.py join` in the clone: `make team-join`'s own recipe, which the Makefile
+    runs after making sure of the repo's .venv; the throw-away clones have no Makefile and no .venv."""
+    env = stack.env(PYTHONUNBUFFERED="1")
+    a.mkdir()
+    make_project(a)
+    run([PY, str(TEAM_PY), "join"], a, env)
+    assert RAN.findall(sh(["dvc", "repro"], a, env).stdout) == ALL
+    sh(["git", "add", "-A"], a, env)
+    sh([*GIT, "commit", "-qm", "repro"], a, env)
+    assert "config.local" not in sh(["git", "show", "--stat", "HEAD"], a, env).stdout  # the keys stay out of git
+    sh(["dvc", "push"], a, env)
+    sh(["dvc", "push", "--run-cache"], a, env)
+    dvc_keys = keys(stack, stack.exports["KDPRUNE_DVC_REMOTE"].removeprefix("s3://"))
+    assert any(k.startswith("files/md5/") for k in dvc_keys) and any(k.startswith("runs/") for k in dvc_keys)
+
+    clone(a, b, shared_cache=False)  # a fresh machine: git only, no DVC cache, no outputs
+    assert not (b / ".dvc/cache").exists() and not (b / "models/teacher").exists()
+    run([PY, str(TEAM_PY), "join"], b, env)
+    sh(["dvc", "pull"], b, env)
+    assert tree_bytes(b / "models") == tree_bytes(a / "models")
+    again = sh(["dvc", "repro"], b, env).stdout
+    assert RAN.findall(again) == [] and "Data and pipelines are up to date" in again, again
+    exp = sh(["dvc", "exp", "run", "-S", "prune.amount=0.7"], b, env).stdout
+    assert RAN.findall(exp) == ["validate", "prune", "finetune", "evaluate"], exp
+
+
+def stage_and_summary_runs(runs: list[Any]) -> tuple[dict[str, Any], Any]:
+    """{stage: run} of one pipeline execution's stage runs (one each), and its one summary run."""
+    stages = [r for r in runs if r.data.tags["pipeline.kind"] == "stage"]
+    summaries = [r for r in runs if r.data.tags["pipeline.kind"] == "summary"]
+    assert len(summaries) == 1, [r.info.run_name for r in summaries]
+    by_stage = {r.data.tags["pipeline.stage"]: r for r in stages}
+    assert len(by_stage) == len(stages), sorted(r.data.tags["pipeline.stage"] for r in stages)
+    return by_stage, summaries[0]
+
+
+def assert_linked(run: Any, made: dict[str, Any]) -> None:
+    """Every input of `run` is the output of the run `made` holds for its maker, and `run` names that run
+    (`pipeline.upstream.<stage>`, or `pipeline.run.<stage>` on a summary): lineage by fingerprint."""
+    tags = run.data.tags
+    link = "pipeline.run." if tags["pipeline.kind"] == "summary" else "pipeline.upstream."
+    inputs = {k.removeprefix("pipeline.input."): v for k, v in tags.items() if k.startswith("pipeline.input.")}
+    assert inputs, tags
+    for role, fingerprint in inputs.items():
+        maker = made[MAKER[role]]
+        assert maker.data.tags["pipeline.output"] == fingerprint, (tags["pipeline.stage"], role)
+        assert tags[link + MAKER[role]] == maker.info.run_id, (tags["pipeline.stage"], role)
+
+
+def assert_runs_in_postgres(stack: Stack, experiment_id: str, runs: list[Any]) -> None:
+    """The runs the client reads are the rows of the server's PostgreSQL, all FINISHED."""
+    import psycopg2
+
+    cfg = stack.config()
+    pg = cfg["postgres"]
+    conn = psycopg2.connect(host="127.0.0.1", port=cfg["ports"]["postgres"], user=pg["user"],
+                            password=pg["password"], dbname=pg["database"], connect_timeout=10)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT run_uuid, status FROM runs WHERE experiment_id = %s", (int(experiment_id),))
+            assert sorted(cur.fetchall()) == sorted((r.info.run_id, "FINISHED") for r in runs)
+    finally:
+        conn.close()
+
+
+def assert_models_in_the_bucket(stack: Stack, logged: list[Any], stage_runs: dict[str, Any], summary: Any,
+                                root: Path) -> None:
+    """Each model a stage run logged is in the MLflow bucket under its model id, the same ONNX graph as the
+    clone's models/<name>/model.onnx; the summary run's report is there under the run's artifacts."""
+    import onnx
+
+    bucket = stack.config()["buckets"]["mlflow"]
+    stored, client = keys(stack, bucket), s3(stack)
+    for stage, r in stage_runs.items():
+        if stage not in MODELS:
+            continue
+        mine = [m for m in logged if m.source_run_id == r.info.run_id]
+        assert [m.name for m in mine] == [MODELS[stage]], stage
+        files = [k for k in stored if mine[0].model_id in k]
+        assert any(k.endswith("/MLmodel") for k in files), (stage, files)
+        graph = [k for k in files if k.endswith("/model.onnx")]
+        assert len(graph) == 1, (stage, files)
+        body = client.get_object(Bucket=bucket, Key=graph[0])["Body"].read()
+        here = onnx.load(str(root / "models" / MODELS[stage] / "model.onnx"))
+        assert onnx.load_from_string(body).SerializeToString() == here.SerializeToString(), stage
+    report = [k for k in stored if k.endswith(f"{summary.info.run_id}/artifacts/reports/comparison.md")]
+    assert len(report) == 1, report
+    body = client.get_object(Bucket=bucket, Key=report[0])["Body"].read()
+    assert body == (root / "reports/comparison.md").read_bytes()
+
+
+def test_two_clones_share_the_stack_and_the_second_recomputes_nothing(stack: Stack) -> None:
+    """The team acceptance, on the tiny preset: B pulls what A computed and recomputes nothing; every run of
+    both is FINISHED in PostgreSQL; B's experiment links to A's runs by fingerprint; every logged model is in
+    the MLflow bucket."""
+    from mlflow import MlflowClient
+
+    a, b = stack.root / "clone-a", stack.root / "clone-b"
+    share_through_the_stack(stack, a, b)
+
+    client = MlflowClient(stack.exports["MLFLOW_TRACKING_URI"])
+    experiment_id = client.get_experiment_by_name("kdprune").experiment_id
+    runs = client.search_runs([experiment_id], max_results=1000)
+    assert [(r.data.tags.get("pipeline.stage"), r.info.status) for r in runs if r.info.status != "FINISHED"] == []
+    assert_runs_in_postgres(stack, experiment_id, runs)
+    of_b = [r for r in runs if r.data.tags.get("dvc.exp_name")]  # B's experiment names its runs
+    assert len({r.data.tags["dvc.exp_name"] for r in of_b}) == 1
+    a_stage, a_summary = stage_and_summary_runs([r for r in runs if not r.data.tags.get("dvc.exp_name")])
+    b_stage, b_summary = stage_and_summary_runs(of_b)
+    assert sorted(a_stage) == sorted(STAGE_RUNS)
+    assert sorted(b_stage) == ["finetune", "prune"]
+    assert b_stage["prune"].data.params["prune.amount"] == "0.7" != a_stage["prune"].data.params["prune.amount"]
+    assert b_summary.data.params["prune.amount"] == "0.7"
+
+    for stage, r in a_stage.items():
+        if stage != "prepare":  # prepare reads only the raw data, which no run made
+            assert_linked(r, a_stage)
+        assert r.data.tags["mlflow.parentRunId"] == a_summary.info.run_id
+    assert_linked(a_summary, a_stage)
+    for r in (*b_stage.values(), b_summary):
+        assert_linked(r, {**a_stage, **b_stage})
+    assert all(r.data.tags["mlflow.parentRunId"] == b_summary.info.run_id for r in b_stage.values())
+    upstream = {k.split(".", 2)[2]: v for k, v in b_stage["prune"].data.tags.items()
+                if k.startswith("pipeline.upstream.")}
+    assert upstream == {s: a_stage[s].info.run_id for s in ("prepare", "train_teacher", "soft_labels",
+                                                             "train_student", "score")}
+
+    logged = client.search_logged_models([experiment_id], max_results=100)
+    assert len(logged) == 7  # A's five models, B's pruned and fine-tuned
+    assert_models_in_the_bucket(stack, logged, a_stage, a_summary, a)
+    assert_models_in_the_bucket(stack, logged, b_stage, b_summary, b)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "dvc.yaml declares each model stage's uncached curve or figure (plots/train_teacher.csv, plots/score.json, "
+    "plots/prune.png, ...) under `outs:` with `cache: false`; DVC (dvc/stage/__init__.py, Stage.run) saves no "
+    "run-cache entry for a stage with an uncached out that is not a metric or a plot, so only prepare and "
+    "soft_labels reach the run-cache. Fix: declare them under the stage's `plots:` (JSON under `metrics:`), "
+    "still `cache: false`"))
+def test_the_pushed_run_cache_holds_every_stage_the_first_clone_computed(stack: Stack) -> None:
+    """docs/team.md: `dvc push --run-cache`, so that a stage computed once, on any machine, is never computed
+    again (and kdprune.sharing leaves later experiments to the run-cache). Reads what the acceptance test above
+    pushed: an entry in the DVC bucket's runs/ for every stage that computes (validate's marker persists, which
+    DVC never run-caches)."""
+    import yaml
+
+    bucket = stack.exports["KDPRUNE_DVC_REMOTE"].removeprefix("s3://")
+    entries = [k for k in keys(stack, bucket) if k.startswith("runs/")]
+    if not entries:
+        pytest.skip("runs after test_two_clones_share_the_stack_and_the_second_recomputes_nothing, which pushes")
+    client = s3(stack)
+    cached = {re.search(r"stages/(\w+)\.py", yaml.safe_load(body)["cmd"]).group(1)
+              for body in (client.get_object(Bucket=bucket, Key=k)["Body"].read() for k in entries)}
+    assert cached >= set(STAGE_RUNS), sorted(cached)
 
 
 def test_down_stops_every_process_it_started_and_frees_every_port(stack: Stack) -> None:

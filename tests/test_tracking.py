@@ -1,8 +1,10 @@
-"""MLflow tracking with real parts: a brand-new sqlite store opened by several stages at once, a server
-that is down, a real `mlflow server` (killed mid-stage and restarted), stages that fail, are
-interrupted or are killed, and `kdprune doctor` closing what a dead process left open.
+"""MLflow tracking with real parts: real stores, a real server, real stage subprocesses, real signals.
 
-Every stage here is a real subprocess (`python stages/<stage>.py`), with its MLflow helper. Nothing is
+A brand-new sqlite store opened by several stages at once, a server that is down, a real `mlflow
+server` (killed mid-stage and restarted), stages that fail, are interrupted or are killed, and
+`kdprune doctor` closing what a dead process left open.
+
+Every stage here is a real subprocess (`python stages/<stage>.py`), with its real tracking end. Nothing is
 timed except as a loose upper bound; conditions are polled for, with generous limits."""
 
 from __future__ import annotations
@@ -327,6 +329,12 @@ class Server:
                 cwd=self.root, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
         wait_until(self._healthy, 120, f"mlflow server on {self.uri} answering /health")
 
+    def ensure_up(self) -> None:
+        """Start it again if a test that killed it did not get to restart it."""
+        if self.proc is None or self.proc.poll() is not None or not self._healthy_quietly():
+            self.stop()
+            self.start()
+
     def _healthy(self) -> bool:
         if self.proc.poll() is not None:
             pytest.fail(f"mlflow server exited {self.proc.returncode}:\n{self.log.read_text()[-2000:]}")
@@ -378,6 +386,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 
 def test_stages_log_through_a_real_server_and_what_it_prints_corrupts_nothing(
         server: Server, tmp_path: Path, launch: Callable[..., Stage]) -> None:
+    server.ensure_up()
     uri = server.uri
     params = write_params(tmp_path / "params.yaml")
     paths = stage_paths(tmp_path)
@@ -385,8 +394,8 @@ def test_stages_log_through_a_real_server_and_what_it_prints_corrupts_nothing(
     for name in ("prepare", "train_teacher"):
         done[name] = launch(name, params, uri, tmp_path, **paths[name])
         assert done[name].wait(240, name) == 0, done[name].tail()
-    # MLflow prints "View run ... at ..." when a run on a server ends; the helper keeps it off its replies
-    assert "View run" in done["train_teacher"].stderr
+    # MLflow prints "View run ... at ..." to stdout when a run on a server ends: never into the stage's replies
+    assert all("View run" not in stage.stdout for stage in done.values())
 
     c = client(uri)
     runs = {name: runs_of(uri, stage.owner) for name, stage in done.items()}
@@ -417,8 +426,10 @@ class SlowToFail(AssertionError):
     "by the owner check, as KILLED). Everything else in this test holds."))
 def test_acceptance_a_server_killed_mid_training_fails_the_stage_cleanly_and_its_run_is_closed_after_restart(
         server: Server, prepared: dict[str, Any], tmp_path: Path, launch: Callable[..., Stage]) -> None:
+    server.ensure_up()
     uri = server.uri
-    params = write_params(tmp_path / "params.yaml", teacher={"epochs": 200})  # still training when it fails
+    epochs = 400  # far more than it trains before it learns of the dead server: still training when it fails
+    params = write_params(tmp_path / "params.yaml", teacher={"epochs": epochs})
     out, plots = tmp_path / "models" / "teacher", tmp_path / "plots" / "train_teacher.csv"
     stage = launch("train_teacher", params, uri, tmp_path, data=prepared["data"], out=out, plots=plots)
     run_id = wait_until(training(uri, stage), 180, "train_teacher logging its first epoch", stage)
@@ -429,7 +440,7 @@ def test_acceptance_a_server_killed_mid_training_fails_the_stage_cleanly_and_its
     took = time.monotonic() - killed
     assert code == 2, stage.tail()
     assert_one_error(stage, uri)
-    assert "epoch 200/200" not in stage.stderr, "the stage trained on to the end against a dead server"
+    assert f"epoch {epochs}/{epochs}" not in stage.stderr, "the stage trained on to the end against a dead server"
     assert not out.exists() and not plots.exists()
     assert staged_leftovers(out, plots) == []
 
@@ -472,15 +483,13 @@ def test_sigterm_mid_training_exits_130_kills_the_run_and_writes_nothing(
     assert staged_leftovers(out, plots) == []
 
 
-def test_sigkill_mid_training_leaves_the_helper_to_close_the_run_as_killed(
+def test_sigkill_mid_training_leaves_the_tracker_to_close_the_run_as_killed(
         prepared: dict[str, Any], old_teacher: dict[str, Any], tmp_path: Path, launch: Callable[..., Stage]) -> None:
-    import psutil
-
+    """SIGKILL gives the stage no chance to clean up: its tracking end (helper or service) sees its
+    connection close without a `finish`, and closes the run as KILLED."""
     uri, out, plots = prepared["uri"], old_teacher["out"], old_teacher["plots"]
     stage = launch("train_teacher", old_teacher["params"], uri, tmp_path, data=prepared["data"], out=out, plots=plots)
     run_id = wait_until(training(uri, stage), 180, "train_teacher logging its first epoch", stage)
-    helpers = [p for p in psutil.Process(stage.proc.pid).children() if "kdprune.tracker" in p.cmdline()]
-    assert len(helpers) == 1
     stage.proc.kill()
     assert stage.wait(60, "train_teacher after SIGKILL") == -signal.SIGKILL
 
@@ -490,9 +499,7 @@ def test_sigkill_mid_training_leaves_the_helper_to_close_the_run_as_killed(
             return status if status != "RUNNING" else None
         return None
 
-    assert wait_until(closed, 60, "the helper closing the run") == "KILLED"
-    wait_until(lambda: not helpers[0].is_running() or helpers[0].status() == psutil.STATUS_ZOMBIE, 60,
-               "the helper exiting")
+    assert wait_until(closed, 60, "the tracker closing the run") == "KILLED"
     assert tree_bytes(out) == old_teacher["before"]
     assert not plots.exists()
 
@@ -549,6 +556,34 @@ def test_doctor_closes_runs_left_open_by_dead_processes_and_leaves_live_ones(
     assert sum(unreachable in line and "FAILED" in line for line in lines) == 1
     status = {run_id: c.get_run(run_id).info.status for run_id in (dead, alive, foreign, unreachable)}
     assert status == {dead: "KILLED", alive: "RUNNING", foreign: "RUNNING", unreachable: "FAILED"}
+    assert list(pending.iterdir()) == []
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "BUG (src/kdprune/runs.py reconcile, the pending loop): a record of a run the store no longer has "
+    "(a reset server or database, a deleted run) makes set_terminated raise MlflowException, which is not "
+    "'unreachable', so it escapes: `kdprune doctor` dies with a traceback and the records after it are never "
+    "read, and every stage start fails with `error: Run with id=... not found` until the file is deleted by hand"))
+def test_doctor_drops_a_pending_record_of_a_run_the_store_no_longer_has(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from kdprune import store
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    monkeypatch.chdir(tmp_path)
+    c = client(uri)
+    real = c.create_run(store.ensure_experiment(), tags={"pipeline.stage": "prune"}).info.run_id
+    gone = "0" * 32  # sorts first: read before the real one
+    pending = tmp_path / ".kdprune" / "pending"
+    pending.mkdir(parents=True)
+    for run_id in (gone, real):
+        (pending / f"{run_id}.json").write_text(json.dumps({"uri": uri, "run_id": run_id, "status": "FAILED"}))
+
+    result = doctor(uri, tmp_path, tmp_path / "logs" / "doctor")
+    assert "Traceback" not in result.stderr, result.tail()
+    assert result.proc.returncode == 0, result.tail()
+    assert c.get_run(real).info.status == "FAILED"
     assert list(pending.iterdir()) == []
 
 
@@ -627,15 +662,31 @@ def _can_drop_dac_override() -> bool:
         ["setpriv", "--bounding-set=-dac_override", "--", "true"], capture_output=True).returncode == 0
 
 
-def test_an_output_folder_under_a_file_stops_the_stage_with_one_line(
+class MixedOutputs(AssertionError):
+    """A failed stage that replaced some of its outputs and not others."""
+
+
+@pytest.mark.xfail(strict=True, raises=MixedOutputs, reason=(
+    "BUG (stages/train_teacher.py, and train_scratch, train_student, finetune alike): the model folder is "
+    "swapped into place when `with staged_dir(args.out)` ends, and the curve (--plots) is written after it; "
+    "when the curve cannot be written the stage exits 2 with the new model already in place of the old one"))
+def test_an_output_under_a_file_stops_the_stage_with_one_line_and_leaves_its_other_outputs(
         prepared: dict[str, Any], tmp_path: Path, launch: Callable[..., Stage]) -> None:
-    blocker = tmp_path / "models"
+    out = tmp_path / "models" / "teacher"
+    out.mkdir(parents=True)
+    (out / "sentinel.txt").write_text("the previous teacher\n")
+    before = tree_bytes(out)
+    blocker = tmp_path / "plots"
     blocker.write_text("a file where a folder should be\n")
-    out = blocker / "prepared"
-    stage = launch("prepare", prepared["params"], prepared["uri"], tmp_path, raw=tmp_path / "raw", out=out)
-    assert stage.wait(240, "prepare into a folder under a file") == 2, stage.tail()
+    stage = launch("train_teacher", prepared["params"], prepared["uri"], tmp_path, data=prepared["data"],
+                   out=out, plots=blocker / "train_teacher.csv")
+    assert stage.wait(240, "train_teacher writing under a file") == 2, stage.tail()
     assert_one_error(stage, str(blocker))
     assert blocker.read_text() == "a file where a folder should be\n"
+    assert staged_leftovers(out) == []
+    assert [r.info.status for r in runs_of(prepared["uri"], stage.owner)] == ["FAILED"]
+    if tree_bytes(out) != before:
+        raise MixedOutputs(f"the stage failed, yet replaced {out}: {sorted(p.name for p in out.iterdir())}")
 
 
 def test_a_read_only_output_folder_stops_the_stage_with_one_line(

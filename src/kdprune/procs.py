@@ -68,3 +68,14 @@ def age() -> float:
     except (OSError, ValueError):
         return 0.0
     return uptime - stat[1] / os.sysconf("SC_CLK_TCK") if stat else 0.0
+
+
+def git_commit() -> str | None:
+    """HEAD of the repository this process runs in (a DVC experiment's copy has its own), or None."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None

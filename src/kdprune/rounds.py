@@ -43,8 +43,9 @@ def prune_student(model: nn.Module, train: Split, val: Split, norm: Normaliser, 
     before, widths = accuracy(model), {u.name: u.size for u in units(model)}
     curves = None
     if p.prune.scope == "sensitivity" or p.prune.curves:
-        Progress.say(f"prune: sensitivity curves, {len(widths)} layers x {len(FRACTIONS)} fractions")
-        curves = sensitivity(model, first.units, accuracy)
+        with Progress(f"prune: sensitivity curves, {len(widths)} layers x {len(FRACTIONS)} fractions",
+                      len(widths) * len(FRACTIONS), unit="evaluation") as progress:
+            curves = sensitivity(model, first.units, lambda m: (progress.step(), accuracy(m))[1])
     try:
         masks = iterative_prune(model, rescorer(p, train, norm, first), p.prune.amount, p.prune.steps,
                                 p.prune.scope, p.prune.structured, recoverer(p, train, val, norm), accuracy,

@@ -6,21 +6,22 @@ of its inputs, so lineage holds across clones and machines sharing a server, and
 ever written into an output. `evaluate` opens the summary run of a pipeline execution: every param,
 the headline metrics, the reports, and the stage runs of its execution nested under it.
 
-These functions run in the tracking helper process (kdprune.tracker), one active run at a time.
+These functions run in the tracking service (kdprune.tracker), one thread per stage connected to it,
+each with its own active run (MLflow's active run is thread-local too).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import socket
+import threading
 from pathlib import Path
 from typing import Any
 
 from kdprune import procs, store
 from kdprune.errors import TrackingError
 
-ACTIVE: dict[str, Any] = {}  # the helper's one open run: {"run_id", "experiment_id", "kind", "execution"}
+_LOCAL = threading.local()  # this thread's (stage's) open run: run_id, experiment_id, kind, execution, upstream
 
 
 def _client() -> Any:
@@ -30,7 +31,8 @@ def _client() -> Any:
 
 
 def open_run(stage: str, kind: str, name: str, params: dict[str, Any], inputs: dict[str, str],
-             owner: str | None, execution: str | None) -> None:
+             owner: str | None, execution: str | None, exp_name: str | None = None, commit: str | None = None,
+             local: str | None = None) -> None:
     """Start the run of one executed stage (kind "stage") or of a pipeline execution's summary
     (kind "summary"), tagged with its inputs' fingerprints and the upstream runs found by them.
 
@@ -40,20 +42,21 @@ def open_run(stage: str, kind: str, name: str, params: dict[str, Any], inputs: d
     from mlflow.entities import Param
 
     experiment_id = store.ensure_experiment()
+    _LOCAL.local = Path(local) if local else store.local_dir()
     reconcile(experiment_id)
     upstream = store.call(_upstream, experiment_id, inputs, what="looking up upstream runs")
     tags = {"mlflow.runName": name, "pipeline.stage": stage, "pipeline.kind": kind,
             "pipeline.host": socket.gethostname(),
             **{f"pipeline.input.{role}": fp for role, fp in inputs.items()},
             **{f"pipeline.{'run' if kind == 'summary' else 'upstream'}.{s}": r for s, r in upstream.items()}}
-    for key, value in (("pipeline.owner", owner), ("pipeline.execution", execution),
-                       ("dvc.exp_name", os.environ.get("DVC_EXP_NAME")), ("mlflow.source.git.commit", _commit())):
+    for key, value in (("pipeline.owner", owner), ("pipeline.execution", execution), ("dvc.exp_name", exp_name),
+                       ("mlflow.source.git.commit", commit)):
         if value:
             tags[key] = value
     client = _client()
     run = store.call(client.create_run, experiment_id, tags=tags, run_name=name, what="starting a run")
-    ACTIVE.update(run_id=run.info.run_id, experiment_id=experiment_id, kind=kind, execution=execution,
-                  upstream=upstream)
+    _LOCAL.active = {"run_id": run.info.run_id, "experiment_id": experiment_id, "kind": kind,
+                     "execution": execution, "upstream": upstream}
     store.call(client.log_batch, run.info.run_id, params=[Param(k, str(_param(v))) for k, v in params.items()],
                what="logging params")
     store.call(mlflow.start_run, run_id=run.info.run_id, what="activating the run")
@@ -140,7 +143,7 @@ def finish(status: str, output: str | None = None) -> None:
     A run that cannot be closed is written down locally and closed by the next stage that starts."""
     import mlflow
 
-    run_id = ACTIVE.get("run_id")
+    run_id = getattr(_LOCAL, "active", {}).get("run_id")
     if run_id is None:
         return
     try:
@@ -151,7 +154,7 @@ def finish(status: str, output: str | None = None) -> None:
         _remember(run_id, "FAILED")
         raise
     finally:
-        ACTIVE.clear()
+        _LOCAL.active = {}
 
 
 def nest_execution(summary_id: str, experiment_id: str, execution: str | None) -> None:
@@ -170,7 +173,7 @@ def reconcile(experiment_id: str) -> list[str]:
     """Close what a dead process left open: runs recorded locally as unclosable, and RUNNING runs of
     this host whose owner process is gone (KILLED). Returns one line per run closed."""
     client, done = _client(), []
-    pending = store.local_dir() / "pending"
+    pending = _local_dir() / "pending"
     for record in sorted(pending.glob("*.json")) if pending.is_dir() else ():
         info = json.loads(record.read_text())
         if info.get("uri") != store.tracking_uri():
@@ -192,7 +195,7 @@ def reconcile(experiment_id: str) -> list[str]:
 
 def _remember(run_id: str, status: str) -> None:
     """A run the store would not close now: the next stage start (or `kdprune doctor`) closes it."""
-    pending = store.local_dir() / "pending"
+    pending = _local_dir() / "pending"
     try:
         pending.mkdir(parents=True, exist_ok=True)
         (pending / f"{run_id}.json").write_text(json.dumps({"uri": store.tracking_uri(), "run_id": run_id,
@@ -201,14 +204,9 @@ def _remember(run_id: str, status: str) -> None:
         pass  # a full or read-only disk: the owner check in reconcile() still closes it, as KILLED
 
 
-def _commit() -> str | None:
-    import subprocess
-
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
-    except OSError:
-        return None
-    return out.stdout.strip() or None
+def _local_dir() -> Path:
+    """The stage's clone's own folder for records (<repo root>/.kdprune), as the stage told us."""
+    return getattr(_LOCAL, "local", None) or store.local_dir()
 
 
 def _param(value: Any) -> Any:
@@ -216,6 +214,7 @@ def _param(value: Any) -> Any:
 
 
 def active() -> dict[str, Any]:
-    if not ACTIVE:
+    """This thread's open run."""
+    if not getattr(_LOCAL, "active", None):
         raise TrackingError("no run is open")
-    return dict(ACTIVE)
+    return dict(_LOCAL.active)

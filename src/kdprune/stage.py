@@ -141,12 +141,13 @@ def run(name: str, p: Params, reads: tuple[str, ...], inputs: dict[str, Path | s
             fingerprints = {role: manifest.fingerprint(path) for role, path in inputs.items()}
             tracker.post("open", stage=name, kind=kind, name=title or f"{name} · {label(p)}",
                          params=flatten(p) if kind == "summary" else section(p, *reads), inputs=fingerprints,
-                         owner=procs.identity(), execution=procs.dvc_ancestor())
-            import torch
+                         owner=procs.identity(), execution=procs.dvc_ancestor(),
+                         exp_name=os.environ.get("DVC_EXP_NAME"), commit=procs.git_commit(),
+                         local=str(store.local_dir()))
+            from kdprune import determinism
 
+            determinism.setup(p.seed, p.threads)  # imports torch: meanwhile the helper imports MLflow
             clock["torch"] = time.perf_counter()
-            torch.set_num_threads(p.threads)
-            torch.manual_seed(p.seed)
             run = Run(name, tracker, fingerprints)
             clock["work"] = time.perf_counter()
             status = "FAILED"

@@ -1,37 +1,59 @@
-"""A stage's MLflow run, kept by a helper process: the stage sends, the helper logs.
+"""A stage's MLflow run, kept by the tracking service: the stage sends, the service logs.
 
-Importing MLflow and opening its store take seconds; a helper process does that on the second
-core while the stage imports torch and loads its data, so tracking costs a stage little wall
-time. The helper also outlives a stage killed with SIGKILL just long enough to close its run as
-KILLED: it sees its input end without a `finish`. Messages are JSON lines both ways (plain data,
-never pickles); every call is answered, in order; a stage learns of a failed asynchronous call at
-its next call and stops with the helper's one-line message.
+Importing MLflow and opening its store take seconds. One service process per tracking store does
+that once, and serves every stage of a pipeline (and every queue worker) over a Unix socket: a
+stage connects in milliseconds, and its run is opened while it imports torch and loads its data.
+The service closes a stage's run as KILLED when its connection ends without a `finish` (the stage
+was killed, even with SIGKILL). It exits after IDLE seconds without a stage. Messages are JSON
+lines both ways (plain data, never pickles); every call is answered, in order; a stage learns of a
+failed asynchronous call at its next call and stops with the service's one-line message.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
 import select
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
+from pathlib import Path
 from typing import Any, Iterator
 
 from kdprune.errors import TrackingError
+
+IDLE = 30.0  # seconds without a connected stage after which the service exits
+START_TIMEOUT = 120.0  # seconds a stage waits for a service it started to listen
+
+
+def service_dir() -> Path:
+    """Short (a socket path has at most 107 bytes) and private to this user."""
+    path = Path(os.environ.get("KDPRUNE_SERVICE_DIR") or f"/tmp/kdprune-{os.getuid()}")
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return path
+
+
+def service_key(uri: str, experiment: str) -> str:
+    """One service per store and experiment, and per version of the code that serves them."""
+    here = Path(__file__).parent
+    code = b"".join((here / f"{m}.py").read_bytes() for m in ("tracker", "runs", "summary", "registry", "store"))
+    return hashlib.sha256(b"\0".join([uri.encode(), experiment.encode(), code])).hexdigest()[:20]
 
 
 class Tracker:
     """The stage's end: `call(op, **args)` waits for the answer, `post(op, **args)` does not."""
 
-    def __init__(self) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-m", "kdprune.tracker"], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, bufsize=0, close_fds=True)
+    def __init__(self, uri: str, experiment: str) -> None:
+        self.uri = uri
+        self.sock = _connect(service_dir() / f"{service_key(uri, experiment)}.sock", uri, experiment)
         self.sent = self.answered = 0
-        self.waited = 0.0  # seconds this process spent blocked on the helper (bench/pipeline.py reads it)
+        self.waited = 0.0  # seconds this process spent blocked on the service (bench/pipeline.py reads it)
         self.buffer = b""
         self.results: dict[int, Any] = {}
 
@@ -40,9 +62,9 @@ class Tracker:
         line = (json.dumps({"id": self.sent + 1, "op": op, "args": args}) + "\n").encode()
         with _sigterm_blocked():  # a message is written whole or not at all
             try:
-                self.proc.stdin.write(line)
-            except BrokenPipeError:
-                raise TrackingError(self._died()) from None
+                self.sock.sendall(line)
+            except OSError:
+                raise TrackingError(self._gone()) from None
         self.sent += 1
         return self.sent
 
@@ -60,25 +82,21 @@ class Tracker:
         return self.wait(self.post(op, **args))
 
     def close(self, wait: bool) -> None:
-        """End the helper: it closes any run still open as KILLED when its input ends. After a `finish`
-        was answered there is nothing left to wait for but its interpreter's exit."""
+        """Hang up: a run still open is closed as KILLED by the service."""
         with contextlib.suppress(OSError):
-            self.proc.stdin.close()
-        if wait:
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
+            self.sock.close()
 
     def _collect(self, block: bool) -> None:
-        fd = self.proc.stdout.fileno()
         while True:
-            ready, _, _ = select.select([fd], [], [], None if block else 0)
+            ready, _, _ = select.select([self.sock], [], [], None if block else 0)
             if not ready:
                 return
-            chunk = os.read(fd, 1 << 16)
+            try:
+                chunk = self.sock.recv(1 << 16)
+            except OSError:
+                chunk = b""
             if not chunk:
-                raise TrackingError(self._died())
+                raise TrackingError(self._gone())
             self.buffer += chunk
             *lines, self.buffer = self.buffer.split(b"\n")
             for line in lines:
@@ -92,13 +110,12 @@ class Tracker:
             raise TrackingError(reply["error"])
         self.results[reply["id"]] = reply.get("ok")
 
-    def _died(self) -> str:
-        code = self.proc.poll()
-        return f"the MLflow tracking helper exited{f' with code {code}' if code is not None else ''}"
+    def _gone(self) -> str:
+        return f"the MLflow tracking service for {self.uri} went away (see {service_dir()}/*.log)"
 
 
 class Offline:
-    """KDPRUNE_TRACKING=off: no helper, no run, every call answered with None. For a machine without
+    """KDPRUNE_TRACKING=off: no service, no run, every call answered with None. For a machine without
     MLflow (a GPU box timing stages); DVC's outputs are the same bytes either way."""
 
     waited = 0.0
@@ -117,13 +134,52 @@ class Offline:
 
 
 def start() -> Tracker | Offline:
-    """The helper for this stage, or none when KDPRUNE_TRACKING=off."""
-    return Offline() if os.environ.get("KDPRUNE_TRACKING", "on") == "off" else Tracker()
+    """This stage's connection to the service of its store, or none when KDPRUNE_TRACKING=off."""
+    if os.environ.get("KDPRUNE_TRACKING", "on") == "off":
+        return Offline()
+    from kdprune import store
+
+    return Tracker(store.tracking_uri(), store.experiment_name())
+
+
+def _connect(path: Path, uri: str, experiment: str) -> socket.socket:
+    """Connect to the service at `path`, starting it first when none listens (under a lock, so two
+    stages starting at once start one service, and a service never exits while one connects)."""
+    from filelock import FileLock
+
+    with FileLock(str(path.with_suffix(".lock"))):
+        with contextlib.suppress(OSError):
+            return _dial(path)
+        log = path.with_suffix(".log").open("ab")
+        env = dict(os.environ, MLFLOW_TRACKING_URI=uri, MLFLOW_EXPERIMENT_NAME=experiment)
+        env.pop("DVC_EXP_NAME", None)
+        proc = subprocess.Popen([sys.executable, "-m", "kdprune.tracker", str(path)], stdin=subprocess.DEVNULL,
+                                stdout=log, stderr=log, env=env, cwd=path.parent, start_new_session=True,
+                                close_fds=True)
+        log.close()
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            with contextlib.suppress(OSError):
+                return _dial(path)
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise TrackingError(f"the MLflow tracking service for {uri} did not start "
+                                    f"(exit {proc.poll()}; see {path.with_suffix('.log')})")
+            time.sleep(0.02)
+
+
+def _dial(path: Path) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(str(path))
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 @contextlib.contextmanager
 def _sigterm_blocked() -> Iterator[None]:
-    if not hasattr(signal, "pthread_sigmask"):
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
         yield
         return
     old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
@@ -133,38 +189,119 @@ def _sigterm_blocked() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
-# ---------------------------------------------------------------- the helper process
+def stop(uri: str, experiment: str) -> None:
+    """Ask the service of one store to exit now (a test that made the store)."""
+    _stop(service_dir() / f"{service_key(uri, experiment)}.sock")
 
 
-def serve() -> None:
-    """Answer a stage's messages until its pipe closes; close a run left open as KILLED."""
-    from kdprune import registry, runs, store, summary
+def stop_all() -> list[str]:
+    """Ask every service under service_dir() to exit now (the end of the tests)."""
+    return [str(p) for p in sorted(service_dir().glob("*.sock")) if _stop(p)]
 
-    store.configure()
-    logging.getLogger("mlflow").setLevel(logging.WARNING)  # its INFO lines ("Creating initial tables") are noise
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the stage decides; its end of the pipe tells us
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    ops = {"open": runs.open_run, "log_epoch": runs.log_epoch, "log_artifact": runs.log_artifact,
-           "log_model": runs.log_model, "set_tags": runs.set_tags, "finish": runs.finish,
-           "summarise": summary.summarise, "register": registry.register}
-    # The replies get a private copy of stdout; whatever MLflow prints ("View run ... at ..." after a run
-    # on a server) goes to stderr and can never corrupt a reply.
-    out = os.fdopen(os.dup(sys.stdout.fileno()), "wb", buffering=0)
-    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
-    for line in sys.stdin.buffer:
-        message = json.loads(line)
+
+def _stop(path: Path) -> bool:
+    """Only between stages: a run still open in the service would be left RUNNING (reconciled later)."""
+    with contextlib.suppress(OSError):
+        sock = _dial(path)
+        with sock:
+            sock.sendall(b'{"id": 1, "op": "stop", "args": {}}\n')
+            sock.recv(1 << 10)
+        return True
+    return False
+
+
+# ---------------------------------------------------------------- the service
+
+
+class Service:
+    """Listens on a socket; one thread per connected stage; exits after IDLE seconds without one."""
+
+    def __init__(self, path: Path) -> None:
+        from kdprune import registry, runs, store, summary
+
+        self.path, self.sessions, self.stopping = path, 0, False
+        self.lock = threading.Lock()
+        self.ops = {"open": runs.open_run, "log_epoch": runs.log_epoch, "log_artifact": runs.log_artifact,
+                    "log_model": runs.log_model, "set_tags": runs.set_tags, "finish": runs.finish,
+                    "summarise": summary.summarise, "register": registry.register}
+        self.runs = runs
+        store.configure()
+
+        def warm() -> None:  # the store opened, and model logging imported, before a stage needs them
+            _quietly(store.ensure_experiment)
+            _quietly(runs.warm_up)
+
+        self.warm = threading.Thread(target=warm, daemon=True)
+        self.warm.start()
+
+    def serve(self) -> None:
+        from filelock import FileLock
+
+        server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+        server.bind(str(self.path))
+        server.listen(64)
+        idle_since = time.monotonic()
+        while not self.stopping:
+            ready, _, _ = select.select([server], [], [], 1.0)
+            if ready:
+                conn, _ = server.accept()
+                threading.Thread(target=self.session, args=(conn,), daemon=True).start()
+                continue
+            with self.lock:
+                busy = self.sessions > 0
+            if busy:
+                idle_since = time.monotonic()
+            elif time.monotonic() - idle_since > IDLE:
+                with FileLock(str(self.path.with_suffix(".lock"))):  # no stage is connecting right now
+                    if not select.select([server], [], [], 0)[0]:
+                        break
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+        server.close()
+
+    def session(self, conn: socket.socket) -> None:
+        """One stage: its messages in order, each answered; a run it leaves open is closed KILLED."""
+        with self.lock:
+            self.sessions += 1
         try:
-            reply = {"id": message["id"], "ok": ops[message["op"]](**message["args"])}
+            with conn, conn.makefile("rb") as lines:
+                for line in lines:
+                    message = json.loads(line)
+                    if message["op"] == "stop":
+                        self.stopping = True
+                        conn.sendall(b'{"id": 1, "ok": null}\n')
+                        return
+                    if message["op"] == "log_model":
+                        self.warm.join()  # never two model loggers at once in one process
+                    conn.sendall((json.dumps(self.answer(message), default=str) + "\n").encode())
+        except OSError:
+            pass  # the stage went away mid-reply: below, its run is closed
+        finally:
+            with contextlib.suppress(Exception):
+                self.runs.finish("KILLED")  # a no-op after a `finish`
+            with self.lock:
+                self.sessions -= 1
+
+    def answer(self, message: dict[str, Any]) -> dict[str, Any]:
+        try:
+            return {"id": message["id"], "ok": self.ops[message["op"]](**message["args"])}
         except Exception as e:  # noqa: BLE001 - every failure becomes the stage's one-line error
             text = str(e).strip()
-            reply = {"id": message["id"], "error": text.splitlines()[0] if text else type(e).__name__}
-        out.write((json.dumps(reply, default=str) + "\n").encode())
-        if message["op"] == "open" and "error" not in reply:
-            with contextlib.suppress(Exception):  # only a speed-up: a real failure shows in log_model
-                runs.warm_up()
-    with contextlib.suppress(Exception):
-        runs.finish("KILLED")
+            return {"id": message["id"], "error": text.splitlines()[0] if text else type(e).__name__}
+
+
+def _quietly(fn: Any) -> None:
+    with contextlib.suppress(Exception):  # only a speed-up: a real failure shows in log_model
+        fn()
+
+
+def main(path: str) -> None:
+    logging.getLogger("mlflow").setLevel(logging.WARNING)  # its INFO lines ("Creating initial tables") are noise
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C in the terminal is for the stages
+    Service(Path(path)).serve()
 
 
 if __name__ == "__main__":
-    serve()
+    main(sys.argv[1])

@@ -25,12 +25,6 @@ class FitConfig(Protocol):
     weight_decay: float
 
 
-def seed_everything(seed: int) -> None:
-    """Same seed, same machine, same thread count (set by every stage from params): the same weights."""
-    torch.manual_seed(seed)
-    torch.use_deterministic_algorithms(True, warn_only=True)
-
-
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
