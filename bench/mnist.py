@@ -43,6 +43,7 @@ MODELS = ("teacher", "student_scratch", "student", "pruned", "finetuned")  # eva
 LABELS = {"teacher": "teacher", "student_scratch": "scratch student", "student": "distilled student",
           "pruned": "pruned", "finetuned": "fine-tuned"}
 TAIL_LINES = 30  # of a failed stage's output
+EXPERIMENT = "kdprune-bench"  # in each work dir's own MLflow store
 # The project's acceptance on real data (the task that sized conf/preset/mnist.yaml)
 MAX_PIPELINE_S = 15 * 60
 MIN_TEACHER_ACCURACY = 0.992
@@ -91,14 +92,46 @@ def copy_raw(raw: Path, work: Path) -> None:
             shutil.copyfile(src, target)
 
 
+def tracking_uri(work: Path) -> str:
+    return f"sqlite:///{work / 'mlflow.db'}"
+
+
 def child_env(work: Path) -> dict[str, str]:
     """The stages' environment: MLflow in a sqlite store of the work dir, no DVC context (a stage run
     under `dvc exp run` would share outputs through the repo's .dvc/tmp), this venv first on PATH."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DVC_")}
-    env |= {"MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}", "MLFLOW_EXPERIMENT_NAME": "kdprune-bench",
-            "KDPRUNE_SHARE": "0", "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"}
-    env.pop("MLFLOW_RUN_ID", None)
-    return env
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DVC_") and k != "MLFLOW_RUN_ID"}
+    return env | {"MLFLOW_TRACKING_URI": tracking_uri(work), "MLFLOW_EXPERIMENT_NAME": EXPERIMENT,
+                  "KDPRUNE_SHARE": "0", "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"}
+
+
+def adopt_orphans() -> bool:
+    """Become the child subreaper (Linux): the MLflow tracking service a stage starts, in its own session,
+    outlives that stage and is then reparented here, so its peak memory can be read when it exits."""
+    import ctypes
+
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0) == 0  # PR_SET_CHILD_SUBREAPER
+    except (OSError, AttributeError):
+        return False
+
+
+def reap_service(work: Path, timeout: float = 60.0) -> StageRun | None:
+    """Stop this work dir's tracking service (kdprune.tracker, one per store; it would exit after 30 s
+    idle anyway) and reap it, with any other orphan: their CPU time and peak memory, or None."""
+    from kdprune import tracker
+
+    tracker.stop(tracking_uri(work), EXPERIMENT)
+    cpu, peak, deadline, found = 0.0, 0.0, time.monotonic() + timeout, False
+    while time.monotonic() < deadline:
+        try:
+            pid, _, usage = os.wait4(-1, os.WNOHANG)
+        except ChildProcessError:
+            break  # no child left
+        if pid == 0:
+            time.sleep(0.2)
+            continue
+        found, cpu, peak = True, cpu + usage.ru_utime + usage.ru_stime, max(peak, usage.ru_maxrss / 1024)
+    return StageRun("(tracking service)", float("nan"), cpu, peak, os.getloadavg()[0]) if found else None
 
 
 def run_stage(name: str, cmd: str, work: Path, env: dict[str, str]) -> StageRun:
@@ -132,9 +165,10 @@ def tail(path: Path, n: int = TAIL_LINES) -> str:
 
 
 def run_seed(seed: int, args: argparse.Namespace) -> dict[str, Any]:
-    """The whole pipeline for one seed in a fresh work dir: its stage runs and evaluate.json."""
+    """The whole pipeline for one seed in a fresh work dir: its stage runs, its tracking service's
+    footprint, and evaluate.json."""
     work = Path(tempfile.mkdtemp(prefix=f"kdprune-mnist-seed{seed}-"))
-    ok = False
+    ok, service = False, None
     try:
         p = compose_params(work / "params.yaml", seed, args.label_fraction, args.overrides)
         copy_raw(args.raw, work)
@@ -150,12 +184,13 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict[str, Any]:
         with open(work / "metrics" / "evaluate.json") as f:
             results = json.load(f)
         ok = True
-        return {"seed": seed, "params": p, "stages": stages, "results": results}
     finally:
+        service = reap_service(work)
         if args.keep or not ok:
             log(f"seed {seed}: work dir kept: {work}")
         else:
             shutil.rmtree(work, ignore_errors=True)
+    return {"seed": seed, "params": p, "stages": stages, "service": service, "results": results}
 
 
 def log(msg: str) -> None:
@@ -184,6 +219,11 @@ def stage_table(runs: list[dict[str, Any]]) -> str:
         rows.append([name, f"{statistics.median(secs):.1f}", f"{min(secs):.1f}-{max(secs):.1f}",
                      f"{statistics.median(cpu):.1f}", f"{statistics.median(mib):.0f}", f"{max(mib):.0f}",
                      f"{statistics.median(load):.1f}"])
+    services = [r["service"] for r in runs if r["service"] is not None]
+    if services:  # beside the stages, not in the pipeline's time: its work is waited for inside them
+        rows.append(["(MLflow tracking service)", "-", "-", f"{statistics.median(s.cpu_seconds for s in services):.1f}",
+                     f"{statistics.median(s.peak_mib for s in services):.0f}",
+                     f"{max(s.peak_mib for s in services):.0f}", ""])
     totals, cpus = [pipeline_seconds(r) for r in runs], [sum(s.cpu_seconds for s in r["stages"]) for r in runs]
     rows.append(["**pipeline**", f"**{statistics.median(totals):.1f}**", f"{min(totals):.1f}-{max(totals):.1f}",
                  f"{statistics.median(cpus):.1f}", "", f"{max(max(s.peak_mib for s in r['stages']) for r in runs):.0f}",
@@ -222,7 +262,7 @@ def checks(runs: list[dict[str, Any]]) -> list[str]:
     lines = []
     for r in runs:
         res, total = r["results"], pipeline_seconds(r)
-        peak = max(s.peak_mib for s in r["stages"])
+        peak = max(s.peak_mib for s in r["stages"] + ([r["service"]] if r["service"] else []))
         ft = res["finetuned"]
         items = [(total <= MAX_PIPELINE_S, f"pipeline {total:.0f} s <= {MAX_PIPELINE_S}"),
                  (res["teacher"]["accuracy"] >= MIN_TEACHER_ACCURACY,
@@ -251,6 +291,8 @@ def main() -> None:
     args = ap.parse_args()
     if not (args.raw / "raw").is_dir():
         ap.error(f"--raw {args.raw}: no raw/ folder inside (see ../shared/data/README.md)")
+    if not adopt_orphans():
+        log("cannot become the child subreaper: the MLflow tracking service's memory is not measured")
     start = time.perf_counter()
     try:
         runs = [run_seed(s, args) for s in args.seeds]

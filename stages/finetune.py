@@ -43,8 +43,8 @@ def main(argv: list[str] | None = None) -> None:
         bake_weight_masks(model)
         with staged_dir(args.out) as out:
             recipes.keep_model(out, model, spec, "finetuned", val, norm, run)
+            recipes.keep_curve(args.plots, history, run)
             run.seal(out)
-        recipes.keep_curve(args.plots, history, run)
 
 
 if __name__ == "__main__":

@@ -16,8 +16,8 @@ def main(argv: list[str] | None = None) -> None:
         with staged_dir(args.out) as out:
             meta = prepare(p.data.name, args.raw, out, p.data.val_fraction, p.data.test_fraction, p.seed,
                            p.data.download)
+            run.log_epoch(0, {f"{s}_samples": n for s, n in meta["counts"].items()})
             run.seal(out)
-        run.log_epoch(0, {f"{s}_samples": n for s, n in meta["counts"].items()})
 
 
 if __name__ == "__main__":

@@ -24,10 +24,10 @@ def main(argv: list[str] | None = None) -> None:
         result = work.prune_student(model, train, val, norm, args.scores, p)
         with staged_dir(args.out) as out:
             work.save(out, model, spec, result, val, norm, run)
+            work.plot(result, args.plot)
+            run.log_epoch(0, result.metrics)
+            run.log_artifact(args.plot)
             run.seal(out)
-        work.plot(result, args.plot)
-        run.log_epoch(0, result.metrics)
-        run.log_artifact(args.plot)
 
 
 if __name__ == "__main__":

@@ -27,10 +27,10 @@ def main(argv: list[str] | None = None) -> None:
         truth = scoring.oracle(model, splits[-1], norm, p.score, p.seed) if p.score.oracle else None
         with staged_dir(args.out) as out:
             scoring.save(out, scores, truth)
+            agreement = scoring.report(scores, truth, args.agreement, args.plot)
+            run.log_epoch(0, {f"spearman.{m}": v for m, v in agreement.items()})
+            run.log_artifact(args.plot)
             run.seal(out)
-        agreement = scoring.report(scores, truth, args.agreement, args.plot)
-        run.log_epoch(0, {f"spearman.{m}": v for m, v in agreement.items()})
-        run.log_artifact(args.plot)
 
 
 if __name__ == "__main__":

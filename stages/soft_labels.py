@@ -25,8 +25,8 @@ def main(argv: list[str] | None = None) -> None:
         logits = predict(teacher.to(resolve_device(p.device)), train, norm).cpu()  # (N, K)
         with staged_dir(args.out) as out:
             soft_labels.save(out, logits)
+            run.log_epoch(0, {"teacher_train_accuracy": (logits.argmax(1) == train.y).float().mean().item()})
             run.seal(out)
-        run.log_epoch(0, {"teacher_train_accuracy": (logits.argmax(1) == train.y).float().mean().item()})
 
 
 if __name__ == "__main__":

@@ -33,8 +33,8 @@ def main(argv: list[str] | None = None) -> None:
                       desc="scratch")
         with staged_dir(args.out) as out:
             recipes.keep_model(out, model, spec, "student_scratch", val, norm, run)
+            recipes.keep_curve(args.plots, history, run)
             run.seal(out)
-        recipes.keep_curve(args.plots, history, run)
 
 
 if __name__ == "__main__":

@@ -29,8 +29,8 @@ def main(argv: list[str] | None = None) -> None:
                           run.log_epoch, augment=augmenter(p.augment.crop, p.augment.flip), desc="teacher")
         with staged_dir(args.out) as out:
             recipes.keep_model(out, model, spec, "teacher", val, norm, run)
+            recipes.keep_curve(args.plots, history, run)
             run.seal(out)
-        recipes.keep_curve(args.plots, history, run)
 
 
 if __name__ == "__main__":

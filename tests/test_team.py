@@ -479,12 +479,6 @@ def test_two_clones_share_the_stack_and_the_second_recomputes_nothing(stack: Sta
     assert_models_in_the_bucket(stack, logged, b_stage, b_summary, b)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "dvc.yaml declares each model stage's uncached curve or figure (plots/train_teacher.csv, plots/score.json, "
-    "plots/prune.png, ...) under `outs:` with `cache: false`; DVC (dvc/stage/__init__.py, Stage.run) saves no "
-    "run-cache entry for a stage with an uncached out that is not a metric or a plot, so only prepare and "
-    "soft_labels reach the run-cache. Fix: declare them under the stage's `plots:` (JSON under `metrics:`), "
-    "still `cache: false`"))
 def test_the_pushed_run_cache_holds_every_stage_the_first_clone_computed(stack: Stack) -> None:
     """docs/team.md: `dvc push --run-cache`, so that a stage computed once, on any machine, is never computed
     again (and kdprune.sharing leaves later experiments to the run-cache). Reads what the acceptance test above

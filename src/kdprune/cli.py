@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import sys
 from pathlib import Path
 
@@ -31,7 +33,8 @@ def doctor(args: argparse.Namespace) -> None:
     from kdprune import runs, store
 
     store.configure()
-    closed = runs.reconcile(store.ensure_experiment())
+    with contextlib.redirect_stdout(io.StringIO()):  # MLflow prints "View run ... at ..." per run closed on a server
+        closed = runs.reconcile(store.ensure_experiment())
     print("\n".join(closed) if closed else f"no run left open in {store.tracking_uri()}")
 
 

@@ -74,9 +74,12 @@ def staged_dir(out: str | Path) -> Iterator[Path]:
     names carry the pid of the process that made them.
     """
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale(out)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.{os.getpid()}.", suffix=".tmp"))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale(out)
+        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.{os.getpid()}.", suffix=".tmp"))
+    except OSError as e:  # a read-only folder, a file where a folder should be: name the output, not a temp name
+        raise OSError(e.errno, f"cannot write here ({e.strerror})", str(out)) from e
     try:
         tmp.chmod(0o777 & ~_UMASK)
         yield tmp

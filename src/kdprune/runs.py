@@ -151,7 +151,7 @@ def finish(status: str, output: str | None = None) -> None:
             store.call(mlflow.set_tag, "pipeline.output", output, what="recording the output")
         store.call(mlflow.end_run, status, what="closing the run")
     except Exception:
-        _remember(run_id, "FAILED")
+        _remember(run_id, "FAILED" if status == "FINISHED" else status)
         raise
     finally:
         _LOCAL.active = {}
@@ -172,15 +172,20 @@ def nest_execution(summary_id: str, experiment_id: str, execution: str | None) -
 def reconcile(experiment_id: str) -> list[str]:
     """Close what a dead process left open: runs recorded locally as unclosable, and RUNNING runs of
     this host whose owner process is gone (KILLED). Returns one line per run closed."""
+    from mlflow.exceptions import MlflowException
+
     client, done = _client(), []
     pending = _local_dir() / "pending"
     for record in sorted(pending.glob("*.json")) if pending.is_dir() else ():
         info = json.loads(record.read_text())
         if info.get("uri") != store.tracking_uri():
             continue
-        store.call(client.set_terminated, info["run_id"], info["status"], what="closing a pending run")
+        try:
+            store.call(client.set_terminated, info["run_id"], info["status"], what="closing a pending run")
+            done.append(f"closed run {info['run_id']} as {info['status']} (its stage could not reach the store)")
+        except MlflowException as e:  # the run is gone (a reset store) or already closed: the record is moot
+            done.append(f"dropped the record of run {info['run_id']} ({str(e).splitlines()[0]})")
         record.unlink()
-        done.append(f"closed run {info['run_id']} as {info['status']} (its stage could not reach the store)")
     running = store.call(client.search_runs, [experiment_id], "attributes.status = 'RUNNING' and "
                          f"tags.`pipeline.host` = '{socket.gethostname()}'", max_results=1000,
                          what="looking for runs left running")

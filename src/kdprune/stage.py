@@ -118,7 +118,10 @@ class Run:
                                  example=example.tolist(), logits=logits.tolist(), names=list(names))
 
     def seal(self, out_dir: Path) -> str:
-        """manifest.json into the finished output directory; its fingerprint goes on the run."""
+        """manifest.json into the finished (still staged) output directory; its fingerprint goes on the run.
+        Every message sent so far is answered first, so a tracking failure stops the stage before its
+        outputs replace the old ones."""
+        self.tracker.wait(self.tracker.sent if hasattr(self.tracker, "sent") else 0)
         self.output = manifest.write(out_dir, self.stage, self.inputs)
         return self.output
 

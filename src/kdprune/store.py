@@ -117,19 +117,27 @@ def ensure_experiment() -> str:
         raise TrackingError(f"MLflow tracking store {uri}: {_first_line(e)}") from e
 
 
+_DOWN: set[str] = set()  # stores that used up their retries: later calls try once, until one succeeds
+
+
 def call(fn: Callable[..., T], *args: Any, what: str = "call", **kwargs: Any) -> T:
     """One tracking call, retried after 1, 2 and 4 s when the store cannot be reached; after that a
-    TrackingError naming the URI (the server is down, not just restarting)."""
-    for delay in (*RETRY_DELAYS, None):
+    TrackingError naming the URI (the server is down, not just restarting), and single attempts for
+    the calls queued behind it, so a dead server fails a stage once, not once per message."""
+    uri = tracking_uri()
+    for delay in ((None,) if uri in _DOWN else (*RETRY_DELAYS, None)):
         try:
-            return fn(*args, **kwargs)
+            result = fn(*args, **kwargs)
+            _DOWN.discard(uri)
+            return result
         except Exception as e:  # noqa: BLE001 - mlflow wraps connection failures in several types
             if not _unreachable(e):
                 if isinstance(e, OSError):  # a full or read-only disk under the artifact store
                     raise TrackingError(f"MLflow {what} at {tracking_uri()}: {_first_line(e)}") from e
                 raise
             if delay is None:
-                raise TrackingError(f"MLflow tracking server {tracking_uri()} stopped answering during {what} "
+                _DOWN.add(uri)
+                raise TrackingError(f"MLflow tracking server {uri} stopped answering during {what} "
                                     f"({_first_line(e)})") from e
             time.sleep(delay)
     raise AssertionError("unreachable")
