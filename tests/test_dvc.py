@@ -250,7 +250,7 @@ def test_a_queued_grid_with_two_workers_on_a_fresh_clone_loses_no_run_and_trains
     summaries = [r for r in runs if r.data.tags.get("pipeline.kind") == "summary"]
     assert sorted((r.data.params["prune.amount"], r.data.params["seed"]) for r in summaries) == [
         ("0.6", "0"), ("0.6", "1"), ("0.8", "0"), ("0.8", "1")]
-    assert all(r.data.tags.get("dvc.exp_name") and r.info.run_name.startswith(r.data.tags["dvc.exp_name"])
+    assert all(r.data.tags.get("dvc.exp_name") and r.info.run_name.endswith(" · " + r.data.tags["dvc.exp_name"])
                for r in summaries)
     stages = sorted(r.data.tags["pipeline.stage"] for r in runs if r.data.tags.get("pipeline.kind") == "stage")
     once = ["prepare", "train_teacher", "soft_labels", "train_scratch", "train_student", "score"]

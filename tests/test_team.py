@@ -431,7 +431,7 @@ def assert_models_in_the_bucket(stack: Stack, logged: list[Any], stage_runs: dic
         body = client.get_object(Bucket=bucket, Key=graph[0])["Body"].read()
         here = onnx.load(str(root / "models" / MODELS[stage] / "model.onnx"))
         assert onnx.load_from_string(body).SerializeToString() == here.SerializeToString(), stage
-    report = [k for k in stored if k.endswith(f"{summary.info.run_id}/artifacts/reports/comparison.md")]
+    report = [k for k in stored if k.endswith(f"{summary.info.run_id}/artifacts/comparison.md")]
     assert len(report) == 1, report
     body = client.get_object(Bucket=bucket, Key=report[0])["Body"].read()
     assert body == (root / "reports/comparison.md").read_bytes()

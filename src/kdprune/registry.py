@@ -3,6 +3,7 @@ alias `champion` on the most compressed version that kept its accuracy. Runs in 
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from kdprune import runs, store
@@ -58,8 +59,14 @@ def _version_for(client: Any, name: str, finetuned: str, logged: Any, summary_id
         if v.tags.get("pipeline.output") == finetuned:
             return str(v.version)
     tags = {k: f"{metrics[k]:.6g}" for k in TAGGED if k in metrics} | {"pipeline.output": finetuned}
+    about = (f"accuracy {metrics['accuracy']:.4f} ({metrics['accuracy_drop_vs_student']:+.4f} against its student), "
+             f"{metrics.get('params_vs_teacher', float('nan')):.3f} of its teacher's parameters")
     v = store.call(client.create_model_version, name, source=logged.model_uri, run_id=summary_id, tags=tags,
-                   model_id=logged.model_id, what="registering a version")
+                   model_id=logged.model_id, description=about, what="registering a version")
+    # what MLflow's REST server records itself: the logged model's page then shows its registered version
+    versions = json.loads(logged.tags.get("mlflow.modelVersions", "[]")) + [{"name": name, "version": v.version}]
+    store.call(client.set_logged_model_tags, logged.model_id, {"mlflow.modelVersions": json.dumps(versions)},
+               what="linking the model to its version")
     return str(v.version)
 
 

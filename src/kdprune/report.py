@@ -61,6 +61,14 @@ COLUMNS: list[tuple[str, str, Callable[[dict[str, Any], str], str]]] = [
 ]
 
 
+def headline_line(models: dict[str, dict[str, Any]]) -> str:
+    """The fine-tuned model in one sentence: what the summary run's description opens with."""
+    f = models["finetuned"]
+    return (f"fine-tuned: accuracy {f['accuracy']:.4f} ({-f['accuracy_drop_vs_student']:+.4f} against the student), "
+            f"{f['params_vs_teacher']:.1%} of the teacher's parameters, {times(f['speedup_b256_vs_student'])} the "
+            f"student's speed at batch 256 in PyTorch, {times(f['ort_speedup_b256_vs_student'])} in ONNX Runtime")
+
+
 def comparison_table(models: dict[str, dict[str, Any]]) -> str:
     """Markdown: one row per model, one column per headline figure (blank where a ratio does not apply),
     then what unstructured sparsity does and does not buy, when a model is masked."""

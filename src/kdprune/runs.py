@@ -46,7 +46,8 @@ def open_run(stage: str, kind: str, name: str, params: dict[str, Any], inputs: d
     reconcile(experiment_id)
     upstream = store.call(_upstream, experiment_id, inputs, what="looking up upstream runs")
     tags = {"mlflow.runName": name, "pipeline.stage": stage, "pipeline.kind": kind,
-            "pipeline.host": socket.gethostname(),
+            "pipeline.host": socket.gethostname(), "mlflow.source.name": f"stages/{stage}.py",
+            "mlflow.source.type": "LOCAL",
             **{f"pipeline.input.{role}": fp for role, fp in inputs.items()},
             **{f"pipeline.{'run' if kind == 'summary' else 'upstream'}.{s}": r for s, r in upstream.items()}}
     for key, value in (("pipeline.owner", owner), ("pipeline.execution", execution), ("dvc.exp_name", exp_name),
@@ -56,7 +57,8 @@ def open_run(stage: str, kind: str, name: str, params: dict[str, Any], inputs: d
     client = _client()
     run = store.call(client.create_run, experiment_id, tags=tags, run_name=name, what="starting a run")
     _LOCAL.active = {"run_id": run.info.run_id, "experiment_id": experiment_id, "kind": kind,
-                     "execution": execution, "upstream": upstream}
+                     "execution": execution, "upstream": upstream,
+                     "source": {"mlflow.source.name": f"stages/{stage}.py", "mlflow.source.git.commit": commit}}
     store.call(client.log_batch, run.info.run_id, params=[Param(k, str(_param(v))) for k, v in params.items()],
                what="logging params")
     store.call(mlflow.start_run, run_id=run.info.run_id, what="activating the run")
@@ -125,8 +127,9 @@ def log_model(path: str, name: str, example: list, logits: list, names: tuple[st
     import onnx
     import onnxruntime
 
+    source = {k: v for k, v in active().get("source", {}).items() if v}
     info = store.call(mlflow.onnx.log_model, onnx.load(path), name=name, **model_inputs(example, logits, names),
-                      save_as_external_data=False, onnx_execution_providers=["CPUExecutionProvider"],
+                      save_as_external_data=False, onnx_execution_providers=["CPUExecutionProvider"], tags=source,
                       pip_requirements=[f"onnx=={onnx.__version__}", f"onnxruntime=={onnxruntime.__version__}"],
                       what=f"logging the {name} model")
     return info.model_uri

@@ -196,7 +196,8 @@ def _finish(tracker: Any, status: str, output: str | None) -> bool:
 
 
 def label(p: Params) -> str:
-    """What a pipeline execution is, in a few words: the DVC experiment, the preset and the headline setting."""
+    """What a pipeline execution is, in a few words: the preset and the headline setting first (what a
+    narrow column keeps), then the DVC experiment."""
     setting = f"{p.preset} {p.prune.criterion} {p.prune.amount} seed {p.seed}"
     exp = os.environ.get("DVC_EXP_NAME")
-    return f"{exp}: {setting}" if exp else setting
+    return f"{setting} · {exp}" if exp else setting

@@ -63,13 +63,13 @@ def fit(model: nn.Module, train: Split, val: Split, norm: Normaliser, loss_fn: L
     history = []
     for epoch in range(1, cfg.epochs + 1):
         steps = -(-len(train) // cfg.batch_size)
+        lr = schedule.get_last_lr()[0]  # the rate this epoch trains at
         with Progress(f"{desc} epoch {epoch}/{cfg.epochs}", steps, unit="batch") as progress:
             train_loss = _train_epoch(model, train, norm, penalised, optimizer, cfg.batch_size, generator, augment,
                                       progress)
         schedule.step()
         scores = evaluate(model, val, norm)
-        row = {"train_loss": train_loss, "val_loss": scores["loss"], "val_accuracy": scores["accuracy"],
-               "lr": schedule.get_last_lr()[0]}
+        row = {"train_loss": train_loss, "val_loss": scores["loss"], "val_accuracy": scores["accuracy"], "lr": lr}
         history.append(row)
         Progress.say(f"{desc} epoch {epoch}/{cfg.epochs}: train_loss {train_loss:.4f} "
                      f"val_loss {row['val_loss']:.4f} val_accuracy {row['val_accuracy']:.4f}")
