@@ -94,20 +94,6 @@ def test_a_second_repro_runs_nothing(project):
     assert "Data and pipelines are up to date" in out.stdout
 
 
-def test_a_fresh_clone_reproduces_the_lock_byte_for_byte(project, tmp_path):
-    """Outputs are pure functions of their inputs: with no DVC cache and a store of its own, a clone's
-    repro recomputes every stage and lands on the committed hashes; only evaluate's measured files differ."""
-    root, env = clone(project, tmp_path / "fresh", shared_cache=False)
-    assert RAN.findall(sh(["dvc", "repro"], root, env).stdout) == ALL[1:]  # the committed marker stands
-    before, after = lock(project), lock(root)
-    for stage in ALL[:-1]:
-        assert after[stage] == before[stage], stage
-    changed = sh(["git", "status", "--porcelain"], root, env).stdout.split("\n")
-    changed = sorted(line[3:] for line in changed if line.strip())
-    assert set(changed) <= {"dvc.lock", "metrics/evaluate.json", "metrics/headline.json", "reports/comparison.md",
-                            "plots/tradeoff.png"}, changed
-
-
 def test_recomputing_prepare_alone_leaves_everything_after_it_up_to_date(project, tmp_path):
     root, env = clone(project, tmp_path / "c")
     assert RAN.findall(sh(["dvc", "repro", "-f", "-s", "prepare"], root, env).stdout) == ["prepare"]
@@ -233,12 +219,23 @@ def _run_queue(root: Path, env: dict[str, str], jobs: int, timeout: float) -> st
     return status
 
 
-def test_a_queued_grid_with_two_workers_on_a_fresh_clone_loses_no_run_and_trains_once_per_seed(project, tmp_path):
-    """A 2x2 grid over prune.amount and seed, two workers, a brand-new default store and no DVC cache (a
-    fresh clone): four summary runs, each with its own params, and every upstream stage once per seed."""
+def test_a_fresh_clone_reproduces_the_lock_then_a_queued_grid_trains_once_per_seed(project, tmp_path):
+    """Two acceptances on one fresh clone (no DVC cache, a store of its own). First, outputs are pure
+    functions of their inputs: the clone's repro recomputes every stage and lands on the committed hashes,
+    only evaluate's measured files differ. Then a 2x2 grid over prune.amount and seed with two workers:
+    four summary runs, each with its own params, and every upstream stage once per seed (seed 0's from the
+    repro, through DVC's caches; seed 1's twins run side by side and share through kdprune.sharing)."""
     import mlflow
 
     root, env = clone(project, tmp_path / "q", shared_cache=False)
+    assert RAN.findall(sh(["dvc", "repro"], root, env).stdout) == ALL[1:]  # the committed marker stands
+    before, after = lock(project), lock(root)
+    for stage in ALL[:-1]:
+        assert after[stage] == before[stage], stage
+    changed = sorted(line[3:] for line in sh(["git", "status", "--porcelain"], root, env).stdout.splitlines())
+    assert set(changed) <= {"dvc.lock", "metrics/evaluate.json", "metrics/headline.json", "reports/comparison.md",
+                            "plots/tradeoff.png"}, changed
+
     sh(["dvc", "exp", "run", "--queue", "-S", "prune.amount=0.6,0.8", "-S", "seed=0,1"], root, env)
     status = _run_queue(root, env, jobs=2, timeout=1500)
     assert status.count("Success") == 4, status
@@ -247,19 +244,17 @@ def test_a_queued_grid_with_two_workers_on_a_fresh_clone_loses_no_run_and_trains
     exp = client.get_experiment_by_name("kdprune")
     runs = client.search_runs([exp.experiment_id], max_results=1000)
     assert all(r.info.status == "FINISHED" for r in runs)
-    summaries = [r for r in runs if r.data.tags.get("pipeline.kind") == "summary"]
+    summaries = [r for r in runs if r.data.tags.get("pipeline.kind") == "summary" and r.data.tags.get("dvc.exp_name")]
     assert sorted((r.data.params["prune.amount"], r.data.params["seed"]) for r in summaries) == [
         ("0.6", "0"), ("0.6", "1"), ("0.8", "0"), ("0.8", "1")]
-    assert all(r.data.tags.get("dvc.exp_name") and r.info.run_name.endswith(" · " + r.data.tags["dvc.exp_name"])
-               for r in summaries)
+    assert all(r.info.run_name.endswith(" · " + r.data.tags["dvc.exp_name"]) for r in summaries)
+    upstream = ["prepare", "train_teacher", "soft_labels", "train_scratch", "train_student", "score"]
     stages = sorted(r.data.tags["pipeline.stage"] for r in runs if r.data.tags.get("pipeline.kind") == "stage")
-    once = ["prepare", "train_teacher", "soft_labels", "train_scratch", "train_student", "score"]
-    assert stages == sorted(once * 2 + ["prune", "finetune"] * 4)
+    assert stages == sorted(upstream * 2 + ["prune", "finetune"] * 5)  # the repro's, then the grid's
     teachers = sorted(r.data.params["seed"] for r in runs if r.data.tags.get("pipeline.stage") == "train_teacher")
     assert teachers == ["0", "1"]
     for s in summaries:  # each summary links a teacher of its own seed, found by fingerprint
-        teacher = client.get_run(s.data.tags["pipeline.run.train_teacher"])
-        assert teacher.data.params["seed"] == s.data.params["seed"]
+        assert client.get_run(s.data.tags["pipeline.run.train_teacher"]).data.params["seed"] == s.data.params["seed"]
     assert client.search_runs([client.get_experiment_by_name("Default").experiment_id]) == []
     report = sh(["kdprune", "report", "--out", str(root / "reports")], root, env).stdout
     assert [line.split(" | ")[1] for line in report.splitlines() if line.startswith("| 0.")] == ["2", "2"]

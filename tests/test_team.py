@@ -221,7 +221,6 @@ def test_up_prints_only_the_exports_and_a_second_up_starts_nothing(stack: Stack)
 
 def test_a_run_logged_through_the_server_is_in_postgres_and_its_artifact_in_the_bucket(
         stack: Stack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import psycopg2
     from mlflow import MlflowClient
 
     for name, value in stack.exports.items():
@@ -244,21 +243,14 @@ def test_a_run_logged_through_the_server_is_in_postgres_and_its_artifact_in_the_
     fetched = Path(client.download_artifacts(run_id, "reports/note.txt", str(tmp_path)))
     assert fetched.read_bytes() == note.read_bytes()
 
-    cfg = stack.config()
-    pg = cfg["postgres"]
-    conn = psycopg2.connect(host="127.0.0.1", port=cfg["ports"]["postgres"], user=pg["user"],
-                            password=pg["password"], dbname=pg["database"], connect_timeout=10)
-    try:
-        with conn.cursor() as cur:
-            cur.execute("SELECT name, status, experiment_id FROM runs WHERE run_uuid = %s", (run_id,))
-            assert cur.fetchall() == [("team-probe", "FINISHED", int(exp_id))]
-            cur.execute("SELECT value FROM params WHERE run_uuid = %s AND key = 'prune.amount'", (run_id,))
-            assert cur.fetchall() == [("0.5",)]
-            cur.execute("SELECT value FROM latest_metrics WHERE run_uuid = %s AND key = 'finetuned.accuracy'",
-                        (run_id,))
-            assert cur.fetchall() == [(0.875,)]
-    finally:
-        conn.close()
+    with postgres(stack) as cur:
+        cur.execute("SELECT name, status, experiment_id FROM runs WHERE run_uuid = %s", (run_id,))
+        assert cur.fetchall() == [("team-probe", "FINISHED", int(exp_id))]
+        cur.execute("SELECT value FROM params WHERE run_uuid = %s AND key = 'prune.amount'", (run_id,))
+        assert cur.fetchall() == [("0.5",)]
+        cur.execute("SELECT value FROM latest_metrics WHERE run_uuid = %s AND key = 'finetuned.accuracy'",
+                    (run_id,))
+        assert cur.fetchall() == [(0.875,)]
 
     bucket = cfg["buckets"]["mlflow"]
     found = [k for k in keys(stack, bucket) if k.endswith(f"{run_id}/artifacts/reports/note.txt")]
@@ -382,21 +374,9 @@ def stage_and_summary_runs(runs: list[Any]) -> tuple[dict[str, Any], Any]:
     return by_stage, summaries[0]
 
 
-def assert_linked(run: Any, made: dict[str, Any]) -> None:
-    """Every input of `run` is the output of the run `made` holds for its maker, and `run` names that run
-    (`pipeline.upstream.<stage>`, or `pipeline.run.<stage>` on a summary): lineage by fingerprint."""
-    tags = run.data.tags
-    link = "pipeline.run." if tags["pipeline.kind"] == "summary" else "pipeline.upstream."
-    inputs = {k.removeprefix("pipeline.input."): v for k, v in tags.items() if k.startswith("pipeline.input.")}
-    assert inputs, tags
-    for role, fingerprint in inputs.items():
-        maker = made[MAKER[role]]
-        assert maker.data.tags["pipeline.output"] == fingerprint, (tags["pipeline.stage"], role)
-        assert tags[link + MAKER[role]] == maker.info.run_id, (tags["pipeline.stage"], role)
-
-
-def assert_runs_in_postgres(stack: Stack, experiment_id: str, runs: list[Any]) -> None:
-    """The runs the client reads are the rows of the server's PostgreSQL, all FINISHED."""
+@contextlib.contextmanager
+def postgres(stack: Stack) -> Iterator[Any]:
+    """A cursor on the MLflow server's own PostgreSQL database, with the stack's credentials."""
     import psycopg2
 
     cfg = stack.config()
@@ -405,10 +385,16 @@ def assert_runs_in_postgres(stack: Stack, experiment_id: str, runs: list[Any]) -
                             password=pg["password"], dbname=pg["database"], connect_timeout=10)
     try:
         with conn.cursor() as cur:
-            cur.execute("SELECT run_uuid, status FROM runs WHERE experiment_id = %s", (int(experiment_id),))
-            assert sorted(cur.fetchall()) == sorted((r.info.run_id, "FINISHED") for r in runs)
+            yield cur
     finally:
         conn.close()
+
+
+def assert_runs_in_postgres(stack: Stack, experiment_id: str, runs: list[Any]) -> None:
+    """The runs the client reads are the rows of the server's PostgreSQL, all FINISHED."""
+    with postgres(stack) as cur:
+        cur.execute("SELECT run_uuid, status FROM runs WHERE experiment_id = %s", (int(experiment_id),))
+        assert sorted(cur.fetchall()) == sorted((r.info.run_id, "FINISHED") for r in runs)
 
 
 def assert_models_in_the_bucket(stack: Stack, logged: list[Any], stage_runs: dict[str, Any], summary: Any,

@@ -539,13 +539,10 @@ def test_the_next_run_of_a_stage_removes_the_staged_folder_a_killed_one_left(
 
 
 def test_doctor_closes_runs_left_open_by_dead_processes_and_leaves_live_ones(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, mlflow_store: str) -> None:
     from kdprune import procs, store
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
-    monkeypatch.chdir(tmp_path)
+    uri = mlflow_store
     exp_id = store.ensure_experiment()
     c, host = client(uri), socket.gethostname()
 
@@ -572,13 +569,10 @@ def test_doctor_closes_runs_left_open_by_dead_processes_and_leaves_live_ones(
 
 
 def test_doctor_drops_a_pending_record_of_a_run_the_store_no_longer_has(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, mlflow_store: str) -> None:
     from kdprune import store
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
-    monkeypatch.chdir(tmp_path)
+    uri = mlflow_store
     c = client(uri)
     real = c.create_run(store.ensure_experiment(), tags={"pipeline.stage": "prune"}).info.run_id
     gone = "0" * 32  # sorts first: read before the real one
