@@ -8,6 +8,7 @@ import contextlib
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -132,6 +133,15 @@ def test_an_experiment_on_prune_amount_reruns_only_what_reads_it(project, tmp_pa
     assert RAN.findall(out.stdout) == ["validate", "prune", "finetune", "evaluate"]
     params = yaml.safe_load((root / "params.yaml").read_text())
     assert params["prune"]["amount"] == 0.7 and params["preset"] == "tiny"  # composed from conf/
+    # DVC's own views at a glance: the README's `dvc exp show` fits 160 columns, whole; a dozen metrics
+    readme = (REPO / "README.md").read_text()
+    (command,) = re.findall(r"^(dvc exp show [^\n#]*?)\s+#", readme, re.M)
+    table = sh([*shlex.split(command), "--no-pager"], root, {**env, "COLUMNS": "160"}).stdout
+    assert max(len(line) for line in table.splitlines()) <= 160 and "…" not in table, table
+    assert "prune.amount" in table and "0.7" in table
+    shown = json.loads(sh(["dvc", "metrics", "show", "--json"], root, env).stdout)
+    metrics = [k for rev in shown.values() for f in rev["data"].values() for k in f["data"]]
+    assert 0 < len(metrics) <= 20, metrics
 
 
 def test_a_failed_stage_under_repro_says_how_to_get_its_outputs_back(project, tmp_path):
@@ -163,6 +173,9 @@ def test_killing_dvc_ends_the_stage_marks_its_run_killed_and_writes_nothing(proj
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["teacher"]["epochs"] = 500
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    # The store exists before this test's client polls it: a brand-new sqlite store opened by two
+    # processes at once corrupts itself (the stages open it under a lock, this client would not).
+    sh(["python", "-c", "from kdprune import store; store.ensure_experiment()"], root, env)
     log = (tmp_path / "dvc.log").open("w")
     dvc = subprocess.Popen(["dvc", "repro", "-s", "train_teacher"], cwd=root, env=env, stdout=log,
                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
@@ -222,19 +235,17 @@ def _run_queue(root: Path, env: dict[str, str], jobs: int, timeout: float) -> st
 def test_a_fresh_clone_reproduces_the_lock_then_a_queued_grid_trains_once_per_seed(project, tmp_path):
     """Two acceptances on one fresh clone (no DVC cache, a store of its own). First, outputs are pure
     functions of their inputs: the clone's repro recomputes every stage and lands on the committed hashes,
-    only evaluate's measured files differ. Then a 2x2 grid over prune.amount and seed with two workers:
+    so the tree stays clean. Then a 2x2 grid over prune.amount and seed with two workers:
     four summary runs, each with its own params, and every upstream stage once per seed (seed 0's from the
     repro, through DVC's caches; seed 1's twins run side by side and share through kdprune.sharing)."""
     import mlflow
 
     root, env = clone(project, tmp_path / "q", shared_cache=False)
-    assert RAN.findall(sh(["dvc", "repro"], root, env).stdout) == ALL[1:]  # the committed marker stands
-    before, after = lock(project), lock(root)
-    for stage in ALL[:-1]:
-        assert after[stage] == before[stage], stage
-    changed = sorted(line[3:] for line in sh(["git", "status", "--porcelain"], root, env).stdout.splitlines())
-    assert set(changed) <= {"dvc.lock", "metrics/evaluate.json", "metrics/headline.json", "reports/comparison.md",
-                            "plots/tradeoff.png"}, changed
+    # The committed validate marker stands; every other upstream stage runs and lands on the committed
+    # hashes, so evaluate, whose deps are then unchanged, has nothing to do.
+    assert RAN.findall(sh(["dvc", "repro"], root, env).stdout) == ALL[1:-1]
+    assert lock(root) == lock(project)
+    assert sh(["git", "status", "--porcelain"], root, env).stdout == ""
 
     sh(["dvc", "exp", "run", "--queue", "-S", "prune.amount=0.6,0.8", "-S", "seed=0,1"], root, env)
     status = _run_queue(root, env, jobs=2, timeout=1500)

@@ -252,7 +252,7 @@ def test_a_run_logged_through_the_server_is_in_postgres_and_its_artifact_in_the_
                     (run_id,))
         assert cur.fetchall() == [(0.875,)]
 
-    bucket = cfg["buckets"]["mlflow"]
+    bucket = stack.config()["buckets"]["mlflow"]
     found = [k for k in keys(stack, bucket) if k.endswith(f"{run_id}/artifacts/reports/note.txt")]
     assert len(found) == 1, keys(stack, bucket)
     body = s3(stack).get_object(Bucket=bucket, Key=found[0])["Body"].read()

@@ -94,16 +94,17 @@ def per_class_accuracy(counts: torch.Tensor) -> dict[str, float]:
 
 
 HEADLINE = {  # metrics/headline.json, DVC's declared metric: the dozen numbers a sweep is compared on, named
-    # short so that `dvc exp show` fits a terminal; the fine-tuned model unless the name says otherwise
+    # short so that `dvc exp show` fits a terminal (no '/': `--drop` takes regular expressions); the
+    # fine-tuned model unless the name says otherwise
     "acc": ("finetuned", "accuracy"),
     "acc_drop": ("finetuned", "accuracy_drop_vs_student"),
     "student_acc": ("student", "accuracy"),
     "teacher_acc": ("teacher", "accuracy"),
     "kd_gain": ("student", "distill_gain"),
     "params": ("finetuned", "params"),
-    "params/teacher": ("finetuned", "params_vs_teacher"),
-    "params/student": ("finetuned", "params_vs_student"),
-    "macs/student": ("finetuned", "macs_vs_student"),
+    "params_vs_teacher": ("finetuned", "params_vs_teacher"),
+    "params_vs_student": ("finetuned", "params_vs_student"),
+    "macs_vs_student": ("finetuned", "macs_vs_student"),
     "ms@256": ("finetuned", "latency_ms_b256"),
     "speedup@256": ("finetuned", "speedup_b256_vs_student"),
     "ort_speedup@256": ("finetuned", "ort_speedup_b256_vs_student"),

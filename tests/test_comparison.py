@@ -1,0 +1,62 @@
+"""The evaluate stage's arithmetic on known values: ratios, paired speed-ups, per-class accuracy, the table."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kdprune import comparison, report
+from kdprune.measure import Timing
+
+
+def _results() -> tuple[dict, dict]:
+    """Five models: the fine-tuned one a quarter of the student's MACs and twice as fast in every round."""
+    base = {"teacher": (1000, 8000, 4.0), "student_scratch": (200, 1600, 2.0), "student": (200, 1600, 2.0),
+            "pruned": (50, 400, 1.0), "finetuned": (50, 400, 1.0)}
+    acc = {"teacher": 0.99, "student_scratch": 0.95, "student": 0.97, "pruned": 0.5, "finetuned": 0.96}
+    results = {n: {"accuracy": acc[n], "params": p, "nonzero_params": p, "macs": m} for n, (p, m, _) in base.items()}
+    timings = {n: {f"{rt}_b{b}": Timing(tuple(ms * b * (1 + 0.1 * r) for r in range(5)))
+                   for rt in ("torch", "onnx") for b in (1, 256)} for n, (_, _, ms) in base.items()}
+    return results, timings
+
+
+def test_ratios_against_the_teacher_and_the_student_and_the_distill_gain():
+    results, timings = _results()
+    comparison._ratios(results, timings, [1, 256])
+    f = results["finetuned"]
+    assert f["params_vs_teacher"] == 0.05 and f["params_vs_student"] == 0.25 and f["macs_vs_student"] == 0.25
+    assert f["accuracy_drop_vs_student"] == pytest.approx(0.01)
+    assert f["speedup_b256_vs_student"] == pytest.approx(2.0) and f["speedup_iqr_b256_vs_student"] == pytest.approx(0)
+    assert f["ort_speedup_b1_vs_teacher"] == pytest.approx(4.0)
+    assert f["time_per_macs_b256"] == pytest.approx(0.5)  # 2x faster for 4x fewer MACs: half the cut became time
+    assert results["student"]["distill_gain"] == pytest.approx(0.02)
+    assert "params_vs_teacher" not in results["student"]  # no ratio of a reference against itself
+
+
+def test_per_class_accuracy_reads_the_confusion_matrix_rows():
+    counts = torch.tensor([[3, 1, 0], [0, 2, 0], [0, 0, 0]])  # rows: true class; an absent class scores 0
+    assert comparison.per_class_accuracy(counts) == {"0": 0.75, "1": 1.0, "2": 0.0}
+
+
+def test_the_headline_is_a_dozen_short_numbers_of_the_finetuned_model_and_the_references():
+    results, timings = _results()
+    for r in results.values():
+        r.update(latency_ms_b256=1.0)
+    comparison._ratios(results, timings, [1, 256])
+    headline = comparison.headline(results)
+    assert len(headline) == 12 and headline["params_vs_teacher"] == 0.05 and headline["teacher_acc"] == 0.99
+
+
+def test_the_table_says_noisy_instead_of_a_confident_figure_and_what_sparsity_buys():
+    results, timings = _results()
+    comparison._ratios(results, timings, [1, 256])
+    for name, r in results.items():
+        r.update(errors=1, gzip_bytes=1000, latency_ms_b1=1.0, latency_noisy_b1=name == "pruned",
+                 latency_ms_b256=2.0, latency_noisy_b256=False)
+    results["pruned"]["nonzero_params"] = 10  # a masked model: most weights zero
+    results["pruned"]["gzip_bytes"] = 300
+    table = report.comparison_table(results)
+    row = next(line for line in table.splitlines() if line.startswith("| pruned |"))
+    assert "1 (noisy)" in row and "2.00x ±0.00" in row
+    assert "pruned: 80% of its weights are zero" in table and "30% of the student's" in table
+    assert "runs no faster" in table
