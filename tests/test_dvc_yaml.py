@@ -111,3 +111,21 @@ def test_every_params_key_a_stage_reads_is_declared():
 def test_tracking_settings_are_never_params():
     text = (REPO / "params.yaml").read_text()
     assert "tracking" not in text and "mlflow" not in text.lower()
+
+
+def test_no_cached_output_is_also_tracked_by_git():
+    """A file both in git and among a stage's cached outputs stops a fresh clone's `dvc repro` at that stage
+    ("output ... is already tracked by SCM"): every cached output is git-ignored instead, and only the
+    uncached ones (validate's marker, evaluate's measured files) are committed."""
+    import subprocess
+
+    tracked = set(subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True,
+                                 check=True).stdout.split())
+    cached, uncached = set(), set()
+    for stage in _stages().values():
+        for out in (*stage.get("outs", []), *stage.get("metrics", []), *stage.get("plots", [])):
+            path, opts = (out, {}) if isinstance(out, str) else next(iter(out.items()))
+            (uncached if (opts or {}).get("cache") is False else cached).add(path)
+    both = sorted(p for p in cached if p in tracked or any(t.startswith(p + "/") for t in tracked))
+    assert both == []
+    assert uncached <= tracked
