@@ -30,12 +30,13 @@ repro: $(VENV)/.installed
 params: $(VENV)/.installed
 	kdprune params $(if $(PRESET),preset=$(PRESET))
 
+# two workers, a test file each: most tests wait on subprocesses (dvc, stages, servers), so two overlap well
 test: $(VENV)/.installed
-	python -m pytest -q -p no:cacheprovider tests
+	python -m pytest -q -p no:cacheprovider -n 2 --dist loadfile tests
 
 # the edit loop: everything but the tests that drive DVC, servers and whole pipelines in subprocesses
 test-fast: $(VENV)/.installed
-	python -m pytest -q -p no:cacheprovider -m "not slow" tests
+	python -m pytest -q -p no:cacheprovider -n 2 --dist loadfile -m "not slow" tests
 
 bench: $(VENV)/.installed
 	python bench/latency.py
