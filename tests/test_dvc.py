@@ -109,6 +109,16 @@ def test_editing_a_tracking_message_reruns_no_stage(project, tmp_path):
     assert RAN.findall(sh(["dvc", "repro"], root, env).stdout) == []
 
 
+def test_dvc_plots_show_draws_each_plot_once(project):
+    """The curves are drawn by the named plots of dvc.yaml (one chart per quantity, every training stage
+    on it), never again on their own as the CSV files that hold them; each image once."""
+    shown = json.loads(sh(["dvc", "plots", "show", "--json"], project, dvc_env(project)).stdout)["data"]
+    named = [p if isinstance(p, str) else next(iter(p))
+             for p in yaml.safe_load((project / "dvc.yaml").read_text())["plots"]]
+    assert all(len(v) == 1 for v in shown.values()), {k: len(v) for k, v in shown.items()}
+    assert sorted(shown) == sorted(named) and len(named) == 9
+
+
 def test_a_bad_param_fails_naming_the_key_and_leaves_outputs_byte_identical(project, tmp_path):
     root, env = clone(project, tmp_path / "c")
     before = {d: tree_bytes(root / d) for d in ("models", "data/prepared", "artifacts")}
