@@ -299,12 +299,14 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--label-fraction", type=float, default=None,
                     help="student.label_fraction (default: the preset's)")
-    ap.add_argument("--raw", type=Path, default=ROOT.parent / "shared" / "data" / "MNIST",
+    here = ROOT / "data" / "raw" / "MNIST"  # where `prepare` reads them; else the team's benchmark copy
+    ap.add_argument("--raw", type=Path, default=here if here.is_dir() else ROOT.parent / "shared" / "data" / "MNIST",
                     help="the MNIST folder (with raw/ and its four files inside)")
     ap.add_argument("--keep", action="store_true", help="keep each seed's work dir (a failed seed's is always kept)")
     args = ap.parse_args()
     if not (args.raw / "raw").is_dir():
-        ap.error(f"--raw {args.raw}: no raw/ folder inside (see ../shared/data/README.md)")
+        ap.error(f"--raw {args.raw}: no raw/ folder inside (place the four MNIST files in data/raw/MNIST/raw/, "
+                 "or name the folder that holds raw/)")
     if not adopt_orphans():
         log("cannot become the child subreaper: the MLflow tracking service's memory is not measured")
     start = time.perf_counter()
