@@ -38,11 +38,12 @@ def main(argv: list[str] | None = None) -> None:
         report.plot_tradeoff(results, args.plot)
         report.plot_confusion(matrices, args.confusion)
         summary = comparison.pick(results, comparison.SUMMARY)
+        headline = report.headline_line(results)  # opens the summary run's description, describes the version
         info = run.tracker.call("summarise", metrics={f"{m}.{k}": v for m, d in summary.items() for k, v in d.items()},
-                                artifacts=[str(a.resolve()) for a in outputs], table=table,
-                                headline=report.headline_line(results))
+                                artifacts=[str(a.resolve()) for a in outputs], table=table, headline=headline)
         verdict = run.tracker.call("register", name=registry_name(p), finetuned=run.inputs["finetuned"],
-                                   metrics=results["finetuned"], max_drop=p.evaluate.max_accuracy_drop)
+                                   metrics=results["finetuned"], max_drop=p.evaluate.max_accuracy_drop,
+                                   description=headline)
     print(f"wrote {args.report} (make repro prints it)" + (f"; {verdict}" if verdict else ""))
     if info:
         from kdprune.summary import ui_links

@@ -228,6 +228,9 @@ def test_a_swapped_split_and_logits_from_elsewhere_are_refused_naming_the_file(p
     assert not (tmp_path / "out").exists() and not (tmp_path / "student").exists()
 
 
+ABOUT = "fine-tuned: accuracy 0.9000 (-0.0050 against the student)"  # what evaluate's headline line says
+
+
 def test_the_registry_keeps_one_version_per_file_and_crowns_the_most_compressed(pipeline, monkeypatch):
     from kdprune import registry, runs
 
@@ -239,21 +242,23 @@ def test_the_registry_keeps_one_version_per_file_and_crowns_the_most_compressed(
     runs.open_run("evaluate", "summary", "registry test", {}, {"finetuned": finetuned}, None, None)
     summary_id = runs.active()["run_id"]
     try:
-        verdict = registry.register("kd-test", finetuned, metrics, max_drop=0.01)
+        verdict = registry.register("kd-test", finetuned, metrics, max_drop=0.01, description=ABOUT)
         assert verdict.startswith("not registered in kd-test: accuracy drop against the student 0.0200 exceeds")
         client = mlflow.MlflowClient(pipeline["uri"])
         assert client.search_registered_models("name = 'kd-test'") == []
         ok = {**metrics, "accuracy_drop_vs_student": 0.005}
-        assert registry.register("kd-test", finetuned, ok, max_drop=0.01) == \
+        assert registry.register("kd-test", finetuned, ok, max_drop=0.01, description=ABOUT) == \
             "registered the fine-tuned model as kd-test version 1; kd-test@champion is version 1"
-        assert registry.register("kd-test", finetuned, ok, max_drop=0.01).endswith("version 1")  # no new version
-        missing = registry.register("kd-test", "0" * 64, ok, max_drop=0.01)
+        again = registry.register("kd-test", finetuned, ok, max_drop=0.01, description=ABOUT)
+        assert again.endswith("version 1")  # no new version
+        missing = registry.register("kd-test", "0" * 64, ok, max_drop=0.01, description=ABOUT)
         assert missing.startswith("not registered in kd-test: no finished finetune run")
     finally:
         runs.finish("FINISHED")
     (version,) = client.search_model_versions("name = 'kd-test'")
     assert version.run_id == summary_id  # the run that shows the comparison
     assert version.tags["params_vs_teacher"] == "0.3"
+    assert version.description == ABOUT
     assert client.get_model_version_by_alias("kd-test", "champion").version == version.version
     served = mlflow.pyfunc.load_model("models:/kd-test@champion")
     assert served.metadata.flavors.get("onnx")

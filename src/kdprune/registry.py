@@ -14,13 +14,14 @@ TAGGED = ("accuracy", "accuracy_drop_vs_student", "params_vs_teacher", "params_v
           "macs_vs_student", "speedup_b256_vs_student")
 
 
-def register(name: str, finetuned: str, metrics: dict[str, float], max_drop: float) -> str:
+def register(name: str, finetuned: str, metrics: dict[str, float], max_drop: float, description: str) -> str:
     """Register the fine-tuned model whose directory has fingerprint `finetuned`, linked to the active
     (summary) run that compares it, when its accuracy drop against the student is within `max_drop`; then move
     `champion` to the most compressed version within that drop. Returns one line saying what happened.
 
     The model registered is the one MLflow logged from the finetune run that made this very file,
-    found by the file's fingerprint: never a URI read from a file."""
+    found by the file's fingerprint: never a URI read from a file. `description` (the sentence the summary
+    run's description opens with) describes the version."""
     client = runs._client()
     experiment_id, summary_id = runs.active()["experiment_id"], runs.active()["run_id"]
     drop = metrics["accuracy_drop_vs_student"]
@@ -38,14 +39,14 @@ def register(name: str, finetuned: str, metrics: dict[str, float], max_drop: flo
     logged = [m for m in logged if m.name == "finetuned"]
     if not logged:
         return f"not registered in {name}: finetune run {made[0].info.run_id} logged no model"
-    version = _version_for(client, name, finetuned, logged[0], summary_id, metrics)
+    version = _version_for(client, name, finetuned, logged[0], summary_id, metrics, description)
     champion = _crown(client, name, max_drop)
     return (f"registered the fine-tuned model as {name} version {version}; "
             f"{name}@{ALIAS} is version {champion}")
 
 
 def _version_for(client: Any, name: str, finetuned: str, logged: Any, summary_id: str,
-                 metrics: dict[str, float]) -> str:
+                 metrics: dict[str, float], description: str) -> str:
     """The existing version made from this file, or a new one: a sweep point seen twice adds nothing."""
     from mlflow.exceptions import MlflowException
 
@@ -59,10 +60,8 @@ def _version_for(client: Any, name: str, finetuned: str, logged: Any, summary_id
         if v.tags.get("pipeline.output") == finetuned:
             return str(v.version)
     tags = {k: f"{metrics[k]:.6g}" for k in TAGGED if k in metrics} | {"pipeline.output": finetuned}
-    about = (f"accuracy {metrics['accuracy']:.4f} ({metrics['accuracy_drop_vs_student']:+.4f} against its student), "
-             f"{metrics.get('params_vs_teacher', float('nan')):.3f} of its teacher's parameters")
     v = store.call(client.create_model_version, name, source=logged.model_uri, run_id=summary_id, tags=tags,
-                   model_id=logged.model_id, description=about, what="registering a version")
+                   model_id=logged.model_id, description=description, what="registering a version")
     # what MLflow's REST server records itself: the logged model's page then shows its registered version
     versions = json.loads(logged.tags.get("mlflow.modelVersions", "[]")) + [{"name": name, "version": v.version}]
     store.call(client.set_logged_model_tags, logged.model_id, {"mlflow.modelVersions": json.dumps(versions)},
