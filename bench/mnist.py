@@ -37,7 +37,7 @@ from typing import Any
 
 import yaml
 
-from kdprune import cli
+from kdprune import cli, tracker
 from kdprune.params import Params, load_params
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -121,8 +121,6 @@ def adopt_orphans() -> bool:
 def reap_service(work: Path, timeout: float = 60.0) -> StageRun | None:
     """Stop this work dir's tracking service (kdprune.tracker, one per store; it would exit after 30 s
     idle anyway) and reap it, with any other orphan: their CPU time and peak memory, or None."""
-    from kdprune import tracker
-
     tracker.stop(tracking_uri(work), EXPERIMENT)
     cpu, peak, deadline, found = 0.0, 0.0, time.monotonic() + timeout, False
     while time.monotonic() < deadline:
@@ -135,15 +133,6 @@ def reap_service(work: Path, timeout: float = 60.0) -> StageRun | None:
             continue
         found, cpu, peak = True, cpu + usage.ru_utime + usage.ru_stime, max(peak, usage.ru_maxrss / 1024)
     return StageRun("(tracking service)", float("nan"), cpu, peak, os.getloadavg()[0]) if found else None
-
-
-def forget_service(work: Path) -> None:
-    """The lock and log file the tracking service of this work dir's store left in the shared service dir."""
-    from kdprune import tracker
-
-    base = tracker.service_dir() / tracker.service_key(tracking_uri(work), EXPERIMENT)
-    for suffix in (".lock", ".log"):
-        base.with_suffix(suffix).unlink(missing_ok=True)
 
 
 def run_stage(name: str, cmd: str, work: Path, env: dict[str, str]) -> StageRun:
@@ -200,7 +189,7 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict[str, Any]:
             log(f"seed {seed}: work dir kept: {work}")
         else:
             shutil.rmtree(work, ignore_errors=True)
-            forget_service(work)
+            tracker.forget(tracking_uri(work), EXPERIMENT)  # its lock and log, left in the shared service dir
     return {"seed": seed, "params": p, "stages": stages, "service": service, "results": results}
 
 

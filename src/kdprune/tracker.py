@@ -194,6 +194,13 @@ def stop(uri: str, experiment: str) -> None:
     _stop(service_dir() / f"{service_key(uri, experiment)}.sock")
 
 
+def forget(uri: str, experiment: str) -> None:
+    """Remove the lock and log files the (stopped) service of one store leaves, once the store is gone."""
+    base = service_dir() / service_key(uri, experiment)
+    for suffix in (".lock", ".log"):
+        base.with_suffix(suffix).unlink(missing_ok=True)
+
+
 def stop_all() -> list[str]:
     """Ask every service under service_dir() to exit now (the end of the tests)."""
     return [str(p) for p in sorted(service_dir().glob("*.sock")) if _stop(p)]
