@@ -58,7 +58,8 @@ def open_run(stage: str, kind: str, name: str, params: dict[str, Any], inputs: d
     run = store.call(client.create_run, experiment_id, tags=tags, run_name=name, what="starting a run")
     _LOCAL.active = {"run_id": run.info.run_id, "experiment_id": experiment_id, "kind": kind,
                      "execution": execution, "upstream": upstream,
-                     "source": {"mlflow.source.name": f"stages/{stage}.py", "mlflow.source.git.commit": commit}}
+                     "source": {k: tags[k] for k in ("mlflow.source.name", "mlflow.source.git.commit")
+                                if k in tags}}  # log_model tags the stage's models with it
     store.call(client.log_batch, run.info.run_id, params=[Param(k, str(_param(v))) for k, v in params.items()],
                what="logging params")
     store.call(mlflow.start_run, run_id=run.info.run_id, what="activating the run")
@@ -127,9 +128,9 @@ def log_model(path: str, name: str, example: list, logits: list, names: tuple[st
     import onnx
     import onnxruntime
 
-    source = {k: v for k, v in active().get("source", {}).items() if v}
     info = store.call(mlflow.onnx.log_model, onnx.load(path), name=name, **model_inputs(example, logits, names),
-                      save_as_external_data=False, onnx_execution_providers=["CPUExecutionProvider"], tags=source,
+                      save_as_external_data=False, onnx_execution_providers=["CPUExecutionProvider"],
+                      tags=active().get("source", {}),
                       pip_requirements=[f"onnx=={onnx.__version__}", f"onnxruntime=={onnxruntime.__version__}"],
                       what=f"logging the {name} model")
     return info.model_uri
