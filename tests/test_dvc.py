@@ -165,11 +165,14 @@ def test_a_failed_stage_under_repro_says_how_to_get_its_outputs_back(project, tm
     assert "hint: `dvc checkout train_teacher` restores the outputs train_teacher had before this run" in lines
 
 
-def _stage_processes(script: str) -> list[int]:
+def _stage_processes(script: str, root: Path) -> list[int]:
+    """The processes running `script` in `root`: other tests on other xdist workers run the same stages
+    in their own projects at the same time, and are not this test's orphans."""
     found = []
     for proc in Path("/proc").iterdir():
         with contextlib.suppress(OSError):
-            if proc.name.isdigit() and script.encode() in (proc / "cmdline").read_bytes():
+            if proc.name.isdigit() and script.encode() in (proc / "cmdline").read_bytes() \
+                    and Path(os.readlink(proc / "cwd")) == root.resolve():
                 found.append(int(proc.name))
     return found
 
@@ -202,9 +205,9 @@ def test_killing_dvc_ends_the_stage_marks_its_run_killed_and_writes_nothing(proj
             time.sleep(0.3)
         os.kill(dvc.pid, signal.SIGTERM)
         deadline = time.monotonic() + 10
-        while _stage_processes("stages/train_teacher.py") and time.monotonic() < deadline:
+        while _stage_processes("stages/train_teacher.py", root) and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert _stage_processes("stages/train_teacher.py") == []
+        assert _stage_processes("stages/train_teacher.py", root) == []
     finally:
         with contextlib.suppress(ProcessLookupError):
             dvc.kill()
