@@ -100,17 +100,19 @@ STAGES = list(stage_paths(Path(".")))
 
 
 @pytest.fixture(scope="session", autouse=True)
-def tracking_services() -> Iterator[None]:
-    """Every tracking service a test started is stopped at the end: no process outlives the tests."""
+def services() -> Iterator[None]:
+    """Every tracking service and fork server a test started is stopped at the end: no process outlives
+    the tests."""
     yield
     import shutil
     import time
 
-    from kdprune import tracker
+    from kdprune import forkserver, tracker
 
     tracker.stop_all()
+    forkserver.stop_all()
     deadline = time.monotonic() + 30
-    while list(tracker.service_dir().glob("*.sock")) and time.monotonic() < deadline:
+    while list(tracker.service_dir().rglob("*.sock")) and time.monotonic() < deadline:
         time.sleep(0.1)  # each service removes its socket on its way out
     shutil.rmtree(tracker.service_dir(), ignore_errors=True)
 

@@ -13,8 +13,8 @@ from tests.conftest import REPO
 PKG = REPO / "src/kdprune"
 # Modules that track, lock, print, write files or run processes: they never decide an output's bytes,
 # so a stage does not depend on them (editing a log message must not retrain a teacher).
-INFRA = {"errors", "files", "procs", "progress", "registry", "runs", "sharing", "stage", "store", "summary",
-         "tracker"}
+INFRA = {"errors", "files", "forkserver", "procs", "progress", "registry", "runs", "sharing", "stage", "store",
+         "summary", "tracker"}
 TOOLS = {"cli", "sweep"}  # the `kdprune` command: no stage imports them
 
 

@@ -43,7 +43,8 @@ def alive(ident: str) -> bool | None:
 def dvc_ancestor() -> str | None:
     """The identity of the nearest ancestor process that is DVC (`dvc repro`, `dvc exp run`, a queue's
     `dvc exp exec-run`): the pipeline execution this stage belongs to. None outside DVC."""
-    pid = os.getppid()
+    # a stage run by the fork server starts from the process dvc started, which it stands for
+    pid = int(os.environ.get("KDPRUNE_FORKED_FOR") or os.getppid())
     for _ in range(32):
         if pid <= 1:
             return None

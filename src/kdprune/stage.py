@@ -40,7 +40,16 @@ def parser(doc: str, *paths: str) -> argparse.ArgumentParser:
 
 
 def guard(main: Callable[[], Any]) -> None:
-    """Run a stage: expected failures print one line per problem and exit 2; Ctrl-C/SIGTERM exit 130."""
+    """Run a stage: expected failures print one line per problem and exit 2; Ctrl-C/SIGTERM exit 130.
+
+    A stage script's `main` is handed to the fork server when one listens (kdprune.forkserver): this
+    process then only waits for the fork that runs it, and exits with its status."""
+    if getattr(main, "__module__", None) == "__main__":
+        from kdprune import forkserver
+
+        status = forkserver.hand_off()
+        if status is not None:
+            raise SystemExit(status)
     signal.signal(signal.SIGTERM, _terminate)
     _die_with_dvc()
     try:
@@ -76,10 +85,11 @@ def _die_with_dvc() -> None:
     """A stage never outlives the `dvc` that started it: the kernel signals us when our parent dies
     (PR_SET_PDEATHSIG), and a watchdog thread checks the nearest `dvc` ancestor every second (our
     parent may be a shell); either way we get SIGTERM, close the run as KILLED and write nothing."""
-    with contextlib.suppress(OSError, AttributeError):
-        import ctypes
+    if not os.environ.get("KDPRUNE_FORKED_FOR"):  # a fork's parent is the fork server, which may go first
+        with contextlib.suppress(OSError, AttributeError):
+            import ctypes
 
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     ancestor = procs.dvc_ancestor()
     if ancestor is None:
         return

@@ -1,0 +1,304 @@
+"""A warm start for stages: a process that has imported torch forks, and the fork runs the stage.
+
+Importing torch takes 3-5 s of a stage's start on two cores, more than most digits stages compute.
+The first stage of a pipeline starts a fork server (one per Python environment and version of this
+file) and runs as usual; every later stage hands itself over: `stage.guard` sends its argv, working
+directory, environment, sys.path and stdin/stdout/stderr to the server, which forks. The fork drops
+every kdprune module it inherited (so an edited module is imported afresh, never a stale copy),
+takes on the stage's process state and runs the script as `__main__`; the stage's own process waits,
+forwards SIGTERM, SIGINT and SIGHUP to it, and exits with its status. The fork dies with that
+process: when the connection between them ends (even after SIGKILL) it gets SIGTERM, closes its run
+KILLED and writes nothing, exactly as the stage would.
+
+Only third-party packages are preloaded, before any thread could hold a lock across the fork; the
+server never initialises CUDA, sets no seed and no thread count (each stage does, first). It exits
+after IDLE seconds without a stage. KDPRUNE_FORKSERVER=off runs every stage in its own process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import select
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+IDLE = 30.0  # seconds without a running stage after which the server exits
+PRELOAD = ("torch", "torch.nn.functional", "torch.onnx", "numpy", "yaml", "onnx", "torchvision")
+FORKED = "KDPRUNE_FORKED_FOR"  # in a fork's environment: the pid of the stage process it stands for
+# what the interpreter or a preloaded library reads once, at start-up or import: a server serves only
+# stages that agree on them
+IMPORT_TIME_ENV = ("PYTHON", "OMP_", "MKL_", "OPENBLAS_", "LD_", "TORCH_", "PYTORCH_", "CUDA_", "KDPRUNE_SERVICE_DIR")
+HEADER = struct.Struct("!I")
+
+
+def enabled() -> bool:
+    return (os.environ.get("KDPRUNE_FORKSERVER", "on") != "off" and hasattr(os, "fork")
+            and hasattr(socket, "send_fds") and not os.environ.get(FORKED))
+
+
+def server_path() -> Path:
+    from kdprune.tracker import service_dir
+
+    env = sorted((k, v) for k, v in os.environ.items() if k.startswith(IMPORT_TIME_ENV))
+    key = hashlib.sha256(json.dumps([sys.executable, sys.path[1:], env]).encode()
+                         + Path(__file__).read_bytes()).hexdigest()[:20]
+    folder = service_dir() / "fork"
+    folder.mkdir(mode=0o700, exist_ok=True)
+    return folder / f"{key}.sock"
+
+
+# ---------------------------------------------------------------- the stage's side
+
+
+def hand_off() -> int | None:
+    """Run this process's script in a fork of the server: its exit status. None: run it here (no server
+    listens yet, one is started for the next stage; or the fork server is off)."""
+    if not enabled():
+        return None
+    path = server_path()
+    try:
+        sock = _dial(path)
+    except OSError:
+        _start(path)
+        return None
+    with sock:
+        request = json.dumps({"argv": sys.argv, "cwd": os.getcwd(), "env": dict(os.environ),
+                              "path": sys.path, "client": os.getpid()}).encode()
+        try:
+            socket.send_fds(sock, [HEADER.pack(len(request)) + request], [0, 1, 2])
+            reply = sock.makefile("rb")
+            line = reply.readline()
+        except OSError:
+            return None
+        if not line:  # the server exited before forking: nothing ran
+            return None
+        pid = json.loads(line)["pid"]
+
+        def forward(signum: int, frame: Any) -> None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, forward)
+        with contextlib.suppress(OSError):  # the kernel ends us with the dvc that started us
+            import ctypes
+
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        while True:
+            try:
+                line = reply.readline()
+                break
+            except InterruptedError:
+                continue
+        if not line:
+            print(f"error: the stage's process {pid} ended without an exit status (killed)", file=sys.stderr)
+            return 1
+        return int(json.loads(line)["status"])
+
+
+def _dial(path: Path) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(str(path))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def _start(path: Path) -> None:
+    """Start a server for the next stage and return at once (under a lock: two stages that find none at
+    the same moment start one; the server listens before it imports anything heavy)."""
+    from filelock import FileLock
+
+    with FileLock(str(path.with_suffix(".lock"))):
+        with contextlib.suppress(OSError):
+            _dial(path).close()
+            return
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("DVC_", "MLFLOW_"))}
+        with path.with_suffix(".log").open("ab") as log:
+            proc = subprocess.Popen([sys.executable, "-m", "kdprune.forkserver", str(path)],
+                                    stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env,
+                                    cwd=path.parent, start_new_session=True, close_fds=True)
+        deadline = time.monotonic() + 10
+        while proc.poll() is None and time.monotonic() < deadline:
+            with contextlib.suppress(OSError):
+                _dial(path).close()
+                return
+            time.sleep(0.01)
+
+
+def stop_all() -> list[str]:
+    """Ask every server to exit now (the end of the tests); stages running in its forks go on."""
+    from kdprune.tracker import service_dir
+
+    stopped = []
+    for path in sorted((service_dir() / "fork").glob("*.sock")):
+        with contextlib.suppress(OSError), _dial(path) as sock:
+            sock.sendall(HEADER.pack(2) + b"{}")
+            stopped.append(str(path))
+    return stopped
+
+
+# ---------------------------------------------------------------- the server
+
+
+def serve(path: Path) -> None:
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    server.bind(str(path))
+    server.listen(64)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C in a terminal is for the stages
+    for name in PRELOAD:
+        with contextlib.suppress(ImportError):
+            __import__(name)
+    children: set[int] = set()
+    idle_since = time.monotonic()
+    try:
+        while True:
+            ready, _, _ = select.select([server], [], [], 1.0)
+            children -= _reaped(children)
+            if ready:
+                conn, _ = server.accept()
+                with conn:
+                    request, fds = _receive(conn)
+                    if request is None:  # a probe, or the stages' end asked us to stop
+                        if fds is None:
+                            break
+                        continue
+                    pid = os.fork()
+                    if pid == 0:
+                        server.close()
+                        _child(conn, request, fds)  # never returns
+                    children.add(pid)
+                    for fd in fds:
+                        os.close(fd)
+                    with contextlib.suppress(OSError):
+                        conn.sendall(json.dumps({"pid": pid}).encode() + b"\n")
+            if children:
+                idle_since = time.monotonic()
+            elif time.monotonic() - idle_since > IDLE:
+                from filelock import FileLock
+
+                with FileLock(str(path.with_suffix(".lock"))):  # no stage is starting one right now
+                    if not select.select([server], [], [], 0)[0]:
+                        break
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        server.close()
+
+
+def _reaped(children: set[int]) -> set[int]:
+    done = set()
+    for pid in children:
+        with contextlib.suppress(ChildProcessError):
+            if os.waitpid(pid, os.WNOHANG)[0]:
+                done.add(pid)
+    return done
+
+
+def _receive(conn: socket.socket) -> tuple[dict[str, Any] | None, list[int] | None]:
+    """(request, fds); (None, []) for a connection that sends nothing; (None, None) for `stop`."""
+    conn.settimeout(10)
+    try:
+        data, fds, _, _ = socket.recv_fds(conn, 1 << 16, 3)
+        if not data:
+            return None, []
+        while len(data) < HEADER.size or len(data) < HEADER.size + HEADER.unpack_from(data)[0]:
+            more = conn.recv(1 << 16)
+            if not more:
+                raise OSError("the stage went away mid-request")
+            data += more
+    except OSError:
+        return None, []
+    request = json.loads(data[HEADER.size:])
+    if not request:
+        return None, None
+    return request, fds
+
+
+def _child(conn: socket.socket, request: dict[str, Any], fds: list[int]) -> None:
+    """Become the stage: its descriptors, directory, environment and path, no inherited kdprune module;
+    run its script; send the exit status; exit."""
+    status = 1
+    try:
+        conn.settimeout(None)
+        os.setsid()  # out of the server's session: the server's end is not ours
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
+        for target, fd in enumerate(fds):
+            os.dup2(fd, target)
+            os.close(fd)
+        env = request["env"]
+        os.chdir(request["cwd"])
+        os.environ.clear()
+        os.environ.update(env)
+        os.environ[FORKED] = str(request["client"])
+        sys.argv, sys.path = request["argv"], request["path"]
+        _reopen_std_streams(bool(env.get("PYTHONUNBUFFERED")))
+        for name in [m for m in sys.modules if m == "kdprune" or m.startswith("kdprune.")]:
+            del sys.modules[name]
+
+        def watch() -> None:  # the stage's process is gone (SIGKILL): end as if it had been signalled
+            with contextlib.suppress(OSError):
+                while conn.recv(1):
+                    pass
+            os.kill(os.getpid(), signal.SIGTERM)
+
+        threading.Thread(target=watch, name="stage-watchdog", daemon=True).start()
+        import runpy
+
+        try:
+            runpy.run_path(sys.argv[0], run_name="__main__")
+            status = 0
+        except SystemExit as e:
+            status = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+            if e.code is not None and not isinstance(e.code, int):
+                print(e.code, file=sys.stderr)
+        except KeyboardInterrupt:
+            status = 130
+        except BaseException:  # noqa: BLE001 - what the interpreter would print, then its status
+            import traceback
+
+            traceback.print_exc()
+            status = 1
+        import atexit
+
+        atexit._run_exitfuncs()
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        conn.sendall(json.dumps({"status": status}).encode() + b"\n")
+    finally:
+        os._exit(status)
+
+
+def _reopen_std_streams(unbuffered: bool) -> None:
+    """sys.stdout and friends over the stage's descriptors, buffered as the interpreter would."""
+    def stream(fd: int, mode: str, errors: str, line: bool) -> io.TextIOWrapper:
+        raw = io.FileIO(fd, mode, closefd=False)
+        buffered = raw if unbuffered and mode == "w" else (io.BufferedWriter(raw) if mode == "w"
+                                                            else io.BufferedReader(raw))
+        return io.TextIOWrapper(buffered, encoding="utf-8", errors=errors, line_buffering=line,
+                                write_through=unbuffered or fd == 2)
+
+    sys.stdin = sys.__stdin__ = stream(0, "r", "strict", False)
+    sys.stdout = sys.__stdout__ = stream(1, "w", "strict", os.isatty(1))
+    sys.stderr = sys.__stderr__ = stream(2, "w", "backslashreplace", True)
+
+
+if __name__ == "__main__":
+    serve(Path(sys.argv[1]))

@@ -1,0 +1,144 @@
+"""kdprune.forkserver: a later stage runs in a fork of a warm server, indistinguishable from its own
+process to DVC (argv, directory, environment, streams, exit status, signals), and never outlives it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from kdprune import forkserver
+
+pytestmark = pytest.mark.slow
+
+PROBE = '''\
+import os, sys, time
+before = sorted(m for m in sys.modules if m.startswith("kdprune"))
+from kdprune import stage
+
+
+def main():
+    print("pid", os.getpid(), "for", os.environ.get("KDPRUNE_FORKED_FOR"), "kdprune", before, flush=True)
+    print("cwd", os.getcwd(), "argv", sys.argv[1:], "X", os.environ.get("X"), "stdin", sys.stdin.read().strip())
+    print("to stderr", file=sys.stderr)
+    if sys.argv[1] == "sleep":
+        time.sleep(120)
+    raise SystemExit(int(sys.argv[1]))
+
+
+if __name__ == "__main__":
+    stage.guard(main)
+'''
+
+
+@pytest.fixture
+def probe(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A stage-like script, and a service folder of this test's own, whose server is stopped at the end."""
+    monkeypatch.setenv("KDPRUNE_SERVICE_DIR", str(tmp_path / "svc"))
+    monkeypatch.delenv("KDPRUNE_FORKED_FOR", raising=False)
+    monkeypatch.delenv("KDPRUNE_FORKSERVER", raising=False)
+    script = tmp_path / "probe.py"
+    script.write_text(PROBE)
+    (tmp_path / "work").mkdir()
+    yield script
+    forkserver.stop_all()
+    deadline = time.monotonic() + 30
+    while list((tmp_path / "svc/fork").glob("*.sock")) and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
+def run(script: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(script), *args], cwd=script.parent / "work", input="from stdin",
+                          env={**os.environ, **env}, capture_output=True, text=True, timeout=120)
+
+
+def fields(out: str) -> dict[str, str]:
+    first = out.splitlines()[0].split()
+    return dict(zip(first[::2], first[1::2]))
+
+
+def test_a_later_stage_runs_in_a_fork_with_its_own_argv_directory_environment_streams_and_status(probe):
+    first = run(probe, "3")
+    assert first.returncode == 3 and fields(first.stdout)["for"] == "None"  # ran in its own process
+    assert list((probe.parent / "svc/fork").glob("*.sock")), "the first stage started no server"
+
+    second = run(probe, "4", X="hello")
+    assert second.returncode == 4, second.stderr
+    assert fields(second.stdout)["for"] != "None"  # the pid of the process that handed it over
+    assert fields(second.stdout)["pid"] != fields(second.stdout)["for"]
+    assert "kdprune []" in second.stdout  # no kdprune module inherited: an edited one is imported afresh
+    assert f"cwd {probe.parent / 'work'} argv ['4'] X hello stdin from stdin" in second.stdout
+    assert second.stderr == "to stderr\n"
+
+
+def test_the_server_off_runs_every_stage_in_its_own_process(probe):
+    run(probe, "0")
+    off = run(probe, "0", KDPRUNE_FORKSERVER="off")
+    assert off.returncode == 0 and fields(off.stdout)["for"] == "None"
+
+
+def _fork_of(client: subprocess.Popen, out: Path) -> int:
+    deadline = time.monotonic() + 120
+    while "pid" not in out.read_text():
+        assert client.poll() is None and time.monotonic() < deadline, out.read_text()
+        time.sleep(0.1)
+    found = fields(out.read_text())
+    assert found["for"] == str(client.pid)
+    return int(found["pid"])
+
+
+def _gone(pid: int, timeout: float = 10) -> bool:
+    """Not running (gone, or a zombie its server has yet to reap)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] == "Z":
+                return True
+        except OSError:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_to_the_stage_process_reaches_its_fork(probe, tmp_path, signum):
+    run(probe, "0")
+    out, err = tmp_path / "out", tmp_path / "err"
+    with out.open("w") as o, err.open("w") as e:
+        client = subprocess.Popen([sys.executable, str(probe), "sleep"], cwd=probe.parent / "work", stdout=o,
+                                  stderr=e, stdin=subprocess.DEVNULL)
+        fork = _fork_of(client, out)
+        client.send_signal(signum)
+        assert client.wait(timeout=30) == 130
+    assert _gone(fork)
+    assert "error: interrupted; no output written" in err.read_text()
+
+
+def test_killing_the_stage_process_ends_its_fork(probe, tmp_path):
+    """SIGKILL leaves nothing to forward: the fork sees the connection end and stops as if signalled."""
+    run(probe, "0")
+    out, err = tmp_path / "out", tmp_path / "err"
+    with out.open("w") as o, err.open("w") as e:
+        client = subprocess.Popen([sys.executable, str(probe), "sleep"], cwd=probe.parent / "work", stdout=o,
+                                  stderr=e, stdin=subprocess.DEVNULL)
+        fork = _fork_of(client, out)
+        client.kill()
+        client.wait(timeout=30)
+    assert _gone(fork)
+    assert "error: interrupted; no output written" in err.read_text()
+
+
+def test_a_stopped_server_removes_its_socket_and_the_next_stage_runs_in_its_own_process(probe):
+    run(probe, "0")
+    assert len(forkserver.stop_all()) == 1
+    deadline = time.monotonic() + 30
+    while list((probe.parent / "svc/fork").glob("*.sock")) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not list((probe.parent / "svc/fork").glob("*.sock"))
+    again = run(probe, "0")
+    assert again.returncode == 0 and fields(again.stdout)["for"] == "None"
