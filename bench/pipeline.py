@@ -7,7 +7,8 @@ nothing here is touched) and reports medians over --repeats runs. Every stage wr
 KDPRUNE_TIMINGS (see kdprune.stage). The targets of the project: `dvc repro -f` at most 45 s and a no-op
 `dvc repro` at most 0.8 s on an idle 2-core machine, tracking at most 15 % of a stage's time.
 
-    .venv/bin/python bench/pipeline.py                 # 3 forced repros, 3 no-op repros: about 3 minutes
+    .venv/bin/python bench/pipeline.py                 # 3 forced repros, 3 no-op repros: about 4 minutes
+    .venv/bin/python bench/pipeline.py --compare       # and 3 with every stage in its own process, interleaved
     .venv/bin/python bench/pipeline.py --repeats 1 --keep
 """
 
@@ -23,6 +24,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from kdprune import forkserver, tracker
 
 ROOT = Path(__file__).resolve().parents[1]
 PARTS = ("startup", "torch_import", "tracking", "work")
@@ -41,6 +44,17 @@ def clone(dest: Path, env: dict[str, str]) -> None:
     sh(["git", "clone", "-q", str(ROOT), str(dest)], ROOT, env)
     shutil.copy(ROOT / "params.yaml", dest / "params.yaml")  # the working copy's params, committed or not
     sh(["dvc", "cache", "dir", "--local", str(ROOT / ".dvc/cache")], dest, env)
+
+
+def stop_services(tracking: bool = False) -> None:
+    """Stop this bench's fork server, and its tracking service with `tracking`; wait until they are gone."""
+    forkserver.stop_all()
+    if tracking:
+        tracker.stop_all()
+    folder = tracker.service_dir() if tracking else tracker.service_dir() / "fork"
+    deadline = time.monotonic() + 30
+    while list(folder.rglob("*.sock")) and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def stage_rows(lines: list[dict]) -> dict[str, dict[str, float]]:
@@ -71,27 +85,42 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=3, help="forced and no-op repros to take medians over")
     ap.add_argument("--keep", action="store_true", help="keep the temporary clone and print its path")
+    ap.add_argument("--compare", action="store_true",
+                    help="also time every stage in its own process (KDPRUNE_FORKSERVER=off), interleaved")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="kdprune-bench-"))
     timings = work / "timings.jsonl"
+    os.environ["KDPRUNE_SERVICE_DIR"] = str(work / "svc")  # this bench's own tracking service and fork server
     env = dict(os.environ, DVC_NO_ANALYTICS="1", KDPRUNE_TIMINGS=str(timings),
                PATH=f"{ROOT / '.venv/bin'}{os.pathsep}{os.environ['PATH']}")
     env.pop("MLFLOW_TRACKING_URI", None)
     try:
         repo = work / "repo"
         clone(repo, env)
-        forced, lines = [], []
+        modes = ("off", "on") if args.compare else ("on",)
+        forced: dict[str, list[float]] = {m: [] for m in modes}
+        lines: dict[str, list[dict]] = {m: [] for m in modes}
         for _ in range(args.repeats):
-            timings.unlink(missing_ok=True)
-            forced.append(sh(["dvc", "repro", "-f"], repo, env))
-            lines += [json.loads(line) for line in timings.read_text().splitlines()]
+            for mode in modes:  # interleaved, so both see the same machine
+                timings.unlink(missing_ok=True)
+                stop_services()  # each run starts as the first `dvc repro` in a while does: cold
+                forced[mode].append(sh(["dvc", "repro", "-f"], repo, dict(env, KDPRUNE_FORKSERVER=mode)))
+                lines[mode] += [json.loads(line) for line in timings.read_text().splitlines()]
         noop = [sh(["dvc", "repro"], repo, env) for _ in range(args.repeats)]
         status = [sh(["dvc", "status"], repo, env) for _ in range(args.repeats)]
         print(f"median of {args.repeats}, {os.cpu_count()} cores, load {os.getloadavg()[0]:.2f}")
-        print_table(stage_rows(lines))
-        print(f"\ndvc repro -f: {statistics.median(forced):.1f} s (runs: {', '.join(f'{t:.1f}' for t in forced)})")
+        for mode in modes:
+            print(f"\nfork server {mode} (KDPRUNE_FORKSERVER={mode}):")
+            print_table(stage_rows(lines[mode]))
+        print()
+        for mode in modes:
+            runs = ", ".join(f"{t:.1f}" for t in forced[mode])
+            print(f"dvc repro -f, fork server {mode}: {statistics.median(forced[mode]):.1f} s (runs: {runs})")
+        if args.compare:
+            print(f"speed-up: {statistics.median(forced['off']) / statistics.median(forced['on']):.2f}x")
         print(f"no-op dvc repro: {statistics.median(noop):.2f} s; dvc status: {statistics.median(status):.2f} s")
     finally:
+        stop_services(tracking=True)
         if args.keep:
             print(f"kept {work}")
         else:

@@ -10,9 +10,10 @@ forwards SIGTERM, SIGINT and SIGHUP to it, and exits with its status. The fork d
 process: when the connection between them ends (even after SIGKILL) it gets SIGTERM, closes its run
 KILLED and writes nothing, exactly as the stage would.
 
-Only third-party packages are preloaded, before any thread could hold a lock across the fork; the
-server never initialises CUDA, sets no seed and no thread count (each stage does, first). It exits
-after IDLE seconds without a stage. KDPRUNE_FORKSERVER=off runs every stage in its own process.
+Only third-party packages are preloaded, and none that starts a thread at import (OpenBLAS's pool,
+which numpy and scipy start, is quiesced by its own fork handler); the server never initialises
+CUDA, sets no seed and no thread count (each stage does, first). It exits after IDLE seconds without
+a stage. KDPRUNE_FORKSERVER=off runs every stage in its own process.
 """
 
 from __future__ import annotations
@@ -34,7 +35,12 @@ from pathlib import Path
 from typing import Any
 
 IDLE = 30.0  # seconds without a running stage after which the server exits
-PRELOAD = ("torch", "torch.nn.functional", "torch.onnx", "numpy", "yaml", "onnx", "torchvision")
+# imported before the first fork; then, one at a time between stages, what the stages import next (in
+# the order the pipeline needs them). Never onnxruntime: it starts a thread at import, and a thread
+# holding a lock across a fork leaves the lock held forever in the fork.
+PRELOAD = ("torch", "torch._dynamo")  # every stage's torch.use_deterministic_algorithms imports the latter
+LATER = ("numpy", "yaml", "sklearn.model_selection", "sklearn.datasets", "torch.onnx", "onnx",
+         "matplotlib.backends.backend_agg", "matplotlib.pyplot", "scipy.stats", "torchvision")
 FORKED = "KDPRUNE_FORKED_FOR"  # in a fork's environment: the pid of the stage process it stands for
 # what the interpreter or a preloaded library reads once, at start-up or import: a server serves only
 # stages that agree on them
@@ -165,11 +171,16 @@ def serve(path: Path) -> None:
         with contextlib.suppress(ImportError):
             __import__(name)
     children: set[int] = set()
+    later = list(LATER)
     idle_since = time.monotonic()
     try:
         while True:
-            ready, _, _ = select.select([server], [], [], 1.0)
+            ready, _, _ = select.select([server], [], [], 0 if later else 1.0)
             children -= _reaped(children)
+            if not ready and later:
+                with contextlib.suppress(ImportError):
+                    __import__(later.pop(0))
+                continue
             if ready:
                 conn, _ = server.accept()
                 with conn:
