@@ -12,6 +12,7 @@ import shlex
 import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -204,8 +205,7 @@ def test_killing_dvc_ends_the_stage_marks_its_run_killed_and_writes_nothing(proj
                     if client.get_metric_history(r.info.run_id, "val_accuracy"):
                         run = r
             time.sleep(0.3)
-        # the process that ran the stage: the one dvc started, or the fork it handed the stage to
-        owner = run.data.tags["pipeline.owner"]
+        owner = run.data.tags["pipeline.owner"]  # the process dvc started for the stage
         os.kill(dvc.pid, signal.SIGTERM)
         deadline = time.monotonic() + 10
         while (_stage_processes("stages/train_teacher.py", root) or procs.alive(owner)) \
@@ -225,6 +225,32 @@ def test_killing_dvc_ends_the_stage_marks_its_run_killed_and_writes_nothing(proj
     time.sleep(3)
     assert not (root / "models/teacher/model.pt").exists() or \
         (root / "models/teacher/model.pt").read_bytes() == (project / "models/teacher/model.pt").read_bytes()
+
+
+def test_a_forked_stage_writes_the_same_bytes_as_a_stage_in_its_own_process(project, tmp_path, monkeypatch):
+    """kdprune.forkserver: train_teacher in its own process (the server off; then the run that starts the
+    server) and forked from the server writes the project's model, byte for byte."""
+    from kdprune import forkserver, tracker
+
+    root, env = clone(project, tmp_path / "c")
+    services = Path(tempfile.mkdtemp(prefix="kdp-"))  # short: a socket's path has at most 107 bytes
+    monkeypatch.setenv("KDPRUNE_SERVICE_DIR", str(services))
+    env["KDPRUNE_SERVICE_DIR"] = str(services)
+    made = []
+    try:
+        for mode in ("off", "on", "on"):
+            listening = bool(list((services / "fork").glob("*.sock")))
+            sh(["dvc", "repro", "-f", "-s", "train_teacher"], root, {**env, "KDPRUNE_FORKSERVER": mode})
+            made.append((mode, listening, tree_bytes(root / "models/teacher")))
+    finally:
+        forkserver.stop_all()
+        tracker.stop_all()
+        deadline = time.monotonic() + 30
+        while list(services.rglob("*.sock")) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        shutil.rmtree(services, ignore_errors=True)
+    assert [m[:2] for m in made] == [("off", False), ("on", False), ("on", True)]  # the last one forked
+    assert all(m[2] == tree_bytes(project / "models/teacher") for m in made)
 
 
 def _run_queue(root: Path, env: dict[str, str], jobs: int, timeout: float) -> str:

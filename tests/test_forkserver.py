@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -23,7 +24,10 @@ from kdprune import stage
 
 
 def main():
-    print("pid", os.getpid(), "for", os.environ.get("KDPRUNE_FORKED_FOR"), "kdprune", before, flush=True)
+    import resource
+    umask = os.umask(0)
+    print("pid", os.getpid(), "for", os.environ.get("KDPRUNE_FORKED_FOR"), "umask", oct(umask),
+          "nofile", resource.getrlimit(resource.RLIMIT_NOFILE)[0], "kdprune", before, flush=True)
     print("cwd", os.getcwd(), "argv", sys.argv[1:], "X", os.environ.get("X"), "stdin", sys.stdin.read().strip())
     print("to stderr", file=sys.stderr)
     if sys.argv[1] == "sleep":
@@ -52,9 +56,10 @@ def probe(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
         time.sleep(0.1)
 
 
-def run(script: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
+def run(script: Path, *args: str, preexec: Any = None, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(script), *args], cwd=script.parent / "work", input="from stdin",
-                          env={**os.environ, **env}, capture_output=True, text=True, timeout=120)
+                          env={**os.environ, **env}, capture_output=True, text=True, timeout=120,
+                          preexec_fn=preexec)
 
 
 def fields(out: str) -> dict[str, str]:
@@ -74,6 +79,31 @@ def test_a_later_stage_runs_in_a_fork_with_its_own_argv_directory_environment_st
     assert "kdprune []" in second.stdout  # no kdprune module inherited: an edited one is imported afresh
     assert f"cwd {probe.parent / 'work'} argv ['4'] X hello stdin from stdin" in second.stdout
     assert second.stderr == "to stderr\n"
+
+
+def test_a_fork_has_the_umask_of_the_process_it_stands_for(probe):
+    run(probe, "0")
+    forked = run(probe, "0", preexec=lambda: os.umask(0o077))
+    assert fields(forked.stdout)["for"] != "None" and fields(forked.stdout)["umask"] == "0o77"
+
+
+def test_a_stage_with_other_limits_or_privileges_is_not_forked_from_a_server_without_them(probe):
+    """A fork has the server's rlimits, capabilities, cgroup: a stage run under `ulimit -n 512` (or
+    setpriv, taskset, nice) gets a server started under the same, never one started without."""
+    import resource
+
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+
+    def lower() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (512, hard))
+
+    run(probe, "0")
+    assert len(list((probe.parent / "svc/fork").glob("*.sock"))) == 1
+    limited = run(probe, "0", preexec=lower)
+    assert fields(limited.stdout)["for"] == "None" and fields(limited.stdout)["nofile"] == "512"
+    assert len(list((probe.parent / "svc/fork").glob("*.sock"))) == 2  # a server of its own, started now
+    again = run(probe, "0", preexec=lower)
+    assert fields(again.stdout)["for"] != "None" and fields(again.stdout)["nofile"] == "512"
 
 
 def test_the_server_off_runs_every_stage_in_its_own_process(probe):

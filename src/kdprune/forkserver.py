@@ -54,14 +54,35 @@ def enabled() -> bool:
 
 
 def server_path() -> Path:
+    """The server of this interpreter, packages and import-time environment, and of this process's
+    privileges and limits: a fork has the server's, so a stage under `setpriv`, `ulimit`, `taskset`,
+    `nice`, another cgroup or namespace gets a server started under the same."""
     from kdprune.tracker import service_dir
 
     env = sorted((k, v) for k, v in os.environ.items() if k.startswith(IMPORT_TIME_ENV))
-    key = hashlib.sha256(json.dumps([sys.executable, sys.path[1:], env]).encode()
+    key = hashlib.sha256(json.dumps([sys.executable, sys.path[1:], env, _process_state()]).encode()
                          + Path(__file__).read_bytes()).hexdigest()[:20]
     folder = service_dir() / "fork"
     folder.mkdir(mode=0o700, exist_ok=True)
     return folder / f"{key}.sock"
+
+
+def _process_state() -> list[Any]:
+    """What a fork inherits from the server, not from the process that hands the stage over (the umask,
+    which the fork sets, aside)."""
+    import resource
+
+    kept = ("Uid", "Gid", "Groups", "CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb", "NoNewPrivs", "Seccomp",
+            "Cpus_allowed_list")
+    state: list[Any] = [os.getpriority(os.PRIO_PROCESS, 0),
+                        sorted((n, resource.getrlimit(getattr(resource, n))) for n in dir(resource)
+                               if n.startswith("RLIMIT_"))]
+    with contextlib.suppress(OSError):
+        status = Path("/proc/self/status").read_text().splitlines()
+        state.append([line for line in status if line.partition(":")[0] in kept])
+        state.append(Path("/proc/self/cgroup").read_text())
+        state.append(sorted(os.readlink(ns) for ns in Path("/proc/self/ns").iterdir()))
+    return state
 
 
 # ---------------------------------------------------------------- the stage's side
@@ -79,8 +100,10 @@ def hand_off() -> int | None:
         _start(path)
         return None
     with sock:
-        request = json.dumps({"argv": sys.argv, "cwd": os.getcwd(), "env": dict(os.environ),
-                              "path": sys.path, "client": os.getpid()}).encode()
+        umask = os.umask(0o022)
+        os.umask(umask)
+        request = json.dumps({"argv": sys.argv, "cwd": os.getcwd(), "env": dict(os.environ), "path": sys.path,
+                              "umask": umask, "client": os.getpid()}).encode()
         try:
             socket.send_fds(sock, [HEADER.pack(len(request)) + request], [0, 1, 2])
             reply = sock.makefile("rb")
@@ -255,6 +278,7 @@ def _child(conn: socket.socket, request: dict[str, Any], fds: list[int]) -> None
             os.close(fd)
         env = request["env"]
         os.chdir(request["cwd"])
+        os.umask(request["umask"])
         os.environ.clear()
         os.environ.update(env)
         os.environ[FORKED] = str(request["client"])

@@ -40,11 +40,16 @@ def alive(ident: str) -> bool | None:
     return stat is not None and str(stat[1]) == start
 
 
+def stage_pid() -> int:
+    """The process DVC started for this stage: this one, or, in a fork of the fork server, the one that
+    handed the stage over (kdprune.forkserver), which lives exactly as long as the stage does."""
+    return int(os.environ.get("KDPRUNE_FORKED_FOR") or os.getpid())
+
+
 def dvc_ancestor() -> str | None:
     """The identity of the nearest ancestor process that is DVC (`dvc repro`, `dvc exp run`, a queue's
     `dvc exp exec-run`): the pipeline execution this stage belongs to. None outside DVC."""
-    # a stage run by the fork server starts from the process dvc started, which it stands for
-    pid = int(os.environ.get("KDPRUNE_FORKED_FOR") or os.getppid())
+    pid = os.getppid() if stage_pid() == os.getpid() else stage_pid()
     for _ in range(32):
         if pid <= 1:
             return None

@@ -154,7 +154,7 @@ def run(name: str, p: Params, reads: tuple[str, ...], inputs: dict[str, Path | s
             fingerprints = {role: manifest.fingerprint(path) for role, path in inputs.items()}
             tracker.post("open", stage=name, kind=kind, name=title or f"{name} · {label(p)}",
                          params=flatten(p) if kind == "summary" else section(p, *reads), inputs=fingerprints,
-                         owner=procs.identity(), execution=procs.dvc_ancestor(),
+                         owner=procs.identity(procs.stage_pid()), execution=procs.dvc_ancestor(),
                          exp_name=os.environ.get("DVC_EXP_NAME"), commit=procs.git_commit(),
                          local=str(store.local_dir()))
             from kdprune import determinism
