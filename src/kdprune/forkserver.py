@@ -44,7 +44,8 @@ LATER = ("numpy", "yaml", "sklearn.model_selection", "sklearn.datasets", "torch.
 FORKED = "KDPRUNE_FORKED_FOR"  # in a fork's environment: the pid of the stage process it stands for
 # what the interpreter or a preloaded library reads once, at start-up or import: a server serves only
 # stages that agree on them
-IMPORT_TIME_ENV = ("PYTHON", "OMP_", "MKL_", "OPENBLAS_", "LD_", "TORCH_", "PYTORCH_", "CUDA_", "KDPRUNE_SERVICE_DIR")
+IMPORT_TIME_ENV = ("PYTHON", "OMP_", "MKL_", "OPENBLAS_", "LD_", "TORCH_", "PYTORCH_", "CUDA_",
+                   "KDPRUNE_SERVICE_DIR")
 HEADER = struct.Struct("!I")
 
 
@@ -124,12 +125,7 @@ def hand_off() -> int | None:
             import ctypes
 
             ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-        while True:
-            try:
-                line = reply.readline()
-                break
-            except InterruptedError:
-                continue
+        line = reply.readline()  # a forwarded signal interrupts nothing here (PEP 475 retries the read)
         if not line:
             print(f"error: the stage's process {pid} ended without an exit status (killed)", file=sys.stderr)
             return 1
@@ -247,6 +243,7 @@ def _reaped(children: set[int]) -> set[int]:
 def _receive(conn: socket.socket) -> tuple[dict[str, Any] | None, list[int] | None]:
     """(request, fds); (None, []) for a connection that sends nothing; (None, None) for `stop`."""
     conn.settimeout(10)
+    fds: list[int] = []
     try:
         data, fds, _, _ = socket.recv_fds(conn, 1 << 16, 3)
         if not data:
@@ -256,7 +253,9 @@ def _receive(conn: socket.socket) -> tuple[dict[str, Any] | None, list[int] | No
             if not more:
                 raise OSError("the stage went away mid-request")
             data += more
-    except OSError:
+    except OSError:  # the stage went away (it will run itself): nothing to fork, its descriptors closed
+        for fd in fds:
+            os.close(fd)
         return None, []
     request = json.loads(data[HEADER.size:])
     if not request:
