@@ -34,6 +34,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from kdprune.tracker import dial, service_dir
+
 IDLE = 30.0  # seconds without a running stage after which the server exits
 # imported before the first fork; then, one at a time between stages, what the stages import next (in
 # the order the pipeline needs them). Never onnxruntime: it starts a thread at import, and a thread
@@ -58,8 +60,6 @@ def server_path() -> Path:
     """The server of this interpreter, packages and import-time environment, and of this process's
     privileges and limits: a fork has the server's, so a stage under `setpriv`, `ulimit`, `taskset`,
     `nice`, another cgroup or namespace gets a server started under the same."""
-    from kdprune.tracker import service_dir
-
     env = sorted((k, v) for k, v in os.environ.items() if k.startswith(IMPORT_TIME_ENV))
     key = hashlib.sha256(json.dumps([sys.executable, sys.path[1:], env, _process_state()]).encode()
                          + Path(__file__).read_bytes()).hexdigest()[:20]
@@ -96,7 +96,7 @@ def hand_off() -> int | None:
         return None
     path = server_path()
     try:
-        sock = _dial(path)
+        sock = dial(path)
     except OSError:
         _start(path)
         return None
@@ -132,16 +132,6 @@ def hand_off() -> int | None:
         return int(json.loads(line)["status"])
 
 
-def _dial(path: Path) -> socket.socket:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.connect(str(path))
-    except OSError:
-        sock.close()
-        raise
-    return sock
-
-
 def _start(path: Path) -> None:
     """Start a server for the next stage and return at once (under a lock: two stages that find none at
     the same moment start one; the server listens before it imports anything heavy)."""
@@ -149,7 +139,7 @@ def _start(path: Path) -> None:
 
     with FileLock(str(path.with_suffix(".lock"))):
         with contextlib.suppress(OSError):
-            _dial(path).close()
+            dial(path).close()
             return
         env = {k: v for k, v in os.environ.items() if not k.startswith(("DVC_", "MLFLOW_"))}
         with path.with_suffix(".log").open("ab") as log:
@@ -159,18 +149,16 @@ def _start(path: Path) -> None:
         deadline = time.monotonic() + 10
         while proc.poll() is None and time.monotonic() < deadline:
             with contextlib.suppress(OSError):
-                _dial(path).close()
+                dial(path).close()
                 return
             time.sleep(0.01)
 
 
 def stop_all() -> list[str]:
     """Ask every server to exit now (the end of the tests); stages running in its forks go on."""
-    from kdprune.tracker import service_dir
-
     stopped = []
     for path in sorted((service_dir() / "fork").glob("*.sock")):
-        with contextlib.suppress(OSError), _dial(path) as sock:
+        with contextlib.suppress(OSError), dial(path) as sock:
             sock.sendall(HEADER.pack(2) + b"{}")
             stopped.append(str(path))
     return stopped

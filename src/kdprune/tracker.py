@@ -149,7 +149,7 @@ def _connect(path: Path, uri: str, experiment: str) -> socket.socket:
 
     with FileLock(str(path.with_suffix(".lock"))):
         with contextlib.suppress(OSError):
-            return _dial(path)
+            return dial(path)
         log = path.with_suffix(".log").open("ab")
         env = dict(os.environ, MLFLOW_TRACKING_URI=uri, MLFLOW_EXPERIMENT_NAME=experiment)
         env.pop("DVC_EXP_NAME", None)
@@ -160,14 +160,14 @@ def _connect(path: Path, uri: str, experiment: str) -> socket.socket:
         deadline = time.monotonic() + START_TIMEOUT
         while True:
             with contextlib.suppress(OSError):
-                return _dial(path)
+                return dial(path)
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise TrackingError(f"the MLflow tracking service for {uri} did not start "
                                     f"(exit {proc.poll()}; see {path.with_suffix('.log')})")
             time.sleep(0.02)
 
 
-def _dial(path: Path) -> socket.socket:
+def dial(path: Path) -> socket.socket:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.connect(str(path))
@@ -209,7 +209,7 @@ def stop_all() -> list[str]:
 def _stop(path: Path) -> bool:
     """Only between stages: a run still open in the service would be left RUNNING (reconciled later)."""
     with contextlib.suppress(OSError):
-        sock = _dial(path)
+        sock = dial(path)
         with sock:
             sock.sendall(b'{"id": 1, "op": "stop", "args": {}}\n')
             sock.recv(1 << 10)
