@@ -45,6 +45,7 @@ def _exact_hessian(model: torch.nn.Module, params: list[torch.Tensor], batches: 
     return torch.autograd.functional.hessian(loss, torch.cat([p.detach().flatten() for p in params]))
 
 
+@pytest.mark.slow  # thousands of Hutchinson probes against an exact Hessian: 15-40 s
 def test_hutchinson_diagonal_matches_the_exact_hessian_over_all_batches():
     model, batches = _tiny()
     params = [p for p in model.parameters()]
@@ -62,6 +63,7 @@ def test_hutchinson_diagonal_matches_the_exact_hessian_over_all_batches():
     assert (est - exact.diagonal()).abs().sum() < (est - last_only).abs().sum()
 
 
+@pytest.mark.slow  # thousands of Hutchinson probes against an exact Hessian: 15-40 s
 def test_hessian_scores_are_obd_saliencies():
     model, batches = _tiny()
     scores = importance.hessian(model, batches, F.cross_entropy, seed=0, probes=3000)
