@@ -46,17 +46,6 @@ def clone(dest: Path, env: dict[str, str]) -> None:
     sh(["dvc", "cache", "dir", "--local", str(ROOT / ".dvc/cache")], dest, env)
 
 
-def stop_services(tracking: bool = False) -> None:
-    """Stop this bench's fork server, and its tracking service with `tracking`; wait until they are gone."""
-    forkserver.stop_all()
-    if tracking:
-        tracker.stop_all()
-    folder = tracker.service_dir() if tracking else tracker.service_dir() / "fork"
-    deadline = time.monotonic() + 30
-    while list(folder.rglob("*.sock")) and time.monotonic() < deadline:
-        time.sleep(0.05)
-
-
 def stage_rows(lines: list[dict]) -> dict[str, dict[str, float]]:
     """Per stage, the median over runs of each part; tracking is the time the stage waited on the helper."""
     by_stage: dict[str, list[dict]] = {}
@@ -103,7 +92,7 @@ def main() -> None:
         for _ in range(args.repeats):
             for mode in modes:  # interleaved, so both see the same machine
                 timings.unlink(missing_ok=True)
-                stop_services()  # each run starts as the first `dvc repro` in a while does: cold
+                forkserver.stop_all()  # each run starts as the first `dvc repro` in a while does: cold
                 forced[mode].append(sh(["dvc", "repro", "-f"], repo, dict(env, KDPRUNE_FORKSERVER=mode)))
                 lines[mode] += [json.loads(line) for line in timings.read_text().splitlines()]
         noop = [sh(["dvc", "repro"], repo, env) for _ in range(args.repeats)]
@@ -120,7 +109,8 @@ def main() -> None:
             print(f"speed-up: {statistics.median(forced['off']) / statistics.median(forced['on']):.2f}x")
         print(f"no-op dvc repro: {statistics.median(noop):.2f} s; dvc status: {statistics.median(status):.2f} s")
     finally:
-        stop_services(tracking=True)
+        forkserver.stop_all()
+        tracker.stop_all()
         if args.keep:
             print(f"kept {work}")
         else:

@@ -27,14 +27,14 @@ import select
 import signal
 import socket
 import struct
-import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
-from kdprune.tracker import dial, service_dir
+from kdprune import procs
+from kdprune.tracker import ServiceDown, dial, retire, service_dir, start_service, wait_gone
 
 IDLE = 30.0  # seconds without a running stage after which the server exits
 # imported before the first fork; then, one at a time between stages, what the stages import next (in
@@ -43,7 +43,6 @@ IDLE = 30.0  # seconds without a running stage after which the server exits
 PRELOAD = ("torch", "torch._dynamo")  # every stage's torch.use_deterministic_algorithms imports the latter
 LATER = ("numpy", "yaml", "sklearn.model_selection", "sklearn.datasets", "torch.onnx", "onnx",
          "matplotlib.backends.backend_agg", "matplotlib.pyplot", "scipy.stats", "torchvision")
-FORKED = "KDPRUNE_FORKED_FOR"  # in a fork's environment: the pid of the stage process it stands for
 # what the interpreter or a preloaded library reads once, at start-up or import: a server serves only
 # stages that agree on them
 IMPORT_TIME_ENV = ("PYTHON", "OMP_", "MKL_", "OPENBLAS_", "LD_", "TORCH_", "PYTORCH_", "CUDA_",
@@ -53,7 +52,7 @@ HEADER = struct.Struct("!I")
 
 def enabled() -> bool:
     return (os.environ.get("KDPRUNE_FORKSERVER", "on") != "off" and hasattr(os, "fork")
-            and hasattr(socket, "send_fds") and not os.environ.get(FORKED))
+            and hasattr(socket, "send_fds") and not procs.forked())
 
 
 def server_path() -> Path:
@@ -97,8 +96,10 @@ def hand_off() -> int | None:
     path = server_path()
     try:
         sock = dial(path)
-    except OSError:
-        _start(path)
+    except OSError:  # none listens: start one for the next stage (it listens before importing torch)
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("DVC_", "MLFLOW_"))}
+        with contextlib.suppress(ServiceDown):
+            start_service(path, "kdprune.forkserver", env, timeout=10).close()
         return None
     with sock:
         umask = os.umask(0o022)
@@ -121,10 +122,7 @@ def hand_off() -> int | None:
 
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(signum, forward)
-        with contextlib.suppress(OSError):  # the kernel ends us with the dvc that started us
-            import ctypes
-
-            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        procs.die_with_parent(signal.SIGTERM)  # the kernel ends us with the dvc that started us
         line = reply.readline()  # a forwarded signal interrupts nothing here (PEP 475 retries the read)
         if not line:
             print(f"error: the stage's process {pid} ended without an exit status (killed)", file=sys.stderr)
@@ -132,36 +130,16 @@ def hand_off() -> int | None:
         return int(json.loads(line)["status"])
 
 
-def _start(path: Path) -> None:
-    """Start a server for the next stage and return at once (under a lock: two stages that find none at
-    the same moment start one; the server listens before it imports anything heavy)."""
-    from filelock import FileLock
-
-    with FileLock(str(path.with_suffix(".lock"))):
-        with contextlib.suppress(OSError):
-            dial(path).close()
-            return
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("DVC_", "MLFLOW_"))}
-        with path.with_suffix(".log").open("ab") as log:
-            proc = subprocess.Popen([sys.executable, "-m", "kdprune.forkserver", str(path)],
-                                    stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env,
-                                    cwd=path.parent, start_new_session=True, close_fds=True)
-        deadline = time.monotonic() + 10
-        while proc.poll() is None and time.monotonic() < deadline:
-            with contextlib.suppress(OSError):
-                dial(path).close()
-                return
-            time.sleep(0.01)
-
-
 def stop_all() -> list[str]:
-    """Ask every server to exit now (the end of the tests); stages running in its forks go on."""
+    """Ask every server to exit now (the end of the tests) and wait until they are gone; stages running in
+    their forks go on."""
     stopped = []
     for path in sorted((service_dir() / "fork").glob("*.sock")):
         with contextlib.suppress(OSError), dial(path) as sock:
             sock.sendall(HEADER.pack(2) + b"{}")
-            stopped.append(str(path))
-    return stopped
+            stopped.append(path)
+    wait_gone(stopped)
+    return [str(p) for p in stopped]
 
 
 # ---------------------------------------------------------------- the server
@@ -207,12 +185,8 @@ def serve(path: Path) -> None:
                         conn.sendall(json.dumps({"pid": pid}).encode() + b"\n")
             if children:
                 idle_since = time.monotonic()
-            elif time.monotonic() - idle_since > IDLE:
-                from filelock import FileLock
-
-                with FileLock(str(path.with_suffix(".lock"))):  # no stage is starting one right now
-                    if not select.select([server], [], [], 0)[0]:
-                        break
+            elif time.monotonic() - idle_since > IDLE and retire(server, path):
+                break
     finally:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
@@ -268,7 +242,7 @@ def _child(conn: socket.socket, request: dict[str, Any], fds: list[int]) -> None
         os.umask(request["umask"])
         os.environ.clear()
         os.environ.update(env)
-        os.environ[FORKED] = str(request["client"])
+        os.environ[procs.FORKED_FOR] = str(request["client"])
         sys.argv, sys.path = request["argv"], request["path"]
         _reopen_std_streams(bool(env.get("PYTHONUNBUFFERED")))
         for name in [m for m in sys.modules if m == "kdprune" or m.startswith("kdprune.")]:

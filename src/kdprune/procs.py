@@ -7,6 +7,7 @@ is known and nothing is claimed.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 from pathlib import Path
@@ -40,16 +41,32 @@ def alive(ident: str) -> bool | None:
     return stat is not None and str(stat[1]) == start
 
 
+FORKED_FOR = "KDPRUNE_FORKED_FOR"  # in a fork of the fork server: the pid of the process it stands for
+
+
+def forked() -> bool:
+    """Whether this process is a fork of the fork server running a stage (kdprune.forkserver)."""
+    return bool(os.environ.get(FORKED_FOR))
+
+
 def stage_pid() -> int:
     """The process DVC started for this stage: this one, or, in a fork of the fork server, the one that
-    handed the stage over (kdprune.forkserver), which lives exactly as long as the stage does."""
-    return int(os.environ.get("KDPRUNE_FORKED_FOR") or os.getpid())
+    handed the stage over, which lives exactly as long as the stage does."""
+    return int(os.environ[FORKED_FOR]) if forked() else os.getpid()
+
+
+def die_with_parent(signum: int) -> None:
+    """Have the kernel send `signum` when our parent dies (PR_SET_PDEATHSIG; Linux only, else nothing)."""
+    with contextlib.suppress(OSError, AttributeError):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signum)
 
 
 def dvc_ancestor() -> str | None:
     """The identity of the nearest ancestor process that is DVC (`dvc repro`, `dvc exp run`, a queue's
     `dvc exp exec-run`): the pipeline execution this stage belongs to. None outside DVC."""
-    pid = os.getppid() if stage_pid() == os.getpid() else stage_pid()
+    pid = stage_pid() if forked() else os.getppid()
     for _ in range(32):
         if pid <= 1:
             return None

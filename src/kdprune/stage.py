@@ -85,11 +85,8 @@ def _die_with_dvc() -> None:
     """A stage never outlives the `dvc` that started it: the kernel signals us when our parent dies
     (PR_SET_PDEATHSIG), and a watchdog thread checks the nearest `dvc` ancestor every second (our
     parent may be a shell); either way we get SIGTERM, close the run as KILLED and write nothing."""
-    if not os.environ.get("KDPRUNE_FORKED_FOR"):  # a fork's parent is the fork server, which may go first
-        with contextlib.suppress(OSError, AttributeError):
-            import ctypes
-
-            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    if not procs.forked():  # a fork's parent is the fork server, which may go first
+        procs.die_with_parent(signal.SIGTERM)
     ancestor = procs.dvc_ancestor()
     if ancestor is None:
         return

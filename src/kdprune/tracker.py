@@ -143,28 +143,40 @@ def start() -> Tracker | Offline:
 
 
 def _connect(path: Path, uri: str, experiment: str) -> socket.socket:
-    """Connect to the service at `path`, starting it first when none listens (under a lock, so two
-    stages starting at once start one service, and a service never exits while one connects)."""
+    """Connect to the service at `path`, starting it first when none listens."""
+    env = dict(os.environ, MLFLOW_TRACKING_URI=uri, MLFLOW_EXPERIMENT_NAME=experiment)
+    env.pop("DVC_EXP_NAME", None)
+    try:
+        return start_service(path, "kdprune.tracker", env, START_TIMEOUT)
+    except ServiceDown as e:
+        raise TrackingError(f"the MLflow tracking service for {uri} did not start ({e})") from None
+
+
+class ServiceDown(OSError):
+    """A service that was started did not listen."""
+
+
+def start_service(path: Path, module: str, env: dict[str, str], timeout: float) -> socket.socket:
+    """A connection to the service listening at `path`; when none does, `python -m <module> <path>` is
+    started (in a session of its own, its log beside the socket) and waited for. Under a lock, so two
+    processes that find none at once start one, and a service never exits while one connects (the
+    tracking service and the fork server both take it before their idle exit)."""
     from filelock import FileLock
 
     with FileLock(str(path.with_suffix(".lock"))):
         with contextlib.suppress(OSError):
             return dial(path)
-        log = path.with_suffix(".log").open("ab")
-        env = dict(os.environ, MLFLOW_TRACKING_URI=uri, MLFLOW_EXPERIMENT_NAME=experiment)
-        env.pop("DVC_EXP_NAME", None)
-        proc = subprocess.Popen([sys.executable, "-m", "kdprune.tracker", str(path)], stdin=subprocess.DEVNULL,
-                                stdout=log, stderr=log, env=env, cwd=path.parent, start_new_session=True,
-                                close_fds=True)
-        log.close()
-        deadline = time.monotonic() + START_TIMEOUT
+        with path.with_suffix(".log").open("ab") as log:
+            proc = subprocess.Popen([sys.executable, "-m", module, str(path)], stdin=subprocess.DEVNULL,
+                                    stdout=log, stderr=log, env=env, cwd=path.parent, start_new_session=True,
+                                    close_fds=True)
+        deadline = time.monotonic() + timeout
         while True:
             with contextlib.suppress(OSError):
                 return dial(path)
             if proc.poll() is not None or time.monotonic() > deadline:
-                raise TrackingError(f"the MLflow tracking service for {uri} did not start "
-                                    f"(exit {proc.poll()}; see {path.with_suffix('.log')})")
-            time.sleep(0.02)
+                raise ServiceDown(f"exit {proc.poll()}; see {path.with_suffix('.log')}")
+            time.sleep(0.01)
 
 
 def dial(path: Path) -> socket.socket:
@@ -202,8 +214,26 @@ def forget(uri: str, experiment: str) -> None:
 
 
 def stop_all() -> list[str]:
-    """Ask every service under service_dir() to exit now (the end of the tests)."""
-    return [str(p) for p in sorted(service_dir().glob("*.sock")) if _stop(p)]
+    """Ask every service under service_dir() to exit now (the end of the tests); wait until they are gone."""
+    stopped = [p for p in sorted(service_dir().glob("*.sock")) if _stop(p)]
+    wait_gone(stopped)
+    return [str(p) for p in stopped]
+
+
+def retire(server: socket.socket, path: Path) -> bool:
+    """Whether an idle service may exit: nobody waiting to connect, seen under the lock start_service
+    takes (so nobody is starting or dialling it right now)."""
+    from filelock import FileLock
+
+    with FileLock(str(path.with_suffix(".lock"))):
+        return not select.select([server], [], [], 0)[0]
+
+
+def wait_gone(sockets: list[Path], timeout: float = 30.0) -> None:
+    """Until each service has removed its socket on its way out (or `timeout`)."""
+    deadline = time.monotonic() + timeout
+    while any(p.exists() for p in sockets) and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def _stop(path: Path) -> bool:
@@ -242,8 +272,6 @@ class Service:
         self.warm.start()
 
     def serve(self) -> None:
-        from filelock import FileLock
-
         server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
@@ -260,10 +288,8 @@ class Service:
                 busy = self.sessions > 0
             if busy:
                 idle_since = time.monotonic()
-            elif time.monotonic() - idle_since > IDLE:
-                with FileLock(str(self.path.with_suffix(".lock"))):  # no stage is connecting right now
-                    if not select.select([server], [], [], 0)[0]:
-                        break
+            elif time.monotonic() - idle_since > IDLE and retire(server, self.path):
+                break
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
         server.close()
