@@ -190,6 +190,26 @@ def dead_identity() -> str:
     return ident
 
 
+def test_a_process_that_has_exited_is_not_alive_before_its_parent_reaps_it() -> None:
+    """A zombie (a killed `dvc` its caller has yet to wait for) owns nothing: a stage watching it ends."""
+    from kdprune import procs
+
+    proc = subprocess.Popen(["sleep", "60"])
+    try:
+        ident = procs.identity(proc.pid)
+        assert procs.alive(ident) is True
+        proc.kill()
+        stat = Path(f"/proc/{proc.pid}/stat")
+        deadline = time.monotonic() + 10
+        while stat.read_text().rsplit(")", 1)[1].split()[0] != "Z" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert stat.read_text().rsplit(")", 1)[1].split()[0] == "Z"  # exited, not yet reaped
+        assert procs.alive(ident) is False
+        assert procs.identity(proc.pid) is None
+    finally:
+        proc.wait()
+
+
 def staged_leftovers(*outputs: Path) -> list[str]:
     """`.<name>.<pid>.*` siblings of the outputs: a stage's staged directories and temporary files."""
     return sorted(p.name for out in outputs if out.parent.exists() for p in out.parent.glob(f".{out.name}.*"))

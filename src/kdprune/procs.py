@@ -14,12 +14,16 @@ from pathlib import Path
 
 
 def _stat(pid: int) -> tuple[int, int] | None:
-    """(parent pid, start time in clock ticks since boot) of a live process, or None."""
+    """(parent pid, start time in clock ticks since boot) of a live process, or None. A zombie (exited,
+    not yet reaped by its parent: a `dvc` killed under a test or a script that has yet to wait for it)
+    is not alive."""
     try:
         text = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
     fields = text.rsplit(")", 1)[1].split()  # after "pid (comm)": state, ppid, ... starttime is field 22
+    if fields[0] in ("Z", "X"):
+        return None
     return int(fields[1]), int(fields[19])
 
 
