@@ -109,6 +109,45 @@ def test_removal_loss_change_is_the_loss_with_the_unit_silenced():
         assert truth["features.1.0"][2].item() == pytest.approx((F.cross_entropy(model(x), y) - base).item(), abs=1e-6)
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_a_removal_reruns_only_what_lies_downstream_and_matches_the_full_pass_bit_for_bit(arch):
+    """The oracle's shortcut is taken for every unit of every architecture, gives the full forward pass's
+    mean loss exactly, and for the last units re-runs a small part of the graph."""
+    model, spec = tiny(arch), SPECS[arch]
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(8, spec["in_channels"], spec["image_size"], spec["image_size"], generator=g)
+    y = torch.randint(0, spec["num_classes"], (8,), generator=g)
+    batches = [(x[:4], y[:4]), (x[4:], y[4:])]
+    graph = importance._trace(model)
+    nodes = len(graph.graph.nodes)
+    for u in units(model):
+        rerun = importance.Downstream.checked(graph, model, u, batches, F.cross_entropy)
+        assert rerun is not None, u.name
+        for j in sorted({0, u.size // 2, u.size - 1}):
+            with importance._removed(u, j), torch.no_grad():
+                full = importance._mean_loss(model, batches, F.cross_entropy)
+            assert torch.equal(rerun.mean_loss(j), full), (u.name, j)
+    assert len(rerun.nodes) < nodes / 2, (len(rerun.nodes), nodes)
+
+
+def test_a_shortcut_that_differs_from_the_full_pass_by_a_bit_is_not_taken(monkeypatch):
+    model, batches = _tiny(CNN)
+    full = importance.removal_loss_change(model, batches, F.cross_entropy, downstream_only=False)
+    monkeypatch.setattr(importance.Downstream, "_silenced", lambda self, node, value, j: value)  # removes nothing
+    graph = importance._trace(model)
+    assert all(importance.Downstream.checked(graph, model, u, batches, F.cross_entropy) is None for u in units(model))
+    fast = importance.removal_loss_change(model, batches, F.cross_entropy)
+    assert all(torch.equal(fast[k], full[k]) for k in full)
+
+
+def test_the_oracle_with_and_without_its_shortcut_writes_the_same_numbers():
+    model, batches = _tiny(CNN)
+    fast = importance.removal_loss_change(model, batches, F.cross_entropy)
+    full = importance.removal_loss_change(model, batches, F.cross_entropy, downstream_only=False)
+    assert fast.keys() == full.keys() and all(torch.equal(fast[k], full[k]) for k in full)
+    assert all(full[k].abs().max() > 0 for k in full)
+
+
 def _signed_loss(logits: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
     return (logits.sum(1) * sign).mean()
 
