@@ -140,6 +140,14 @@ def test_a_shortcut_that_differs_from_the_full_pass_by_a_bit_is_not_taken(monkey
     assert all(torch.equal(fast[k], full[k]) for k in full)
 
 
+def test_a_layer_whose_kept_outputs_would_outgrow_the_memory_bound_takes_the_full_pass(monkeypatch):
+    model, batches = _tiny(CNN)
+    graph = importance._trace(model)
+    assert all(importance.Downstream.checked(graph, model, u, batches, F.cross_entropy) for u in units(model))
+    monkeypatch.setattr(importance.Downstream, "MEMORY", 100)  # bytes: less than any layer keeps
+    assert all(importance.Downstream.checked(graph, model, u, batches, F.cross_entropy) is None for u in units(model))
+
+
 def test_the_oracle_with_and_without_its_shortcut_writes_the_same_numbers():
     model, batches = _tiny(CNN)
     fast = importance.removal_loss_change(model, batches, F.cross_entropy)

@@ -262,7 +262,8 @@ def removal_loss_change(model: nn.Module, batches: Batches, loss_fn: LossFn,
     per batch and each removal re-runs only what lies downstream of them, from their outputs with entry
     j zeroed: for the default student, 128 of its 160 units re-run just the layers after the last conv.
     A layer of units whose re-run differs from the full forward pass by a single bit (checked on its
-    first and last unit) takes the full pass, as does a model that cannot be traced.
+    first and last unit) takes the full pass, as does a model that cannot be traced and a layer whose
+    kept outputs would outgrow `Downstream.MEMORY` (many samples through a wide early layer).
 
     The deltas stay on the model's device until the end (no host synchronisation per unit);
     `progress` is called once per unit."""
@@ -320,6 +321,8 @@ class Downstream:
     entry j zeroed. Everything downstream of them re-runs in graph order (`nodes`), the gated calls among
     them (a stream's later BatchNorms) with entry j of their output zeroed."""
 
+    MEMORY = 1 << 30  # bytes of kept outputs (all batches) above which a layer takes the full pass instead
+
     def __init__(self, graph_module: Any, gated: dict[Any, int], batches: Batches, loss_fn: LossFn) -> None:
         from torch import fx
 
@@ -358,6 +361,9 @@ class Downstream:
         if {n.target for n in gated} != names:  # a gate's module is not called as a module of the graph
             return None
         rerun = cls(graph_module, gated, batches[:1], loss_fn)
+        kept = sum(v.numel() * v.element_size() for v in rerun.frontier[0].values() if isinstance(v, torch.Tensor))
+        if kept * len(batches) > cls.MEMORY:
+            return None
         x, _ = batches[0]
         for j in sorted({0, u.size - 1}):
             with _removed(u, j):
