@@ -15,6 +15,10 @@ REPO = Path(__file__).resolve().parents[1]
 # The tests' own MLflow tracking services (kdprune.tracker), apart from any a developer runs beside them,
 # and stopped when the session ends.
 os.environ["KDPRUNE_SERVICE_DIR"] = tempfile.mkdtemp(prefix="kdp-")
+# One OpenMP thread for the models the tests run in-process (set before torch starts its pool): two xdist
+# workers on two cores, each with a pool of two spinning threads, made small models 25x slower (make
+# test-fast 151 s -> 79 s). Stages set their own count from params (`threads`); tests of threads set theirs.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 # The project's own smoke-test preset: the whole pipeline in seconds on 2 cores, on the real digits data.
 TINY: dict[str, Any] = yaml.safe_load((REPO / "conf/preset/tiny.yaml").read_text())
