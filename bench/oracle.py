@@ -16,12 +16,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import yaml
 
-from kdprune import determinism, importance, recipes
+from kdprune import determinism, importance, recipes, scoring
 from kdprune.checkpoints import load_model
-from kdprune.data import materialise
 from kdprune.models import units
+from kdprune.params import load_params
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,14 +31,13 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=ROOT / "models/student")
     parser.add_argument("--data", type=Path, default=ROOT / "data/prepared")
     args = parser.parse_args()
-    p = yaml.safe_load((ROOT / "params.yaml").read_text())
-    score = p["score"]
-    determinism.setup(p["seed"], p["threads"])
+    p = load_params(ROOT / "params.yaml")
+    determinism.setup(p.seed, p.threads)
     model, _ = load_model(args.model)
-    _, norm, splits = recipes.load_data(args.data, score["oracle_split"])
-    held = materialise(splits[-1], score["batch_size"], norm, score["oracle_samples"], p["seed"] + 1)
+    _, norm, splits = recipes.load_data(args.data, p.score.oracle_split)
+    held = scoring.oracle_batches(splits[-1], norm, p.score, p.seed)  # the score stage's oracle samples
     n, total = sum(len(y) for _, y in held), sum(u.size for u in units(model))
-    print(f"{total} units, {n} {score['oracle_split']} samples, {p['threads']} thread(s)")
+    print(f"{total} units, {n} {p.score.oracle_split} samples, {p.threads} thread(s)")
 
     seconds: dict[bool, list[float]] = {False: [], True: []}
     results = {}

@@ -32,10 +32,15 @@ def score_all(model: nn.Module, train: Split, norm: Normaliser, cfg: Any, seed: 
     return scores
 
 
+def oracle_batches(split: Split, norm: Normaliser, cfg: Any, seed: int,
+                   device: torch.device | str = "cpu") -> importance.Batches:
+    """The oracle's `cfg.oracle_samples` samples of the split (a shuffle of their own), in batches."""
+    return materialise(split.to(device), cfg.batch_size, norm, cfg.oracle_samples, seed + 1)
+
+
 def oracle(model: nn.Module, split: Split, norm: Normaliser, cfg: Any, seed: int) -> dict[str, torch.Tensor]:
     """The true loss increase of removing each unit alone, on `cfg.oracle_samples` samples of the split."""
-    device = next(model.parameters()).device
-    held = materialise(split.to(device), cfg.batch_size, norm, cfg.oracle_samples, seed + 1)
+    held = oracle_batches(split, norm, cfg, seed, next(model.parameters()).device)
     n = sum(len(y) for _, y in held)
     total = sum(u.size for u in units(model))
     with Progress(f"score: oracle, removing each of {total} units alone, on {n} {cfg.oracle_split} samples",
