@@ -130,6 +130,14 @@ def mlflow_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[st
     tracker.stop(uri, "kdprune")
 
 
+@pytest.fixture
+def untracked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No MLflow run (KDPRUNE_TRACKING=off), tmp_path as the working directory: for a test of what a stage
+    writes, which then starts no tracking service (seconds of MLflow's import and a new store each)."""
+    monkeypatch.setenv("KDPRUNE_TRACKING", "off")
+    monkeypatch.chdir(tmp_path)
+
+
 @pytest.fixture(scope="session")
 def pipeline(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """Every stage run once, in order, on the tiny config: its root, params and MLflow URI."""

@@ -64,10 +64,11 @@ def fields(out: str) -> dict[str, str]:
     return dict(zip(first[::2], first[1::2]))
 
 
-def test_a_later_stage_runs_in_a_fork_with_its_own_argv_directory_environment_streams_and_status(probe):
+def test_a_stage_runs_in_a_fork_with_its_own_argv_directory_environment_streams_and_status(probe):
     first = run(probe, "3")
-    assert first.returncode == 3 and fields(first.stdout)["for"] == "None"  # ran in its own process
     assert list((probe.parent / "svc/fork").glob("*.sock")), "the first stage started no server"
+    assert first.returncode == 3 and fields(first.stdout)["for"] != "None"  # handed to the server it started
+    assert first.stderr == "to stderr\n"
 
     second = run(probe, "4", X="hello")
     assert second.returncode == 4, second.stderr
@@ -97,7 +98,7 @@ def test_a_stage_with_other_limits_or_privileges_is_not_forked_from_a_server_wit
     run(probe, "0")
     assert len(list((probe.parent / "svc/fork").glob("*.sock"))) == 1
     limited = run(probe, "0", preexec=lower)
-    assert fields(limited.stdout)["for"] == "None" and fields(limited.stdout)["nofile"] == "512"
+    assert fields(limited.stdout)["nofile"] == "512"
     assert len(list((probe.parent / "svc/fork").glob("*.sock"))) == 2  # a server of its own, started now
     again = run(probe, "0", preexec=lower)
     assert fields(again.stdout)["for"] != "None" and fields(again.stdout)["nofile"] == "512"
@@ -148,9 +149,29 @@ def test_a_signal_to_the_stage_process_ends_its_fork(probe, tmp_path, signum, st
     assert "error: interrupted; no output written" in err.read_text()
 
 
-def test_a_stopped_server_removes_its_socket_and_the_next_stage_runs_in_its_own_process(probe):
-    run(probe, "0")
+def test_a_stopped_server_removes_its_socket_and_the_next_stage_starts_another(probe):
+    first = run(probe, "0")
     assert len(forkserver.stop_all()) == 1  # and it waited until the server was gone
     assert not list((probe.parent / "svc/fork").glob("*.sock"))
     again = run(probe, "0")
-    assert again.returncode == 0 and fields(again.stdout)["for"] == "None"
+    assert again.returncode == 0 and fields(again.stdout)["for"] != "None"
+    assert fields(again.stdout)["pid"] != fields(first.stdout)["pid"]
+    assert len(list((probe.parent / "svc/fork").glob("*.sock"))) == 1
+
+
+def test_ctrl_c_while_a_new_server_imports_torch_ends_the_stage(probe, tmp_path):
+    """The first stage waits for the server it started to import torch (seconds): a Ctrl-C then ends it
+    as one during the stage does, and nothing runs on (a fork, if the server made one, ends too)."""
+    out, err = tmp_path / "out", tmp_path / "err"
+    with out.open("w") as o, err.open("w") as e:
+        client = subprocess.Popen([sys.executable, str(probe), "sleep"], cwd=probe.parent / "work", stdout=o,
+                                  stderr=e, stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + 60
+        while not list((probe.parent / "svc/fork").glob("*.sock")):
+            assert client.poll() is None and time.monotonic() < deadline
+            time.sleep(0.01)
+        client.send_signal(signal.SIGINT)
+        assert client.wait(timeout=60) == 130
+    assert "error: interrupted; no output written" in err.read_text()
+    if "pid" in out.read_text():
+        assert _gone(int(fields(out.read_text())["pid"]))

@@ -184,11 +184,13 @@ def test_the_pruned_model_rebuilds_from_its_spec_with_the_outputs_it_had(pipelin
                                    atol=1e-5)
 
 
-def test_same_params_same_seed_give_identical_bytes(tmp_path, mlflow_store):
+def test_same_params_same_seed_give_identical_bytes_tracked_or_not(tmp_path, mlflow_store, monkeypatch):
     from tests.conftest import stage_paths
 
     params = write_params(tmp_path / "params.yaml")
     for run in ("a", "b"):
+        if run == "b":
+            monkeypatch.setenv("KDPRUNE_TRACKING", "off")
         paths = stage_paths(tmp_path / run)
         for name in ("prepare", "train_teacher", "soft_labels", "train_student"):
             run_stage(name, params, **paths[name])
@@ -264,7 +266,7 @@ def test_the_registry_keeps_one_version_per_file_and_crowns_the_most_compressed(
     assert served.metadata.flavors.get("onnx")
 
 
-def test_prune_in_rounds_and_unstructured_masks_survive_finetuning(pipeline, tmp_path, mlflow_store):
+def test_prune_in_rounds_and_unstructured_masks_survive_finetuning(pipeline, tmp_path, untracked):
     params = write_params(tmp_path / "p.yaml", prune={"structured": False, "amount": 0.8, "steps": 3,
                                                       "recover": {"epochs": 1}})
     paths = pipeline["paths"]
@@ -303,7 +305,7 @@ def test_finetuning_without_distillation_runs_on_hard_labels(pipeline, tmp_path,
     assert manifest.verify(tmp_path / "ft")
 
 
-def test_scoring_without_the_oracle_runs_clean(pipeline, tmp_path, mlflow_store):
+def test_scoring_without_the_oracle_runs_clean(pipeline, tmp_path, untracked):
     params = write_params(tmp_path / "p.yaml", score={"oracle": False, "methods": ["l1", "taylor"]})
     paths = {**pipeline["paths"]["score"], "out": tmp_path / "scores", "agreement": tmp_path / "score.json",
              "plot": tmp_path / "score.png"}
@@ -313,7 +315,7 @@ def test_scoring_without_the_oracle_runs_clean(pipeline, tmp_path, mlflow_store)
     assert sorted(p.name for p in (tmp_path / "scores").iterdir()) == ["l1.pt", "manifest.json", "taylor.pt"]
 
 
-def test_a_users_own_teacher_is_adopted_and_recorded(pipeline, tmp_path, mlflow_store):
+def test_a_users_own_teacher_is_adopted_and_recorded_in_its_manifest(pipeline, tmp_path, untracked):
     from kdprune.files import sha256
 
     (tmp_path / "weights").mkdir()

@@ -210,6 +210,82 @@ def test_a_process_that_has_exited_is_not_alive_before_its_parent_reaps_it() -> 
         proc.wait()
 
 
+SLOW_SERVICE = """\
+import socket, sys, time
+time.sleep(1.0)  # imports that take a while
+server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+server.bind(sys.argv[1])
+server.listen(8)
+while True:
+    server.accept()[0].close()
+"""
+
+
+def _serving(path: Path) -> list[int]:
+    """The processes whose command line names the socket `path` (the services started for it)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        with contextlib.suppress(OSError):
+            if entry.name.isdigit() and str(path).encode() in (entry / "cmdline").read_bytes().split(b"\0"):
+                found.append(int(entry.name))
+    return found
+
+
+def test_a_service_started_without_waiting_is_waited_for_and_never_started_twice(tmp_path: Path) -> None:
+    """tracker.prestart's start (the first stage of a pipeline): whoever connects next waits for that
+    process instead of starting a second; a process that ended unheard is replaced."""
+    from kdprune import procs
+    from kdprune.tracker import start_service
+
+    (tmp_path / "slow_service.py").write_text(SLOW_SERVICE)
+    env = dict(os.environ, PYTHONPATH=str(tmp_path))
+    path = tmp_path / "s.sock"
+    try:
+        assert start_service(path, "slow_service", env, 60, wait=False) is None
+        assert start_service(path, "slow_service", env, 60, wait=False) is None  # starting: left alone
+        first = _serving(path)
+        assert len(first) == 1
+        start_service(path, "slow_service", env, 60).close()  # waited for, not started again
+        assert _serving(path) == first
+        assert procs.alive(path.with_suffix(".starting").read_text())
+
+        os.kill(first[0], signal.SIGKILL)
+        wait_until(lambda: not _serving(path), 30, "the killed service gone")
+        path.unlink()
+        start_service(path, "slow_service", env, 60).close()  # the one on record is gone: a new one
+        assert len(_serving(path)) == 1 and _serving(path) != first
+    finally:
+        for pid in _serving(path):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_a_new_sqlite_store_starts_from_an_empty_template_and_gets_its_own_locations(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """MLflow's schema migrations run once per MLflow version (the template); every new store is a copy,
+    whose experiments MLflow and kdprune then create with that store's own artifact locations."""
+    import mlflow
+
+    from kdprune import store, tracker
+
+    monkeypatch.setenv("KDPRUNE_SERVICE_DIR", str(tmp_path / "svc"))
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    for name in ("one", "two"):
+        (tmp_path / name).mkdir()
+        monkeypatch.chdir(tmp_path / name)
+        uri = f"sqlite:///{tmp_path / name / 'mlflow.db'}"
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        store.ensure_experiment()
+        with contextlib.closing(sqlite3.connect(tmp_path / name / "mlflow.db")) as con:
+            assert con.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+        found = {e.name: e.artifact_location for e in mlflow.MlflowClient(uri).search_experiments()}
+        assert found == {"kdprune": (tmp_path / name / "mlartifacts").as_uri(),
+                         "Default": str(tmp_path / name / "mlruns" / "0")}
+    (template,) = tracker.service_dir().glob("mlflow-*-empty.db")
+    assert template.name == f"mlflow-{mlflow.__version__}-empty.db"
+    with contextlib.closing(sqlite3.connect(template)) as con:
+        assert con.execute("SELECT count(*) FROM experiments").fetchone() == (0,)
+
+
 def staged_leftovers(*outputs: Path) -> list[str]:
     """`.<name>.<pid>.*` siblings of the outputs: a stage's staged directories and temporary files."""
     return sorted(p.name for out in outputs if out.parent.exists() for p in out.parent.glob(f".{out.name}.*"))

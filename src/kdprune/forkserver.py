@@ -2,8 +2,11 @@
 
 Importing torch takes 3-5 s of a stage's start on two cores, more than most digits stages compute.
 The first stage of a pipeline starts a fork server (one per Python environment and version of this
-file) and runs as usual; every later stage hands itself over: `stage.guard` sends its argv, working
-directory, environment, sys.path and stdin/stdout/stderr to the server, which forks. The fork drops
+file), and every stage hands itself over: `stage.guard` sends its argv, working directory,
+environment, sys.path and stdin/stdout/stderr to the server, which forks. The first, under DVC, also
+starts the MLflow service the pipeline's stages will need (kdprune.tracker.prestart), and waits while
+the server imports torch rather than importing it too: the same wait, and the other core is left to
+the service. The fork drops
 every kdprune module it inherited (so an edited module is imported afresh, never a stale copy),
 takes on the stage's process state and runs the script as `__main__`; the stage's own process waits,
 forwards SIGTERM, SIGINT and SIGHUP to it, and exits with its status. The fork dies with that
@@ -34,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from kdprune import procs
-from kdprune.tracker import ServiceDown, dial, retire, service_dir, start_service, wait_gone
+from kdprune.tracker import ServiceDown, dial, prestart, retire, service_dir, start_service, wait_gone
 
 IDLE = 30.0  # seconds without a running stage after which the server exits
 # imported before the first fork; then, one at a time between stages, what the stages import next (in
@@ -89,19 +92,49 @@ def _process_state() -> list[Any]:
 
 
 def hand_off() -> int | None:
-    """Run this process's script in a fork of the server: its exit status. None: run it here (no server
-    listens yet, one is started for the next stage; or the fork server is off)."""
+    """Run this process's script in a fork of the server (started first when none listens): its exit
+    status. None: run it here (the fork server is off, or did not start or fork)."""
     if not enabled():
         return None
+    try:
+        found = _forked()
+    except KeyboardInterrupt:  # Ctrl-C before the fork: our hanging up ends it, if it exists yet
+        print("error: interrupted; no output written", file=sys.stderr)
+        return 130
+    if found is None:
+        return None
+    pid, reply = found
+
+    def forward(signum: int, frame: Any) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signum)
+
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, forward)
+    with reply:
+        line = reply.readline()  # a forwarded signal interrupts nothing here (PEP 475 retries the read)
+    if not line:
+        print(f"error: the stage's process {pid} ended without an exit status (killed)", file=sys.stderr)
+        return 1
+    return int(json.loads(line)["status"])
+
+
+def _forked() -> tuple[int, Any] | None:
+    """Send this process's script to the server (starting one when none listens): the fork's pid and the
+    stream its exit status will come on; None when no server forks it."""
     path = server_path()
     try:
         sock = dial(path)
-    except OSError:  # none listens: start one for the next stage (it listens before importing torch)
+    except OSError:  # none listens: start one (it listens at once, and forks once it has imported torch)
+        if procs.dvc_ancestor() is not None:  # a pipeline starts: its tracked stages need the MLflow service
+            prestart()
         env = {k: v for k, v in os.environ.items() if not k.startswith(("DVC_", "MLFLOW_"))}
-        with contextlib.suppress(ServiceDown):
-            start_service(path, "kdprune.forkserver", env, timeout=10).close()
-        return None
+        try:
+            sock = start_service(path, "kdprune.forkserver", env, timeout=10)
+        except ServiceDown:
+            return None
     with sock:
+        procs.die_with_parent(signal.SIGTERM)  # the kernel ends us with the dvc that started us
         umask = os.umask(0o022)
         os.umask(umask)
         request = json.dumps({"argv": sys.argv, "cwd": os.getcwd(), "env": dict(os.environ), "path": sys.path,
@@ -109,25 +142,12 @@ def hand_off() -> int | None:
         try:
             socket.send_fds(sock, [HEADER.pack(len(request)) + request], [0, 1, 2])
             reply = sock.makefile("rb")
-            line = reply.readline()
+            line = reply.readline()  # a new server answers once it has imported torch
         except OSError:
             return None
         if not line:  # the server exited before forking: nothing ran
             return None
-        pid = json.loads(line)["pid"]
-
-        def forward(signum: int, frame: Any) -> None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signum)
-
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            signal.signal(signum, forward)
-        procs.die_with_parent(signal.SIGTERM)  # the kernel ends us with the dvc that started us
-        line = reply.readline()  # a forwarded signal interrupts nothing here (PEP 475 retries the read)
-        if not line:
-            print(f"error: the stage's process {pid} ended without an exit status (killed)", file=sys.stderr)
-            return 1
-        return int(json.loads(line)["status"])
+        return json.loads(line)["pid"], reply
 
 
 def stop_all() -> list[str]:

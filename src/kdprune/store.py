@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 import time
 import urllib.error
 import urllib.request
@@ -65,10 +66,56 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
 
 def _sqlite_dir(uri: str) -> Path:
     """The directory of a sqlite store's database file: its lock and, by default, its artifacts go there."""
+    db = _sqlite_file(uri)
+    return db.parent if db is not None else repo_root()
+
+
+def _sqlite_file(uri: str) -> Path | None:
+    """A sqlite store's database file (None in memory)."""
     path = _SQLITE.sub("", uri, count=1).split("?", 1)[0]
     if path.startswith("/"):  # sqlite:///<path>: the third slash separates, an absolute path keeps its own
         path = path[1:]
-    return Path(path).resolve().parent if path not in ("", ":memory:") else repo_root()
+    return Path(path).resolve() if path not in ("", ":memory:") else None
+
+
+def _from_template(uri: str) -> None:
+    """A sqlite store about to be created starts as a copy of an empty one, made once per MLflow version
+    on this machine: MLflow's schema migrations take two seconds for every new store (every clone, every
+    experiment's copy, every test), a copy milliseconds. The template holds MLflow's tables and no
+    experiment: MLflow adds its Default experiment, with this store's artifact root, when it opens the
+    copy. Under the store's lock; any failure leaves the store for MLflow to create as usual."""
+    db = _sqlite_file(uri)
+    if db is None or db.exists():
+        return
+    with contextlib.suppress(Exception):
+        template = _empty_store()
+        tmp = db.with_name(f".{db.name}.{os.getpid()}.tmp")
+        shutil.copyfile(template, tmp)
+        os.replace(tmp, db)
+
+
+def _empty_store() -> Path:
+    """The template of _from_template, made under a lock of its own beside the tracking service's sockets."""
+    import sqlite3
+    import tempfile
+
+    import mlflow
+    from filelock import FileLock
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    from kdprune.tracker import service_dir
+
+    template = service_dir() / f"mlflow-{mlflow.__version__}-empty.db"
+    with FileLock(str(template.with_suffix(".lock"))):
+        if not template.exists():
+            with tempfile.TemporaryDirectory(dir=template.parent) as tmp:
+                made = Path(tmp) / "empty.db"
+                SqlAlchemyStore(f"sqlite:///{made}", str(Path(tmp) / "artifacts")).engine.dispose()
+                with contextlib.closing(sqlite3.connect(made)) as db:
+                    db.execute("DELETE FROM experiments")  # the Default experiment, with this folder's artifact root
+                    db.commit()
+                os.replace(made, template)
+    return template
 
 
 def _store_lock(uri: str) -> Any:
@@ -99,6 +146,8 @@ def ensure_experiment() -> str:
         import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
     try:
         with _store_lock(uri):
+            if is_sqlite(uri):
+                _from_template(uri)
             exp = mlflow.get_experiment_by_name(name)
             if exp is not None:
                 if exp.tags.get("mlflow.experimentKind") != "custom_model_development":

@@ -26,7 +26,9 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
+from kdprune import procs
 from kdprune.errors import TrackingError
+from kdprune.files import write_atomic
 
 IDLE = 30.0  # seconds without a connected stage after which the service exits
 START_TIMEOUT = 120.0  # seconds a stage waits for a service it started to listen
@@ -142,12 +144,31 @@ def start() -> Tracker | Offline:
     return Tracker(store.tracking_uri(), store.experiment_name())
 
 
-def _connect(path: Path, uri: str, experiment: str) -> socket.socket:
-    """Connect to the service at `path`, starting it first when none listens."""
+def prestart() -> None:
+    """Start the service of this process's store when none listens, without waiting for it (the first
+    stage of a pipeline, which also starts the fork server): MLflow's import and the store's opening
+    then overlap torch's, instead of the first tracked stage waiting seconds for them. A service that
+    fails to start is reported by the first stage that connects."""
+    if os.environ.get("KDPRUNE_TRACKING", "on") == "off":
+        return
+    from kdprune import store
+
+    uri, experiment = store.tracking_uri(), store.experiment_name()
+    with contextlib.suppress(OSError):
+        start_service(service_dir() / f"{service_key(uri, experiment)}.sock", "kdprune.tracker",
+                      _service_env(uri, experiment), START_TIMEOUT, wait=False)
+
+
+def _service_env(uri: str, experiment: str) -> dict[str, str]:
     env = dict(os.environ, MLFLOW_TRACKING_URI=uri, MLFLOW_EXPERIMENT_NAME=experiment)
     env.pop("DVC_EXP_NAME", None)
+    return env
+
+
+def _connect(path: Path, uri: str, experiment: str) -> socket.socket:
+    """Connect to the service at `path`, starting it first when none listens."""
     try:
-        return start_service(path, "kdprune.tracker", env, START_TIMEOUT)
+        return start_service(path, "kdprune.tracker", _service_env(uri, experiment), START_TIMEOUT)
     except ServiceDown as e:
         raise TrackingError(f"the MLflow tracking service for {uri} did not start ({e})") from None
 
@@ -156,27 +177,56 @@ class ServiceDown(OSError):
     """A service that was started did not listen."""
 
 
-def start_service(path: Path, module: str, env: dict[str, str], timeout: float) -> socket.socket:
+def start_service(path: Path, module: str, env: dict[str, str], timeout: float,
+                  wait: bool = True) -> socket.socket | None:
     """A connection to the service listening at `path`; when none does, `python -m <module> <path>` is
     started (in a session of its own, its log beside the socket) and waited for. Under a lock, so two
     processes that find none at once start one, and a service never exits while one connects (the
-    tracking service and the fork server both take it before their idle exit)."""
+    tracking service and the fork server both take it before their idle exit). `wait=False` starts it
+    and returns None at once; whoever comes next waits for that process (its identity is kept beside
+    the socket) rather than starting a second one, and starts its own if that one ends unheard."""
     from filelock import FileLock
 
-    with FileLock(str(path.with_suffix(".lock"))):
-        with contextlib.suppress(OSError):
-            return dial(path)
+    def spawn() -> tuple[subprocess.Popen, str]:
         with path.with_suffix(".log").open("ab") as log:
             proc = subprocess.Popen([sys.executable, "-m", module, str(path)], stdin=subprocess.DEVNULL,
                                     stdout=log, stderr=log, env=env, cwd=path.parent, start_new_session=True,
                                     close_fds=True)
+        ident = procs.identity(proc.pid) or ""
+        write_atomic(starting, ident)
+        return proc, ident
+
+    starting = path.with_suffix(".starting")
+    with FileLock(str(path.with_suffix(".lock"))):
+        with contextlib.suppress(OSError):
+            sock = dial(path)
+            if wait:
+                return sock
+            sock.close()
+            return None
+        proc, ident = None, _read(starting)  # a process started earlier (maybe retiring) that may listen soon
+        if not ident or not procs.alive(ident):
+            proc, ident = spawn()
+        if not wait:
+            return None
         deadline = time.monotonic() + timeout
         while True:
             with contextlib.suppress(OSError):
                 return dial(path)
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise ServiceDown(f"exit {proc.poll()}; see {path.with_suffix('.log')}")
+            ended = proc.poll() is not None if proc else not procs.alive(ident)
+            if ended and proc is None:
+                proc, ident = spawn()
+            elif ended or time.monotonic() > deadline:
+                status = f"exit {proc.poll()}" if ended else "not listening"
+                raise ServiceDown(f"{status}; see {path.with_suffix('.log')}")
             time.sleep(0.01)
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text()
+    except OSError:
+        return None
 
 
 def dial(path: Path) -> socket.socket:
@@ -209,7 +259,7 @@ def stop(uri: str, experiment: str) -> None:
 def forget(uri: str, experiment: str) -> None:
     """Remove the lock and log files the (stopped) service of one store leaves, once the store is gone."""
     base = service_dir() / service_key(uri, experiment)
-    for suffix in (".lock", ".log"):
+    for suffix in (".lock", ".log", ".starting"):
         base.with_suffix(suffix).unlink(missing_ok=True)
 
 
