@@ -92,7 +92,8 @@ def main() -> None:
         for _ in range(args.repeats):
             for mode in modes:  # interleaved, so both see the same machine
                 timings.unlink(missing_ok=True)
-                forkserver.stop_all()  # each run starts as the first `dvc repro` in a while does: cold
+                forkserver.stop_all()  # each run starts as the first `dvc repro` in a while does: cold,
+                tracker.stop_all()  # no fork server, no MLflow service
                 forced[mode].append(sh(["dvc", "repro", "-f"], repo, dict(env, KDPRUNE_FORKSERVER=mode)))
                 lines[mode] += [json.loads(line) for line in timings.read_text().splitlines()]
         noop = [sh(["dvc", "repro"], repo, env) for _ in range(args.repeats)]
