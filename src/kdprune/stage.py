@@ -118,11 +118,12 @@ class Run:
     def log_artifact(self, path: Path) -> None:
         self.tracker.post("log_artifact", path=str(Path(path).resolve()))
 
-    def log_model(self, onnx_file: Path, name: str, example: Any, logits: Any, names: tuple[str, str]) -> str:
+    def log_model(self, onnx_file: Path, name: str, example: Any, logits: Any, names: tuple[str, str]) -> None:
         """The ONNX file as the MLflow model `name` (its role), with an input example and a signature
-        whose tensors bear the graph's input and output `names`."""
-        return self.tracker.call("log_model", path=str(Path(onnx_file).resolve()), name=name,
-                                 example=example.tolist(), logits=logits.tolist(), names=list(names))
+        whose tensors bear the graph's input and output `names`. Not waited for: the stage goes on while
+        MLflow copies the file, which stays in the staged output until `seal` has every answer."""
+        self.tracker.post("log_model", path=str(Path(onnx_file).resolve()), name=name,
+                          example=example.tolist(), logits=logits.tolist(), names=list(names))
 
     def seal(self, out_dir: Path) -> str:
         """manifest.json into the finished (still staged) output directory; its fingerprint goes on the run.
