@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import pytest
 
@@ -50,7 +50,27 @@ def probe(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     script.write_text(PROBE)
     (tmp_path / "work").mkdir()
     yield script
-    forkserver.stop_all()
+    with pytest.MonkeyPatch.context() as mp:  # this test's own server, whichever folder the test ended on
+        mp.setenv("KDPRUNE_SERVICE_DIR", str(tmp_path / "svc"))
+        forkserver.stop_all()
+
+
+@pytest.fixture(scope="module")
+def shared_services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A service folder the tests that only need a server (any server) share: whichever runs first starts
+    it, and torch is imported once for all of them instead of once each."""
+    services = tmp_path_factory.mktemp("shared") / "svc"
+    yield services
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("KDPRUNE_SERVICE_DIR", str(services))
+        forkserver.stop_all()
+
+
+@pytest.fixture
+def served(probe: Path, shared_services: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The probe, forked from the shared server."""
+    monkeypatch.setenv("KDPRUNE_SERVICE_DIR", str(shared_services))
+    return probe
 
 
 def run(script: Path, *args: str, preexec: Any = None, **env: str) -> subprocess.CompletedProcess:
@@ -79,9 +99,8 @@ def test_a_stage_runs_in_a_fork_with_its_own_argv_directory_environment_streams_
     assert second.stderr == "to stderr\n"
 
 
-def test_a_fork_has_the_umask_of_the_process_it_stands_for(probe):
-    run(probe, "0")
-    forked = run(probe, "0", preexec=lambda: os.umask(0o077))
+def test_a_fork_has_the_umask_of_the_process_it_stands_for(served):
+    forked = run(served, "0", preexec=lambda: os.umask(0o077))
     assert fields(forked.stdout)["for"] != "None" and fields(forked.stdout)["umask"] == "0o77"
 
 
@@ -104,9 +123,9 @@ def test_a_stage_with_other_limits_or_privileges_is_not_forked_from_a_server_wit
     assert fields(again.stdout)["for"] != "None" and fields(again.stdout)["nofile"] == "512"
 
 
-def test_the_server_off_runs_every_stage_in_its_own_process(probe):
-    run(probe, "0")
-    off = run(probe, "0", KDPRUNE_FORKSERVER="off")
+def test_the_server_off_runs_every_stage_in_its_own_process(served):
+    run(served, "0")
+    off = run(served, "0", KDPRUNE_FORKSERVER="off")
     assert off.returncode == 0 and fields(off.stdout)["for"] == "None"
 
 
@@ -134,10 +153,10 @@ def _gone(pid: int, timeout: float = 10) -> bool:
 
 
 @pytest.mark.parametrize("signum, status", [(signal.SIGTERM, 130), (signal.SIGINT, 130), (signal.SIGKILL, -9)])
-def test_a_signal_to_the_stage_process_ends_its_fork(probe, tmp_path, signum, status):
+def test_a_signal_to_the_stage_process_ends_its_fork(served, tmp_path, signum, status):
     """SIGTERM and SIGINT are forwarded; SIGKILL leaves nothing to forward, and the fork, seeing the
     connection end, stops as if signalled. Either way it closes as a stage does: no output written."""
-    run(probe, "0")
+    probe = served
     out, err = tmp_path / "out", tmp_path / "err"
     with out.open("w") as o, err.open("w") as e:
         client = subprocess.Popen([sys.executable, str(probe), "sleep"], cwd=probe.parent / "work", stdout=o,
