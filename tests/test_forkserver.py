@@ -194,3 +194,27 @@ def test_ctrl_c_while_a_new_server_imports_torch_ends_the_stage(probe, tmp_path)
     assert "error: interrupted; no output written" in err.read_text()
     if "pid" in out.read_text():
         assert _gone(int(fields(out.read_text())["pid"]))
+
+
+def test_a_signal_sent_the_moment_a_fork_exists_is_not_lost(served, shared_services, tmp_path):
+    """The server ignores SIGINT (a Ctrl-C in a terminal is for the stages), and a fork inherits that until
+    it sets the stage's handlers: it holds its signals until then, so a Ctrl-C forwarded the moment the
+    stage's process learns the fork's pid still ends it (here, twenty times over, as fast as we can)."""
+    import json
+    import socket
+
+    run(served, "0")  # the shared server is up
+    (path,) = (shared_services / "fork").glob("*.sock")
+    request = json.dumps({"argv": [str(served), "sleep"], "cwd": str(served.parent / "work"), "env": dict(os.environ),
+                          "path": sys.path, "umask": 0o022, "client": os.getpid()}).encode()
+    for _ in range(20):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock, open(os.devnull) as stdin, \
+                (tmp_path / "out").open("w") as out:
+            sock.connect(str(path))
+            sock.settimeout(60)
+            socket.send_fds(sock, [forkserver.HEADER.pack(len(request)) + request],
+                            [stdin.fileno(), out.fileno(), out.fileno()])
+            reply = sock.makefile("rb")
+            pid = json.loads(reply.readline())["pid"]
+            os.kill(pid, signal.SIGINT)
+            assert json.loads(reply.readline())["status"] == 130

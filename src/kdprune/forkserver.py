@@ -51,6 +51,7 @@ LATER = ("numpy", "yaml", "sklearn.model_selection", "sklearn.datasets", "torch.
 IMPORT_TIME_ENV = ("PYTHON", "OMP_", "MKL_", "OPENBLAS_", "LD_", "TORCH_", "PYTORCH_", "CUDA_",
                    "KDPRUNE_SERVICE_DIR")
 HEADER = struct.Struct("!I")
+STAGE_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # what a stage's process forwards to its fork
 
 
 def enabled() -> bool:
@@ -98,19 +99,19 @@ def hand_off() -> int | None:
         return None
     try:
         found = _forked()
-    except KeyboardInterrupt:  # Ctrl-C before the fork: our hanging up ends it, if it exists yet
+        if found is None:
+            return None
+        pid, reply = found
+
+        def forward(signum: int, frame: Any) -> None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+
+        for signum in STAGE_SIGNALS:
+            signal.signal(signum, forward)
+    except KeyboardInterrupt:  # Ctrl-C before the fork runs: our hanging up ends it, if it exists yet
         print("error: interrupted; no output written", file=sys.stderr)
         return 130
-    if found is None:
-        return None
-    pid, reply = found
-
-    def forward(signum: int, frame: Any) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signum)
-
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(signum, forward)
     with reply:
         line = reply.readline()  # a forwarded signal interrupts nothing here (PEP 475 retries the read)
     if not line:
@@ -194,10 +195,14 @@ def serve(path: Path) -> None:
                         if fds is None:
                             break
                         continue
+                    # held until the fork has the stage's handlers: a signal forwarded to it at once is not
+                    # lost to the server's SIG_IGN for SIGINT
+                    held = signal.pthread_sigmask(signal.SIG_BLOCK, STAGE_SIGNALS)
                     pid = os.fork()
                     if pid == 0:
                         server.close()
-                        _child(conn, request, fds)  # never returns
+                        _child(conn, request, fds, held)  # never returns
+                    signal.pthread_sigmask(signal.SIG_SETMASK, held)
                     children.add(pid)
                     for fd in fds:
                         os.close(fd)
@@ -245,14 +250,15 @@ def _receive(conn: socket.socket) -> tuple[dict[str, Any] | None, list[int] | No
     return request, fds
 
 
-def _child(conn: socket.socket, request: dict[str, Any], fds: list[int]) -> None:
+def _child(conn: socket.socket, request: dict[str, Any], fds: list[int], held: set[int]) -> None:
     """Become the stage: its descriptors, directory, environment and path, no inherited kdprune module;
-    run its script; send the exit status; exit."""
+    run its script; send the exit status; exit. The stage's signals arrive blocked; `held` is the mask to
+    restore once its handlers are in place."""
     status = 1
     try:
         conn.settimeout(None)
         os.setsid()  # out of the server's session: the server's end is not ours
-        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        for signum in STAGE_SIGNALS:
             signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
         for target, fd in enumerate(fds):
             os.dup2(fd, target)
@@ -278,6 +284,7 @@ def _child(conn: socket.socket, request: dict[str, Any], fds: list[int]) -> None
         import runpy
 
         try:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)  # a signal that came meanwhile lands here
             runpy.run_path(sys.argv[0], run_name="__main__")
             status = 0
         except SystemExit as e:
