@@ -184,16 +184,38 @@ def test_ctrl_c_while_a_new_server_imports_torch_ends_the_stage(probe, tmp_path)
     out, err = tmp_path / "out", tmp_path / "err"
     with out.open("w") as o, err.open("w") as e:
         client = subprocess.Popen([sys.executable, str(probe), "sleep"], cwd=probe.parent / "work", stdout=o,
-                                  stderr=e, stdin=subprocess.DEVNULL)
+                                  stderr=e, stdin=subprocess.DEVNULL, preexec_fn=_as_a_terminal_would)
         deadline = time.monotonic() + 60
         while not list((probe.parent / "svc/fork").glob("*.sock")):
             assert client.poll() is None and time.monotonic() < deadline
             time.sleep(0.01)
         client.send_signal(signal.SIGINT)
-        assert client.wait(timeout=60) == 130
+        try:
+            status = client.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            seen = _signal_state(client.pid)
+            client.kill()
+            client.wait()
+            pytest.fail(f"the stage ran on after Ctrl-C; {seen}; out: {out.read_text()!r}; err: {err.read_text()!r}")
+        assert status == 130, err.read_text()
     assert "error: interrupted; no output written" in err.read_text()
     if "pid" in out.read_text():
         assert _gone(int(fields(out.read_text())["pid"]))
+
+
+def _as_a_terminal_would() -> None:
+    """A foreground process's signals: Ctrl-C delivered, nothing blocked (whatever the test worker has)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
+
+
+def _signal_state(pid: int) -> str:
+    """What /proc says of a process's signals and state (for a failure's message)."""
+    try:
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except OSError as e:
+        return f"no /proc/{pid}: {e}"
+    return ", ".join(line for line in lines if line.startswith(("State", "SigPnd", "ShdPnd", "SigBlk", "SigIgn", "SigCgt")))
 
 
 def test_a_signal_sent_the_moment_a_fork_exists_is_not_lost(served, shared_services, tmp_path):
