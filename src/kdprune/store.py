@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import shutil
 import time
 import urllib.error
 import urllib.request
@@ -14,6 +13,7 @@ from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 from kdprune.errors import TrackingError
+from kdprune.files import write_atomic
 
 EXPERIMENT = "kdprune"
 _SQLITE = re.compile(r"^sqlite(\+\w+)?://")
@@ -88,10 +88,7 @@ def _from_template(uri: str) -> None:
     if db is None or db.exists():
         return
     with contextlib.suppress(Exception):
-        template = _empty_store()
-        tmp = db.with_name(f".{db.name}.{os.getpid()}.tmp")
-        shutil.copyfile(template, tmp)
-        os.replace(tmp, db)
+        write_atomic(db, _empty_store().read_bytes())
 
 
 def _empty_store() -> Path:

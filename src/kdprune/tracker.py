@@ -48,12 +48,17 @@ def service_key(uri: str, experiment: str) -> str:
     return hashlib.sha256(b"\0".join([uri.encode(), experiment.encode(), code])).hexdigest()[:20]
 
 
+def service_socket(uri: str, experiment: str) -> Path:
+    """Where the service of a store and experiment listens."""
+    return service_dir() / f"{service_key(uri, experiment)}.sock"
+
+
 class Tracker:
     """The stage's end: `call(op, **args)` waits for the answer, `post(op, **args)` does not."""
 
     def __init__(self, uri: str, experiment: str) -> None:
         self.uri = uri
-        self.sock = _connect(service_dir() / f"{service_key(uri, experiment)}.sock", uri, experiment)
+        self.sock = _connect(service_socket(uri, experiment), uri, experiment)
         self.sent = self.answered = 0
         self.waited = 0.0  # seconds this process spent blocked on the service (bench/pipeline.py reads it)
         self.buffer = b""
@@ -155,8 +160,8 @@ def prestart() -> None:
 
     uri, experiment = store.tracking_uri(), store.experiment_name()
     with contextlib.suppress(OSError):
-        start_service(service_dir() / f"{service_key(uri, experiment)}.sock", "kdprune.tracker",
-                      _service_env(uri, experiment), START_TIMEOUT, wait=False)
+        start_service(service_socket(uri, experiment), "kdprune.tracker", _service_env(uri, experiment),
+                      START_TIMEOUT, wait=False)
 
 
 def _service_env(uri: str, experiment: str) -> dict[str, str]:
@@ -253,12 +258,12 @@ def _sigterm_blocked() -> Iterator[None]:
 
 def stop(uri: str, experiment: str) -> None:
     """Ask the service of one store to exit now (a test that made the store)."""
-    _stop(service_dir() / f"{service_key(uri, experiment)}.sock")
+    _stop(service_socket(uri, experiment))
 
 
 def forget(uri: str, experiment: str) -> None:
     """Remove the lock and log files the (stopped) service of one store leaves, once the store is gone."""
-    base = service_dir() / service_key(uri, experiment)
+    base = service_socket(uri, experiment)
     for suffix in (".lock", ".log", ".starting"):
         base.with_suffix(suffix).unlink(missing_ok=True)
 
