@@ -32,11 +32,11 @@ params: $(VENV)/.installed
 
 # two workers, a test file each: most tests wait on subprocesses (dvc, stages, servers), so two overlap well
 test: $(VENV)/.installed
-	python -m pytest -q -p no:cacheprovider -n 2 --dist loadfile tests
+	python -m pytest -q -p no:cacheprovider -n 2 --dist loadfile --no-loadscope-reorder tests
 
 # the edit loop: everything but the tests that drive DVC, servers and whole pipelines in subprocesses
 test-fast: $(VENV)/.installed
-	python -m pytest -q -p no:cacheprovider -n 2 --dist loadfile -m "not slow" tests
+	python -m pytest -q -p no:cacheprovider -n 2 --dist loadfile --no-loadscope-reorder -m "not slow" tests
 
 bench: $(VENV)/.installed
 	python bench/latency.py

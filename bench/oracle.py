@@ -14,14 +14,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-
-from kdprune import determinism, importance, recipes, scoring
-from kdprune.checkpoints import load_model
-from kdprune.models import units
-from kdprune.params import load_params
-
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -30,7 +22,16 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--model", type=Path, default=ROOT / "models/student")
     parser.add_argument("--data", type=Path, default=ROOT / "data/prepared")
-    args = parser.parse_args()
+    args = parser.parse_args()  # before torch's import: `--help` answers at once
+
+    import torch
+    import torch.nn.functional as F
+
+    from kdprune import determinism, importance, recipes, scoring
+    from kdprune.checkpoints import load_model
+    from kdprune.models import units
+    from kdprune.params import load_params
+
     p = load_params(ROOT / "params.yaml")
     determinism.setup(p.seed, p.threads)
     model, _ = load_model(args.model)

@@ -103,6 +103,18 @@ def randomised(spec: dict[str, Any], seed: int = 0) -> Any:
 STAGES = list(stage_paths(Path(".")))
 
 
+# The files that take longest, longest first: `make test` hands each xdist worker a file at a time in
+# collection order, so starting with the longest (and filling in with the short ones) ends the two
+# workers together. Any other file follows, in name order.
+LONGEST_FIRST = ("test_dvc.py", "test_team.py", "test_tracking.py", "test_forkserver.py", "test_stages.py",
+                 "test_architectures.py", "test_params.py", "test_readme.py", "test_importance.py", "test_models.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: (rank.get(item.path.name, len(rank)), item.path.name))  # stable within a file
+
+
 @pytest.fixture(scope="session", autouse=True)
 def services() -> Iterator[None]:
     """Every tracking service and fork server a test started is stopped at the end: no process outlives

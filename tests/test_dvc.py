@@ -256,20 +256,31 @@ def test_a_forked_stage_writes_the_same_bytes_as_a_stage_in_its_own_process(proj
     assert all(m[2] == tree_bytes(project / "models/teacher") for m in made)
 
 
-def _run_queue(root: Path, env: dict[str, str], jobs: int, timeout: float) -> str:
-    """`dvc queue start -j <jobs>`, wait until nothing is queued or running, return `dvc queue status`.
+def _run_queue(root: Path, env: dict[str, str], jobs: int, experiments: int, timeout: float) -> str:
+    """`dvc queue start -j <jobs>`, wait until the queue is done, return `dvc queue status`.
 
-    DVC's primary worker sometimes lives on after the queue is empty (treeverse/dvc-task#77): no pipe of
-    ours is handed to the workers, and any worker still alive at the end is killed."""
+    Done is `experiments` experiments saved (their git refs, read each second for milliseconds), or `dvc
+    queue status` showing nothing queued or running (asked every 20 s: each asks costs seconds of CPU the
+    experiments need). DVC's primary worker sometimes lives on after the queue is empty
+    (treeverse/dvc-task#77): no pipe of ours is handed to the workers, and any worker still alive at the
+    end is killed."""
     subprocess.run(["dvc", "queue", "start", "-j", str(jobs)], cwd=root, env=env, stdin=subprocess.DEVNULL,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120, check=True)
     deadline = time.monotonic() + timeout
-    status = ""
+    asked = time.monotonic()
     while time.monotonic() < deadline:
-        status = sh(["dvc", "queue", "status"], root, env).stdout
-        if not re.search(r"\b(Queued|Running)\b", status):
+        refs = sh(["git", "for-each-ref", "--format=%(refname)", "refs/exps"], root, env).stdout.split()
+        if sum(bool(re.fullmatch(r"refs/exps/[0-9a-f]{2}/[0-9a-f]{38}/[^/]+", r)) for r in refs) >= experiments:
             break
-        time.sleep(3)
+        if time.monotonic() - asked > 20:
+            if not re.search(r"\b(Queued|Running)\b", sh(["dvc", "queue", "status"], root, env).stdout):
+                break
+            asked = time.monotonic()
+        time.sleep(1)
+    settle = time.monotonic() + 60  # a saved experiment's worker records its success moments later
+    while re.search(r"\b(Queued|Running)\b", status := sh(["dvc", "queue", "status"], root, env).stdout) \
+            and time.monotonic() < min(deadline, settle):
+        time.sleep(1)
     sh(["dvc", "queue", "stop"], root, env, check=False)
     for info in (root / ".dvc/tmp/exps/celery").glob("*.json"):
         pid = json.loads(info.read_text()).get("pid")
@@ -295,7 +306,7 @@ def test_a_fresh_clone_reproduces_the_lock_then_a_queued_grid_trains_once_per_se
     assert sh(["git", "status", "--porcelain"], root, env).stdout == ""
 
     sh(["dvc", "exp", "run", "--queue", "-S", "prune.amount=0.6,0.8", "-S", "seed=0,1"], root, env)
-    status = _run_queue(root, env, jobs=2, timeout=1500)
+    status = _run_queue(root, env, jobs=2, experiments=4, timeout=1500)
     assert status.count("Success") == 4, status
     client = mlflow.MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
     assert sorted(e.name for e in client.search_experiments()) == ["Default", "kdprune"]

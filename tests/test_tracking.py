@@ -286,6 +286,54 @@ def test_a_new_sqlite_store_starts_from_an_empty_template_and_gets_its_own_locat
         assert con.execute("SELECT count(*) FROM experiments").fetchone() == (0,)
 
 
+def test_the_next_store_gets_a_service_forked_from_the_zygote_the_first_left_behind(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A second store's service costs a fork, not MLflow's import: it is a child of the zygote the first
+    service left behind, with its own store, working directory and umask (the caller's); stopping every
+    service stops the zygote too."""
+    import mlflow
+
+    from kdprune import procs, tracker, zygote
+
+    monkeypatch.setenv("KDPRUNE_SERVICE_DIR", str(tmp_path / "svc"))
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    params = write_params(tmp_path / "params.yaml")
+    uris = {name: f"sqlite:///{tmp_path / name / 'mlflow.db'}" for name in ("one", "two")}
+    envs = {name: tracker._service_env(uri, "kdprune") for name, uri in uris.items()}
+    assert zygote.socket_path(envs["one"]) == zygote.socket_path(envs["two"])  # one zygote for both
+    services = {}
+    try:
+        for name, uri in uris.items():
+            (tmp_path / name).mkdir()
+            monkeypatch.chdir(tmp_path / name)
+            monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+            umask = os.umask(0o027 if name == "two" else 0o022)
+            try:
+                run_stage("prepare", params, **stage_paths(tmp_path / name)["prepare"])
+            finally:
+                os.umask(umask)
+            services[name] = int(tracker.service_socket(uri, "kdprune").with_suffix(".starting").read_text()
+                                 .split(":")[1])
+            if name == "one":
+                wait_until(lambda: zygote.socket_path(envs["one"]).exists(), 60, "the zygote listening")
+        parent = {n: int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+                  for n, pid in services.items()}
+        assert Path(f"/proc/{parent['two']}/comm").read_text().strip() == "kdprune-zygote"
+        assert Path(f"/proc/{parent['one']}/comm").read_text().strip() != "kdprune-zygote"  # started itself
+        status = Path(f"/proc/{services['two']}/status").read_text()
+        assert "Umask:\t0027" in status
+        assert os.readlink(f"/proc/{services['two']}/cwd") == str(tmp_path / "svc")
+        for name, uri in uris.items():
+            (run,) = mlflow.MlflowClient(uri).search_runs(
+                [mlflow.MlflowClient(uri).get_experiment_by_name("kdprune").experiment_id])
+            assert run.info.status == "FINISHED" and run.data.tags["pipeline.stage"] == "prepare", name
+        forked_from = procs.identity(parent["two"])
+    finally:
+        tracker.stop_all()
+    wait_until(lambda: not procs.alive(forked_from), 30, "the zygote gone")
+    assert not list((tmp_path / "svc").glob("*.sock"))
+
+
 def staged_leftovers(*outputs: Path) -> list[str]:
     """`.<name>.<pid>.*` siblings of the outputs: a stage's staged directories and temporary files."""
     return sorted(p.name for out in outputs if out.parent.exists() for p in out.parent.glob(f".{out.name}.*"))

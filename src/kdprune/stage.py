@@ -44,8 +44,8 @@ def guard(main: Callable[[], Any]) -> None:
 
     A stage script's `main` is handed to the fork server when one listens (kdprune.forkserver): this
     process then only waits for the fork that runs it, and exits with its status."""
-    if getattr(main, "__module__", None) == "__main__":
-        from kdprune import forkserver
+    if getattr(main, "__module__", None) == "__main__" and not {"-h", "--help"} & set(sys.argv[1:]):
+        from kdprune import forkserver  # (a request for help is answered here: no server to start for it)
 
         status = forkserver.hand_off()
         if status is not None:

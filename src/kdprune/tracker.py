@@ -32,6 +32,7 @@ from kdprune.files import write_atomic
 
 IDLE = 30.0  # seconds without a connected stage after which the service exits
 START_TIMEOUT = 120.0  # seconds a stage waits for a service it started to listen
+SERVICE_CODE = ("tracker", "runs", "summary", "registry", "store")  # the modules a service runs
 
 
 def service_dir() -> Path:
@@ -44,7 +45,7 @@ def service_dir() -> Path:
 def service_key(uri: str, experiment: str) -> str:
     """One service per store and experiment, and per version of the code that serves them."""
     here = Path(__file__).parent
-    code = b"".join((here / f"{m}.py").read_bytes() for m in ("tracker", "runs", "summary", "registry", "store"))
+    code = b"".join((here / f"{m}.py").read_bytes() for m in SERVICE_CODE)
     return hashlib.sha256(b"\0".join([uri.encode(), experiment.encode(), code])).hexdigest()[:20]
 
 
@@ -192,12 +193,17 @@ def start_service(path: Path, module: str, env: dict[str, str], timeout: float,
     the socket) rather than starting a second one, and starts its own if that one ends unheard."""
     from filelock import FileLock
 
-    def spawn() -> tuple[subprocess.Popen, str]:
-        with path.with_suffix(".log").open("ab") as log:
-            proc = subprocess.Popen([sys.executable, "-m", module, str(path)], stdin=subprocess.DEVNULL,
-                                    stdout=log, stderr=log, env=env, cwd=path.parent, start_new_session=True,
-                                    close_fds=True)
-        ident = procs.identity(proc.pid) or ""
+    def spawn() -> tuple[subprocess.Popen | None, str]:
+        from kdprune import zygote
+
+        proc, pid = None, zygote.fork_service(path, env) if module == zygote.MODULE else None
+        if pid is None:
+            with path.with_suffix(".log").open("ab") as log:
+                proc = subprocess.Popen([sys.executable, "-m", module, str(path)], stdin=subprocess.DEVNULL,
+                                        stdout=log, stderr=log, env=env, cwd=path.parent, start_new_session=True,
+                                        close_fds=True)
+            pid = proc.pid
+        ident = procs.identity(pid) or ""
         write_atomic(starting, ident)
         return proc, ident
 
@@ -209,9 +215,9 @@ def start_service(path: Path, module: str, env: dict[str, str], timeout: float,
                 return sock
             sock.close()
             return None
-        proc, ident = None, _read(starting)  # a process started earlier (maybe retiring) that may listen soon
+        proc, ident, mine = None, _read(starting), False  # one started earlier (maybe retiring) may listen soon
         if not ident or not procs.alive(ident):
-            proc, ident = spawn()
+            (proc, ident), mine = spawn(), True
         if not wait:
             return None
         deadline = time.monotonic() + timeout
@@ -219,10 +225,10 @@ def start_service(path: Path, module: str, env: dict[str, str], timeout: float,
             with contextlib.suppress(OSError):
                 return dial(path)
             ended = proc.poll() is not None if proc else not procs.alive(ident)
-            if ended and proc is None:
-                proc, ident = spawn()
+            if ended and not mine:
+                (proc, ident), mine = spawn(), True
             elif ended or time.monotonic() > deadline:
-                status = f"exit {proc.poll()}" if ended else "not listening"
+                status = ("exited" if proc is None else f"exit {proc.poll()}") if ended else "not listening"
                 raise ServiceDown(f"{status}; see {path.with_suffix('.log')}")
             time.sleep(0.01)
 
@@ -309,7 +315,7 @@ class Service:
     """Listens on a socket; one thread per connected stage; exits after IDLE seconds without one."""
 
     def __init__(self, path: Path) -> None:
-        from kdprune import registry, runs, store, summary
+        from kdprune import registry, runs, store, summary  # imported already (zygote.preload)
 
         self.path, self.sessions, self.stopping = path, 0, False
         self.lock = threading.Lock()
@@ -326,12 +332,7 @@ class Service:
         self.warm = threading.Thread(target=warm, daemon=True)
         self.warm.start()
 
-    def serve(self) -> None:
-        server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
-        server.bind(str(self.path))
-        server.listen(64)
+    def serve(self, server: socket.socket) -> None:
         idle_since = time.monotonic()
         while not self.stopping:
             ready, _, _ = select.select([server], [], [], 1.0)
@@ -385,10 +386,31 @@ def _quietly(fn: Any) -> None:
         fn()
 
 
+def listen(path: Path) -> socket.socket:
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    server.bind(str(path))
+    server.listen(64)
+    return server
+
+
+def serve(server: socket.socket) -> None:
+    Service(Path(server.getsockname())).serve(server)
+
+
 def main(path: str) -> None:
+    """A service started as a process of its own. It listens first (a stage connects at once and waits
+    only for its first answer), imports what it needs, leaves a zygote behind for the next store's
+    service (kdprune.zygote), then serves."""
+    from kdprune import store, zygote
+
     logging.getLogger("mlflow").setLevel(logging.WARNING)  # its INFO lines ("Creating initial tables") are noise
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C in the terminal is for the stages
-    Service(Path(path)).serve()
+    server = listen(Path(path))
+    zygote.preload(store.tracking_uri())
+    zygote.leave_behind(server)
+    serve(server)
 
 
 if __name__ == "__main__":
