@@ -15,7 +15,6 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-import torchvision.datasets as tvd
 
 from kdprune import data
 from kdprune.errors import DataError
@@ -82,6 +81,8 @@ def md5(path: Path) -> str:
 def write_cifar(raw: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """5 train batches of 10 (one per class) and a test batch of 10, in the python pickle format,
     with CIFAR10's md5 table patched to accept them. Returns the images as (N, 3, 32, 32)."""
+    import torchvision.datasets as tvd
+
     rng = np.random.default_rng(1)
     d = raw / "cifar-10-batches-py"
     d.mkdir(parents=True)
@@ -222,6 +223,8 @@ def test_absent_dataset_offline_names_folder_and_files(name: str, tmp_path: Path
 
 def test_failed_download_is_a_data_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from urllib.error import URLError
+
+    import torchvision.datasets as tvd
 
     def offline(self: Any) -> None:
         raise URLError("no network")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from scipy.stats import spearmanr
 from torch.func import functional_call
 
 from kdprune import importance
@@ -65,6 +64,8 @@ def test_hutchinson_diagonal_matches_the_exact_hessian_over_all_batches():
 
 @pytest.mark.slow  # thousands of Hutchinson probes against an exact Hessian: 15-40 s
 def test_hessian_scores_are_obd_saliencies():
+    from scipy.stats import spearmanr
+
     model, batches = _tiny()
     scores = importance.hessian(model, batches, F.cross_entropy, seed=0, probes=3000)
     for u in units(model):
@@ -88,6 +89,8 @@ def test_hessian_scores_are_obd_saliencies():
 
 
 def test_taylor_ranks_units_like_the_true_loss_change_of_removing_them():
+    from scipy.stats import spearmanr
+
     model, batches = _tiny(CNN, n=64)
     truth = importance.removal_loss_change(model, batches, F.cross_entropy)
     taylor = importance.taylor(model, batches[:1] + batches[1:], F.cross_entropy)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import shutil
 
-import mlflow
 import numpy as np
 import pytest
 import torch
@@ -25,6 +24,8 @@ DIRS = {"prepare": "data/prepared", "train_teacher": "models/teacher", "soft_lab
 
 
 def _runs(uri: str) -> list:
+    import mlflow
+
     client = mlflow.MlflowClient(uri)
     exp = client.get_experiment_by_name("kdprune")
     return client.search_runs([exp.experiment_id], max_results=1000)
@@ -112,6 +113,8 @@ def test_one_finished_run_per_stage_linked_upstream_by_fingerprint(pipeline):
 
 
 def test_the_summary_run_carries_every_param_and_is_the_only_run_with_headline_metrics(pipeline):
+    import mlflow
+
     from kdprune.comparison import SUMMARY
     from kdprune.params import flatten, load_params
 
@@ -134,6 +137,8 @@ def test_the_summary_run_carries_every_param_and_is_the_only_run_with_headline_m
 
 
 def test_every_stage_logs_its_plots(pipeline):
+    import mlflow
+
     client = mlflow.MlflowClient(pipeline["uri"])
     by_stage = {r.data.tags["pipeline.stage"]: r for r in _runs(pipeline["uri"])}
     expected = {"train_teacher": "train_teacher.csv", "score": "score.png", "prune": "prune.png",
@@ -145,6 +150,8 @@ def test_every_stage_logs_its_plots(pipeline):
 
 
 def test_logged_models_are_named_by_role_and_load_back_with_identical_outputs(pipeline):
+    import mlflow
+
     client = mlflow.MlflowClient(pipeline["uri"])
     exp = client.get_experiment_by_name("kdprune")
     logged = {m.name: m for m in client.search_logged_models([exp.experiment_id])}
@@ -234,6 +241,8 @@ ABOUT = "fine-tuned: accuracy 0.9000 (-0.0050 against the student)"  # what eval
 
 
 def test_the_registry_keeps_one_version_per_file_and_crowns_the_most_compressed(pipeline, monkeypatch):
+    import mlflow
+
     from kdprune import registry, runs
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", pipeline["uri"])

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import statistics
 
-import mlflow
 import pytest
 
 from kdprune import cli, runs, sweep
@@ -23,6 +22,8 @@ def _metrics(acc: float, params: float) -> dict[str, float]:
 
 def summary_run(params: dict, metrics: dict) -> None:
     """A summary run as evaluate leaves one: opened by the helper's own functions, its metrics, FINISHED."""
+    import mlflow
+
     runs.open_run("evaluate", "summary", "sweep point", params, {}, None, None)
     mlflow.log_metrics(metrics)
     runs.finish("FINISHED")
@@ -48,6 +49,8 @@ def test_runs_are_grouped_over_seeds_with_mean_std_and_n(sweep_store):
 
 
 def test_only_finished_summary_runs_count(sweep_store):
+    import mlflow
+
     client = mlflow.MlflowClient(sweep_store)
     exp = client.get_experiment_by_name("kdprune")
     client.set_terminated(client.create_run(exp.experiment_id, tags={"pipeline.kind": "summary"}).info.run_id,
@@ -62,6 +65,8 @@ def test_pareto_front():
 
 
 def test_the_command_prints_one_row_per_setting_and_writes_three_files(sweep_store, tmp_path, capsys):
+    import mlflow
+
     cli.main(["report", "--out", str(tmp_path / "reports"), "--log"])
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.startswith("| 0.")]
