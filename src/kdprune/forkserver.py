@@ -63,14 +63,14 @@ def server_path() -> Path:
     privileges and limits: a fork has the server's, so a stage under `setpriv`, `ulimit`, `taskset`,
     `nice`, another cgroup or namespace gets a server started under the same."""
     env = sorted((k, v) for k, v in os.environ.items() if k.startswith(IMPORT_TIME_ENV))
-    key = hashlib.sha256(json.dumps([sys.executable, sys.path[1:], env, _process_state()]).encode()
+    key = hashlib.sha256(json.dumps([sys.executable, sys.path[1:], env, process_state()]).encode()
                          + Path(__file__).read_bytes()).hexdigest()[:20]
     folder = service_dir() / "fork"
     folder.mkdir(mode=0o700, exist_ok=True)
     return folder / f"{key}.sock"
 
 
-def _process_state() -> list[Any]:
+def process_state() -> list[Any]:
     """What a fork inherits from the server, not from the process that hands the stage over (the umask,
     which the fork sets, aside)."""
     import resource
@@ -135,10 +135,8 @@ def _forked() -> tuple[int, Any] | None:
             return None
     with sock:
         procs.die_with_parent(signal.SIGTERM)  # the kernel ends us with the dvc that started us
-        umask = os.umask(0o022)
-        os.umask(umask)
         request = json.dumps({"argv": sys.argv, "cwd": os.getcwd(), "env": dict(os.environ), "path": sys.path,
-                              "umask": umask, "client": os.getpid()}).encode()
+                              "umask": procs.umask(), "client": os.getpid()}).encode()
         try:
             socket.send_fds(sock, [HEADER.pack(len(request)) + request], [0, 1, 2])
             reply = sock.makefile("rb")

@@ -45,6 +45,16 @@ def alive(ident: str) -> bool | None:
     return stat is not None and str(stat[1]) == start
 
 
+def umask() -> int:
+    """This process's umask, read without changing it (another thread may be creating a file meanwhile)."""
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        status = Path("/proc/self/status").read_text().splitlines()
+        return int(next(line for line in status if line.startswith("Umask:")).split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 FORKED_FOR = "KDPRUNE_FORKED_FOR"  # in a fork of the fork server: the pid of the process it stands for
 
 

@@ -32,7 +32,6 @@ from kdprune.files import write_atomic
 
 IDLE = 30.0  # seconds without a connected stage after which the service exits
 START_TIMEOUT = 120.0  # seconds a stage waits for a service it started to listen
-SERVICE_CODE = ("tracker", "runs", "summary", "registry", "store")  # the modules a service runs
 
 
 def service_dir() -> Path:
@@ -42,11 +41,15 @@ def service_dir() -> Path:
     return path
 
 
+def service_code() -> bytes:
+    """The source of the modules a service runs: a service, or a zygote, serves only its own version."""
+    here = Path(__file__).parent
+    return b"".join((here / f"{m}.py").read_bytes() for m in ("tracker", "runs", "summary", "registry", "store"))
+
+
 def service_key(uri: str, experiment: str) -> str:
     """One service per store and experiment, and per version of the code that serves them."""
-    here = Path(__file__).parent
-    code = b"".join((here / f"{m}.py").read_bytes() for m in SERVICE_CODE)
-    return hashlib.sha256(b"\0".join([uri.encode(), experiment.encode(), code])).hexdigest()[:20]
+    return hashlib.sha256(b"\0".join([uri.encode(), experiment.encode(), service_code()])).hexdigest()[:20]
 
 
 def service_socket(uri: str, experiment: str) -> Path:
@@ -282,7 +285,7 @@ def stop_all() -> list[str]:
 
 
 def retire(server: socket.socket, path: Path) -> bool:
-    """Whether an idle service may exit: nobody waiting to connect, seen under the lock start_service
+    """Whether an idle service (or zygote) may exit: nobody waiting to connect, seen under the lock start_service
     takes (so nobody is starting or dialling it right now)."""
     from filelock import FileLock
 

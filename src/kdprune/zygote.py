@@ -29,7 +29,8 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from kdprune.tracker import IDLE, SERVICE_CODE, dial, service_dir
+from kdprune import procs
+from kdprune.tracker import IDLE, dial, retire, service_code, service_dir
 
 MODULE = "kdprune.tracker"  # the service this forks
 
@@ -41,9 +42,8 @@ def socket_path(env: dict[str, str]) -> Path:
     prefixes = (*forkserver.IMPORT_TIME_ENV, "MLFLOW_")
     per_store = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME")
     imports = sorted((k, v) for k, v in env.items() if k.startswith(prefixes) and k not in per_store)
-    here = Path(__file__).parent
-    code = b"".join((here / f"{m}.py").read_bytes() for m in (*SERVICE_CODE, "zygote"))
-    key = hashlib.sha256(json.dumps([sys.executable, imports, forkserver._process_state()]).encode() + code)
+    code = service_code() + Path(__file__).read_bytes()
+    key = hashlib.sha256(json.dumps([sys.executable, imports, forkserver.process_state()]).encode() + code)
     return service_dir() / f"zyg-{key.hexdigest()[:16]}.sock"  # as long as a service's: it fits where theirs do
 
 
@@ -64,7 +64,7 @@ def fork_service(path: Path, env: dict[str, str]) -> int | None:
     from filelock import FileLock
 
     zygote = socket_path(env)
-    request = {"op": "fork", "args": {"path": str(path), "env": env, "umask": _umask()}}
+    request = {"op": "fork", "args": {"path": str(path), "env": env, "umask": procs.umask()}}
     with contextlib.suppress(OSError, ValueError, KeyError), FileLock(str(zygote.with_suffix(".lock"))):
         with dial(zygote) as sock, sock.makefile("rwb") as stream:
             stream.write(json.dumps(request).encode() + b"\n")
@@ -123,18 +123,14 @@ def _zygote(server: socket.socket, path: Path) -> None:
 
 
 def _serve(server: socket.socket, path: Path) -> None:
-    from filelock import FileLock
-
     idle_since = time.monotonic()
     while True:
         _reap()
         ready, _, _ = select.select([server], [], [], 1.0)
         if not ready:
-            if time.monotonic() - idle_since > IDLE:
-                with FileLock(str(path.with_suffix(".lock"))):
-                    if not select.select([server], [], [], 0)[0]:
-                        path.unlink(missing_ok=True)
-                        return
+            if time.monotonic() - idle_since > IDLE and retire(server, path):
+                path.unlink(missing_ok=True)
+                return
             continue
         conn, _ = server.accept()
         idle_since = time.monotonic()
@@ -200,12 +196,3 @@ def _reap() -> None:
         while os.waitpid(-1, os.WNOHANG)[0]:
             pass
 
-
-def _umask() -> int:
-    """This process's umask, read without changing it (threads may be creating files)."""
-    with contextlib.suppress(OSError, ValueError, StopIteration):
-        status = Path("/proc/self/status").read_text().splitlines()
-        return int(next(line for line in status if line.startswith("Umask:")).split()[1], 8)
-    umask = os.umask(0o022)
-    os.umask(umask)
-    return umask
