@@ -53,8 +53,8 @@ def write_scores(p: Params, data: Prepared, student: nn.Module) -> Path:
     """As the score stage, for prune.criterion alone: the scores round 1 of every pruning uses."""
     folder = data.folder / "scores"
     cfg = dataclasses.replace(p.score, methods=[p.prune.criterion])
-    scoring.save(folder, scoring.score_all(student.to(resolve_device(p.device)), data.train, data.norm, cfg, p.seed),
-                 None)
+    scores, _ = scoring.score_all(student.to(resolve_device(p.device)), data.train, data.norm, cfg, p.seed)
+    scoring.save(folder, scores, None)
     student.cpu()
     return folder
 

@@ -16,15 +16,17 @@ def main(argv: list[str] | None = None) -> None:
     p = load_params(args.params)
     inputs = {"data": args.data, "student": args.student}
     with stage.run("score", p, READS, inputs, outputs=[args.out, args.agreement, args.plot]) as run:
-        from kdprune import recipes, scoring
+        from kdprune import recipes, scoring, workers
         from kdprune.checkpoints import load_model
         from kdprune.training import resolve_device
 
         _, norm, splits = recipes.load_data(args.data, "train", p.score.oracle_split)
         model, _ = load_model(args.student)
-        model.to(resolve_device(p.device))
-        scores = scoring.score_all(model, splits[0], norm, p.score, p.seed)
-        truth = scoring.oracle(model, splits[-1], norm, p.score, p.seed) if p.score.oracle else None
+        device = resolve_device(p.device)
+        model.to(device)
+        scores, truth = scoring.score_all(model, splits[0], norm, p.score, p.seed,
+                                          held=splits[-1] if p.score.oracle else None,
+                                          processes=workers.count(device, p.threads))
         with staged_dir(args.out) as out:
             scoring.save(out, scores, truth)
             agreement = scoring.report(scores, truth, args.agreement, args.plot)

@@ -304,3 +304,46 @@ def test_agreement_is_one_for_the_truth_itself():
     assert importance.agreement(truth, truth) == {"spearman": pytest.approx(1.0), "topk_overlap": 1.0}
     reverse = {k: -v for k, v in truth.items()}
     assert importance.agreement(reverse, truth)["spearman"] == pytest.approx(-1.0)
+
+
+def test_the_hessians_halves_apart_are_what_one_generator_through_both_gives():
+    """hessian_units draws hessian_weights' signs again rather than taking them over: the numbers must be
+    those of one generator drawn through the diagonal, then through the units."""
+    model, batches = _tiny(CNN)
+    weights = list(importance._weights(model).values())
+    g = torch.Generator().manual_seed(3)
+    diag = importance.hessian_diagonal(model, weights, batches, F.cross_entropy, 4, g)
+    quad = importance.unit_quadratic(model, units(model), batches, F.cross_entropy, 4, g)
+    by_weight = importance.hessian_weights(model, batches, F.cross_entropy, seed=3, probes=4)
+    by_unit = importance.hessian_units(model, batches, F.cross_entropy, seed=3, probes=4)
+    assert all(torch.equal(by_weight[n], 0.5 * d * w.detach() ** 2)
+               for n, w, d in zip(by_weight, weights, diag, strict=True))
+    assert list(by_unit) == list(quad) and all(torch.equal(by_unit[k], 0.5 * quad[k]) for k in quad)
+
+
+def test_scoring_on_two_processes_gives_the_bytes_of_one():
+    """score_all cuts the criteria and the oracle into pieces (the Hessian's halves, the oracle unit layer
+    by unit layer) for forked workers; every number must be the one a single process computes."""
+    from types import SimpleNamespace
+
+    from kdprune import scoring
+    from kdprune.data import Normaliser, Split, materialise
+
+    model, _ = _tiny(CNN)
+    g = torch.Generator().manual_seed(5)
+    split = Split(torch.randint(0, 256, (40, 1, 8, 8), dtype=torch.uint8, generator=g),
+                  torch.randint(0, 4, (40,), generator=g))
+    norm = Normaliser(255.0, (0.5,), (0.25,))
+    cfg = SimpleNamespace(methods=sorted(importance.SCORERS), samples=32, batch_size=16, probes=3,
+                          oracle_samples=24, oracle_split="train")
+    one = scoring.score_all(model, split, norm, cfg, 7, held=split, processes=1)
+    two = scoring.score_all(model, split, norm, cfg, 7, held=split, processes=2)
+    whole = scoring.oracle(model, split, norm, cfg, 7)
+    for scores, truth in (one, two):
+        assert list(scores) == cfg.methods and list(truth) == [u.name for u in units(model)]
+        assert all(torch.equal(truth[k], whole[k]) for k in whole)
+        for method, s in scores.items():
+            mine, theirs = importance.to_tensors(s), importance.to_tensors(one[0][method])
+            assert list(mine) == list(theirs) and all(torch.equal(mine[k], theirs[k]) for k in mine), method
+    direct = importance.hessian(model, materialise(split, 16, norm, 32, 7), F.cross_entropy, seed=7, probes=3)
+    assert all(torch.equal(two[0]["hessian"].units[k], direct.units[k]) for k in direct.units)

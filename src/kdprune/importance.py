@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Collection, Iterator
 
 import torch
 from torch import nn
@@ -98,6 +98,11 @@ def taylor(model: nn.Module, batches: Batches, loss_fn: LossFn, seed: int = 0, p
     return Scores(_cpu({k: v / n for k, v in acc_u.items()}), _cpu({k: v / n for k, v in acc_w.items()}))
 
 
+def _coins(shape: torch.Size, generator: torch.Generator) -> torch.Tensor:
+    """0/1 draws of `shape` from the CPU generator: every Hutchinson probe's signs."""
+    return torch.randint(0, 2, shape, generator=generator)
+
+
 def hessian_diagonal(model: nn.Module, params: list[torch.Tensor], batches: Batches, loss_fn: LossFn,
                      probes: int, generator: torch.Generator) -> list[torch.Tensor]:
     """Hutchinson's estimate of diag(H) of the mean loss: E_v[v * (H v)], v Rademacher.
@@ -109,7 +114,7 @@ def hessian_diagonal(model: nn.Module, params: list[torch.Tensor], batches: Batc
     grads = torch.autograd.grad(loss, params, create_graph=True)
     diag = [torch.zeros_like(p) for p in params]
     for _ in range(probes):
-        vs = [torch.randint(0, 2, p.shape, generator=generator).to(p) * 2 - 1 for p in params]
+        vs = [_coins(p.shape, generator).to(p) * 2 - 1 for p in params]
         hvs = torch.autograd.grad(grads, params, grad_outputs=vs, retain_graph=True)
         for d, v, hv in zip(diag, vs, hvs):
             d += v * hv
@@ -130,8 +135,7 @@ def unit_quadratic(model: nn.Module, found: list[Unit], batches: Batches, loss_f
     device = _device(model)
     acc = {u.name: torch.zeros(u.size, device=device) for u in found}
     for _ in range(probes):
-        signs = {u.name: torch.randint(0, 2, (u.size,), generator=generator).to(device).float() * 2 - 1
-                 for u in found}
+        signs = {u.name: _coins((u.size,), generator).to(device).float() * 2 - 1 for u in found}
         vs = [p.detach() * signs[u.name].view(-1, *[1] * (p.dim() - 1)) for u in found for p in u.gates]
         hvs = torch.autograd.grad(grads, gates, grad_outputs=vs, retain_graph=True)
         i = 0
@@ -147,15 +151,35 @@ def hessian(model: nn.Module, batches: Batches, loss_fn: LossFn, seed: int = 0, 
 
     Per weight 0.5 * h_ii * w_i^2 with diag(H) by Hutchinson; per unit 0.5 * d^T H d over the
     unit's removal step d (see unit_quadratic). The first-order term is left out, as OBD assumes
-    a minimum; compare `taylor` for the first-order estimate.
+    a minimum; compare `taylor` for the first-order estimate. Its two halves (hessian_units,
+    hessian_weights) cost about the same and may run apart (kdprune.workers), with the same result.
     """
+    return Scores(hessian_units(model, batches, loss_fn, seed, probes),
+                  hessian_weights(model, batches, loss_fn, seed, probes))
+
+
+def hessian_weights(model: nn.Module, batches: Batches, loss_fn: LossFn, seed: int = 0,
+                    probes: int = 32) -> dict[str, torch.Tensor]:
+    """hessian's per-weight scores, from the seed's first `probes` draws of every weight's signs."""
     model.eval()
-    found, weights = units(model), _weights(model)
+    weights = _weights(model)
+    diag = hessian_diagonal(model, list(weights.values()), batches, loss_fn, probes,
+                            torch.Generator().manual_seed(seed))
+    return _cpu({n: 0.5 * d * w.detach() ** 2 for (n, w), d in zip(weights.items(), diag)})
+
+
+def hessian_units(model: nn.Module, batches: Batches, loss_fn: LossFn, seed: int = 0,
+                  probes: int = 32) -> dict[str, torch.Tensor]:
+    """hessian's per-unit scores, from the draws after hessian_weights' (drawn again here and not used,
+    so this half needs nothing from the other)."""
+    model.eval()
+    found = units(model)
     generator = torch.Generator().manual_seed(seed)
-    diag = hessian_diagonal(model, list(weights.values()), batches, loss_fn, probes, generator)
+    for _ in range(probes):
+        for w in _weights(model).values():
+            _coins(w.shape, generator)
     quad = unit_quadratic(model, found, batches, loss_fn, probes, generator)
-    return Scores(_cpu({u.name: 0.5 * quad[u.name] for u in found}),
-                  _cpu({n: 0.5 * d * w.detach() ** 2 for (n, w), d in zip(weights.items(), diag)}))
+    return _cpu({u.name: 0.5 * quad[u.name] for u in found})
 
 
 def fisher(model: nn.Module, batches: Batches, loss_fn: LossFn, seed: int = 0, probes: int = 0) -> Scores:
@@ -253,9 +277,10 @@ SCORERS: dict[str, Scorer] = {"l1": l1, "l2": l2, "taylor": taylor, "hessian": h
 
 @torch.no_grad()
 def removal_loss_change(model: nn.Module, batches: Batches, loss_fn: LossFn,
-                        progress: Callable[[], None] | None = None,
-                        downstream_only: bool = True) -> dict[str, torch.Tensor]:
-    """The truth: the loss increase of removing each unit alone (its gates zeroed), unit by unit.
+                        progress: Callable[[], None] | None = None, downstream_only: bool = True,
+                        only: Collection[str] | None = None) -> dict[str, torch.Tensor]:
+    """The truth: the loss increase of removing each unit alone (its gates zeroed), unit by unit; of the
+    units named in `only`, when given (each unit's numbers are the same either way).
 
     Zeroing unit j's gates zeroes entry j of the outputs of the modules they belong to and changes nothing
     before them. With `downstream_only` (and a model torch.fx can trace), those outputs are computed once
@@ -272,6 +297,8 @@ def removal_loss_change(model: nn.Module, batches: Batches, loss_fn: LossFn,
     traced = _trace(model) if downstream_only else None
     out = {}
     for u in units(model):
+        if only is not None and u.name not in only:
+            continue
         rerun = Downstream.checked(traced, model, u, batches, loss_fn) if traced is not None else None
         deltas = torch.zeros(u.size, device=base.device)
         for j in range(u.size):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -9,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdprune import importance
+from kdprune import importance, workers
 from kdprune.checkpoints import save_tensors
 from kdprune.data import Normaliser, Split, materialise
 from kdprune.files import write_json
@@ -19,17 +20,42 @@ from kdprune.progress import Progress
 ORACLE_FILE = "oracle.pt"
 
 
-def score_all(model: nn.Module, train: Split, norm: Normaliser, cfg: Any, seed: int) -> dict[str, importance.Scores]:
-    """Every criterion of `cfg.methods` on `cfg.samples` train samples (one seeded shuffle, shared by all)."""
+def score_all(model: nn.Module, train: Split, norm: Normaliser, cfg: Any, seed: int, held: Split | None = None,
+              processes: int = 1) -> tuple[dict[str, importance.Scores], dict[str, torch.Tensor] | None]:
+    """Every criterion of `cfg.methods` on `cfg.samples` train samples (one seeded shuffle, shared by all)
+    and, given the `held` split, the oracle on it (else None). The work is cut into independent pieces
+    for up to `processes` processes (kdprune.workers): the same bytes on any number."""
     device = next(model.parameters()).device
     sample = materialise(train.to(device), cfg.batch_size, norm, cfg.samples, seed)
-    scores = {}
-    with Progress("score", len(cfg.methods), unit="criterion") as progress:
-        for i, method in enumerate(cfg.methods, 1):
-            Progress.say(f"score: {method} ({i}/{len(cfg.methods)}) on {sum(len(y) for _, y in sample)} samples")
-            scores[method] = importance.SCORERS[method](model, sample, F.cross_entropy, seed=seed, probes=cfg.probes)
-            progress.step()
-    return scores
+    loss, found = F.cross_entropy, [u.name for u in units(model)]
+    pieces = []  # the longest first: the Hessian's halves, the oracle's layers, then the rest
+    if "hessian" in cfg.methods:
+        pieces += [("hessian:weights", partial(importance.hessian_weights, model, sample, loss, seed, cfg.probes)),
+                   ("hessian:units", partial(importance.hessian_units, model, sample, loss, seed, cfg.probes))]
+    if held is not None:
+        pieces += [(f"oracle:{name}", partial(oracle, model, held, norm, cfg, seed, only=[name])) for name in found]
+    pieces += [(m, partial(_criterion, m, model, sample, cfg, seed)) for m in cfg.methods if m != "hessian"]
+    n = sum(len(y) for _, y in sample)
+    Progress.say(f"score: {', '.join(cfg.methods)} on {n} samples{', and the oracle' * (held is not None)}: "
+                 f"{len(pieces)} pieces of work for {min(processes, len(pieces))} process(es)")
+    finished = []
+
+    def done(name: str) -> None:
+        finished.append(name)
+        Progress.say(f"score: {name} done ({len(finished)}/{len(pieces)})")
+
+    results = workers.run(pieces, processes, on_done=done)
+    if "hessian" in cfg.methods:
+        results["hessian"] = importance.to_tensors(importance.Scores(results["hessian:units"],
+                                                                     results["hessian:weights"]))
+    scores = {m: importance.from_tensors(results[m]) for m in cfg.methods}
+    truth = None if held is None else {name: results[f"oracle:{name}"][name] for name in found}
+    return scores, truth
+
+
+def _criterion(method: str, model: nn.Module, sample: importance.Batches, cfg: Any, seed: int) -> dict[str, torch.Tensor]:
+    return importance.to_tensors(importance.SCORERS[method](model, sample, F.cross_entropy, seed=seed,
+                                                            probes=cfg.probes))
 
 
 def oracle_batches(split: Split, norm: Normaliser, cfg: Any, seed: int,
@@ -38,14 +64,16 @@ def oracle_batches(split: Split, norm: Normaliser, cfg: Any, seed: int,
     return materialise(split.to(device), cfg.batch_size, norm, cfg.oracle_samples, seed + 1)
 
 
-def oracle(model: nn.Module, split: Split, norm: Normaliser, cfg: Any, seed: int) -> dict[str, torch.Tensor]:
-    """The true loss increase of removing each unit alone, on `cfg.oracle_samples` samples of the split."""
+def oracle(model: nn.Module, split: Split, norm: Normaliser, cfg: Any, seed: int,
+           only: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """The true loss increase of removing each unit alone (of the units named in `only`, when given), on
+    `cfg.oracle_samples` samples of the split."""
     held = oracle_batches(split, norm, cfg, seed, next(model.parameters()).device)
     n = sum(len(y) for _, y in held)
-    total = sum(u.size for u in units(model))
+    total = sum(u.size for u in units(model) if only is None or u.name in only)
     with Progress(f"score: oracle, removing each of {total} units alone, on {n} {cfg.oracle_split} samples",
                   total, unit="unit") as progress:
-        return importance.removal_loss_change(model, held, F.cross_entropy, progress=progress.step)
+        return importance.removal_loss_change(model, held, F.cross_entropy, progress=progress.step, only=only)
 
 
 def save(out: Path, scores: dict[str, importance.Scores], truth: dict[str, torch.Tensor] | None) -> None:
