@@ -119,7 +119,8 @@ def _collect(pid: int, read: int) -> dict[str, Any]:
         _, status = os.waitpid(pid, 0)
     if os.waitstatus_to_exitcode(status) != 0 or not chunks:
         raise RuntimeError(f"a worker (pid {pid}) failed: {_how(status)}")
-    return torch.load(io.BytesIO(b"".join(chunks)), weights_only=True)
+    stream = io.BytesIO(b"".join(chunks))
+    return torch.load(stream, weights_only=True)
 
 
 def _how(status: int) -> str:
