@@ -347,3 +347,4 @@ def test_scoring_on_two_processes_gives_the_bytes_of_one():
             assert list(mine) == list(theirs) and all(torch.equal(mine[k], theirs[k]) for k in mine), method
     direct = importance.hessian(model, materialise(split, 16, norm, 32, 7), F.cross_entropy, seed=7, probes=3)
     assert all(torch.equal(two[0]["hessian"].units[k], direct.units[k]) for k in direct.units)
+    assert all(torch.equal(two[0]["hessian"].weights[k], direct.weights[k]) for k in direct.weights)

@@ -15,6 +15,7 @@ leaves by `os._exit` (no atexit hook, no run closed, no buffer flushed twice).
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import signal
@@ -36,9 +37,13 @@ def count(device: Any, threads: int) -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+STOPPING = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}  # what ends a stage: held off across each fork
+
+
 def run(pieces: Sequence[Piece], processes: int, on_done: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Every piece's result by name, computed by up to `processes` processes (this one included); the
-    longest pieces should come first. `on_done(name)` as each result reaches this process."""
+    longest pieces should come first. `on_done(name)` as each result reaches this process. However this
+    ends (an error, a signal here or in a worker), no worker outlives it."""
     if len(pieces) > 255:
         raise ValueError(f"{len(pieces)} pieces: at most 255 share a queue")
     processes = min(processes, len(pieces))
@@ -47,14 +52,18 @@ def run(pieces: Sequence[Piece], processes: int, on_done: Callable[[str], None] 
     take, put = os.pipe()  # the queue: a byte per piece, read one at a time (atomic, whoever reads)
     os.write(put, bytes(range(len(pieces))))
     os.close(put)
-    workers: dict[int, int] = {}  # pid -> the read end of its results
+    workers: dict[int, int] = {}  # pid -> the read end of its results, until the worker is reaped
+    parent = os.getpid()
     try:
         for _ in range(processes - 1):
             read, write = os.pipe()
-            pid = os.fork()
-            if pid == 0:  # the worker
-                os.close(read)
-                _work(pieces, take, write)
+            held = signal.pthread_sigmask(signal.SIG_BLOCK, STOPPING)  # the stage's handlers never run in a fork
+            try:
+                pid = os.fork()
+                if pid == 0:  # the worker: never returns
+                    _work(pieces, take, write, parent, [read, *workers.values()], held)
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, held)
             os.close(write)
             workers[pid] = read
         results = {}
@@ -62,14 +71,22 @@ def run(pieces: Sequence[Piece], processes: int, on_done: Callable[[str], None] 
             name, work = pieces[index[0]]
             results[name] = _done(name, work(), on_done)
         while workers:
-            pid, read = workers.popitem()
-            for name, result in _collect(pid, read).items():
+            pid, read = next(iter(workers.items()))
+            blob = _read_all(read)
+            _, status = os.waitpid(pid, 0)
+            del workers[pid]
+            os.close(read)
+            if os.waitstatus_to_exitcode(status) != 0 or not blob:
+                raise RuntimeError(f"a worker (pid {pid}) failed: {_how(status)}")
+            for name, result in _load(blob).items():
                 results[name] = _done(name, result, on_done)
     finally:
         os.close(take)
-        for pid, read in workers.items():  # only on failure here: stop the others
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
+        for pid, read in workers.items():  # only when this ends early: stop the rest, now
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(OSError):
+                os.waitpid(pid, 0)
             os.close(read)
     return {name: results[name] for name, _ in pieces}
 
@@ -80,13 +97,19 @@ def _done(name: str, result: Any, on_done: Callable[[str], None] | None) -> Any:
     return result
 
 
-def _work(pieces: Sequence[Piece], take: int, write: int) -> None:
-    """A worker's life: pieces from the queue until it is empty, the results down `write`, exit."""
+def _work(pieces: Sequence[Piece], take: int, write: int, parent: int, others: list[int], held: Any) -> None:
+    """A worker's life: pieces from the queue until it is empty, the results down `write`, exit. It dies
+    with the stage; `others` are descriptors of the stage's it has no use for."""
     status = 1
     try:
-        procs.die_with_parent(signal.SIGKILL)
-        for signum in (signal.SIGINT, signal.SIGTERM):  # the stage handles these; a worker just ends
+        for signum in STOPPING:  # a stop ends a worker outright, then the signals held at the fork arrive
             signal.signal(signum, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+        procs.die_with_parent(signal.SIGKILL)
+        if os.getppid() != parent:  # the stage died before we asked to die with it
+            return
+        for fd in others:
+            os.close(fd)
         Progress.mute()
         import torch
 
@@ -101,25 +124,22 @@ def _work(pieces: Sequence[Piece], take: int, write: int) -> None:
             view = view[os.write(write, view):]
         status = 0
     except BaseException:  # noqa: BLE001 - reported below, and the stage fails on our status
-        os.write(2, f"error: a worker of pid {os.getppid()} failed:\n{traceback.format_exc()}".encode())
+        os.write(2, f"error: a worker of pid {parent} failed:\n{traceback.format_exc()}".encode())
     finally:
         os._exit(status)
 
 
-def _collect(pid: int, read: int) -> dict[str, Any]:
-    """A worker's results, once it has exited well (it is reaped either way)."""
+def _read_all(read: int) -> bytes:
+    chunks = []
+    while chunk := os.read(read, 1 << 20):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _load(blob: bytes) -> dict[str, Any]:
     import torch
 
-    chunks = []
-    try:
-        while chunk := os.read(read, 1 << 20):
-            chunks.append(chunk)
-    finally:
-        os.close(read)
-        _, status = os.waitpid(pid, 0)
-    if os.waitstatus_to_exitcode(status) != 0 or not chunks:
-        raise RuntimeError(f"a worker (pid {pid}) failed: {_how(status)}")
-    stream = io.BytesIO(b"".join(chunks))
+    stream = io.BytesIO(blob)
     return torch.load(stream, weights_only=True)
 
 
