@@ -175,9 +175,10 @@ def hessian_units(model: nn.Module, batches: Batches, loss_fn: LossFn, seed: int
     model.eval()
     found = units(model)
     generator = torch.Generator().manual_seed(seed)
+    shapes = [w.shape for w in _weights(model).values()]
     for _ in range(probes):
-        for w in _weights(model).values():
-            _coins(w.shape, generator)
+        for shape in shapes:
+            _coins(shape, generator)
     quad = unit_quadratic(model, found, batches, loss_fn, probes, generator)
     return _cpu({u.name: 0.5 * quad[u.name] for u in found})
 

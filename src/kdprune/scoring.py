@@ -32,8 +32,11 @@ def score_all(model: nn.Module, train: Split, norm: Normaliser, cfg: Any, seed: 
     if "hessian" in cfg.methods:
         pieces += [("hessian:weights", partial(importance.hessian_weights, model, sample, loss, seed, cfg.probes)),
                    ("hessian:units", partial(importance.hessian_units, model, sample, loss, seed, cfg.probes))]
-    if held is not None:
-        pieces += [(f"oracle:{name}", partial(oracle, model, held, norm, cfg, seed, only=[name])) for name in found]
+    # the oracle layer by layer only where the layers can run apart: each piece samples, traces and
+    # takes the intact loss again
+    layers = [[name] for name in found] if processes > 1 else [None]
+    oracles = [] if held is None else [f"oracle:{only[0]}" if only else "oracle" for only in layers]
+    pieces += [(name, partial(oracle, model, held, norm, cfg, seed, only=only)) for name, only in zip(oracles, layers)]
     pieces += [(m, partial(_criterion, m, model, sample, cfg, seed)) for m in cfg.methods if m != "hessian"]
     n = sum(len(y) for _, y in sample)
     Progress.say(f"score: {', '.join(cfg.methods)} on {n} samples{', and the oracle' * (held is not None)}: "
@@ -49,7 +52,8 @@ def score_all(model: nn.Module, train: Split, norm: Normaliser, cfg: Any, seed: 
         results["hessian"] = importance.to_tensors(importance.Scores(results["hessian:units"],
                                                                      results["hessian:weights"]))
     scores = {m: importance.from_tensors(results[m]) for m in cfg.methods}
-    truth = None if held is None else {name: results[f"oracle:{name}"][name] for name in found}
+    parts = {unit: deltas for name in oracles for unit, deltas in results[name].items()}
+    truth = {name: parts[name] for name in found} if oracles else None
     return scores, truth
 
 
