@@ -290,6 +290,17 @@ def _run_queue(root: Path, env: dict[str, str], jobs: int, experiments: int, tim
     return status
 
 
+def _why_failed(root: Path, env: dict[str, str], status: str) -> str:
+    """The queue's status, each failed experiment's log and the tracking services' logs: what a failure
+    here needs to be understood after the run (the services' folder goes with the session)."""
+    from kdprune import tracker
+
+    logs = [sh(["dvc", "queue", "logs", line.split()[0]], root, env, check=False).stdout[-3000:]
+            for line in status.splitlines() if re.search(r"\bFailed\b", line)]
+    logs += [f"{p}:\n{p.read_text(errors='replace')[-3000:]}" for p in sorted(tracker.service_dir().glob("*.log"))]
+    return "\n".join([status, *logs])
+
+
 def test_a_fresh_clone_reproduces_the_lock_then_a_queued_grid_trains_once_per_seed(project, tmp_path):
     """Two acceptances on one fresh clone (no DVC cache, a store of its own). First, outputs are pure
     functions of their inputs: the clone's repro recomputes every stage and lands on the committed hashes,
@@ -307,7 +318,7 @@ def test_a_fresh_clone_reproduces_the_lock_then_a_queued_grid_trains_once_per_se
 
     sh(["dvc", "exp", "run", "--queue", "-S", "prune.amount=0.6,0.8", "-S", "seed=0,1"], root, env)
     status = _run_queue(root, env, jobs=2, experiments=4, timeout=1500)
-    assert status.count("Success") == 4, status
+    assert status.count("Success") == 4, _why_failed(root, env, status)
     client = mlflow.MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
     assert sorted(e.name for e in client.search_experiments()) == ["Default", "kdprune"]
     exp = client.get_experiment_by_name("kdprune")

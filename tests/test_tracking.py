@@ -712,6 +712,23 @@ def test_doctor_closes_runs_left_open_by_dead_processes_and_leaves_live_ones(
     assert list(pending.iterdir()) == []
 
 
+def test_a_call_that_fails_on_a_bug_is_one_line_to_the_stage_and_a_traceback_in_the_service_log(mlflow_store):
+    """A failure that is neither ours nor MLflow's (here an argument the op does not take) reaches the
+    stage as one line, and leaves the traceback it needs to be found in the service's log."""
+    from kdprune import store, tracker
+    from kdprune.errors import TrackingError
+
+    connection = tracker.start()
+    try:
+        with pytest.raises(TrackingError, match="unexpected keyword argument 'bogus'"):
+            connection.call("log_epoch", bogus=1)
+    finally:
+        connection.close(wait=True)
+    log = tracker.service_socket(mlflow_store, store.experiment_name()).with_suffix(".log").read_text()
+    assert "log_epoch failed:" in log
+    assert "Traceback (most recent call last)" in log.split("log_epoch failed:")[1]
+
+
 def test_doctor_drops_a_pending_record_of_a_run_the_store_no_longer_has(
         tmp_path: Path, mlflow_store: str) -> None:
     from kdprune import store

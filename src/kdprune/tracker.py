@@ -380,6 +380,11 @@ class Service:
         try:
             return {"id": message["id"], "ok": self.ops[message["op"]](**message["args"])}
         except Exception as e:  # noqa: BLE001 - every failure becomes the stage's one-line error
+            if not isinstance(e, TrackingError) and type(e).__module__.split(".")[0] != "mlflow":
+                import traceback  # a bug, here or in a library: its traceback goes to the service's log
+
+                print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message['op']} failed:", file=sys.stderr)
+                traceback.print_exc()
             text = str(e).strip()
             return {"id": message["id"], "error": text.splitlines()[0] if text else type(e).__name__}
 
