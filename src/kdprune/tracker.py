@@ -322,6 +322,9 @@ class Service:
 
         self.path, self.sessions, self.stopping = path, 0, False
         self.lock = threading.Lock()
+        # One MLflow call at a time: its client keeps process-wide state (the tracking URI, the tracer
+        # provider it resets when that changes, the store cache) that it does not guard for threads.
+        self.calls = threading.Lock()
         self.ops = {"open": runs.open_run, "log_epoch": runs.log_epoch, "log_artifact": runs.log_artifact,
                     "log_model": runs.log_model, "set_tags": runs.set_tags, "finish": runs.finish,
                     "summarise": summary.summarise, "register": registry.register}
@@ -329,8 +332,9 @@ class Service:
         store.configure()
 
         def warm() -> None:  # the store opened, and model logging imported, before a stage needs them
-            _quietly(store.ensure_experiment)
-            _quietly(runs.warm_up)
+            for step in (store.ensure_experiment, runs.warm_up):
+                with self.calls:
+                    _quietly(step)
 
         self.warm = threading.Thread(target=warm, daemon=True)
         self.warm.start()
@@ -365,20 +369,19 @@ class Service:
                         self.stopping = True
                         conn.sendall(b'{"id": 1, "ok": null}\n')
                         return
-                    if message["op"] == "log_model":
-                        self.warm.join()  # never two model loggers at once in one process
                     conn.sendall((json.dumps(self.answer(message), default=str) + "\n").encode())
         except OSError:
             pass  # the stage went away mid-reply: below, its run is closed
         finally:
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(Exception), self.calls:
                 self.runs.finish("KILLED")  # a no-op after a `finish`
             with self.lock:
                 self.sessions -= 1
 
     def answer(self, message: dict[str, Any]) -> dict[str, Any]:
         try:
-            return {"id": message["id"], "ok": self.ops[message["op"]](**message["args"])}
+            with self.calls:
+                return {"id": message["id"], "ok": self.ops[message["op"]](**message["args"])}
         except Exception as e:  # noqa: BLE001 - every failure becomes the stage's one-line error
             if not isinstance(e, TrackingError) and type(e).__module__.split(".")[0] != "mlflow":
                 import traceback  # a bug, here or in a library: its traceback goes to the service's log
