@@ -105,12 +105,15 @@ STAGES = list(stage_paths(Path(".")))
 
 # The files that take longest, longest first: `make test` hands each xdist worker a file at a time in
 # collection order, so starting with the longest (and filling in with the short ones) ends the two
-# workers together. Any other file follows, in name order.
+# workers together. Any other file follows, in name order. Without workers (`pytest` alone) the files
+# run in the order given, so that `pytest $(ls tests/test_*.py | sort -r)` checks they are independent.
 LONGEST_FIRST = ("test_dvc.py", "test_team.py", "test_tracking.py", "test_forkserver.py", "test_stages.py",
                  "test_architectures.py", "test_params.py", "test_readme.py", "test_importance.py", "test_models.py")
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if not getattr(config.option, "numprocesses", None):
+        return
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: (rank.get(item.path.name, len(rank)), item.path.name))  # stable within a file
 
