@@ -712,6 +712,35 @@ def test_doctor_closes_runs_left_open_by_dead_processes_and_leaves_live_ones(
     assert list(pending.iterdir()) == []
 
 
+def test_the_service_makes_one_mlflow_call_at_a_time(mlflow_store, tmp_path):
+    """MLflow's client keeps process-wide state it does not guard for threads (the tracking URI, the tracer
+    provider it resets when that changes): calls from stages connected at once are made one by one."""
+    from kdprune import tracker
+
+    service = tracker.Service(tmp_path / "s.sock")
+    count, most, lock = [0], [0], threading.Lock()
+
+    def op(**args: Any) -> None:  # overlaps the others for 0.2 s unless the service takes turns
+        with lock:
+            count[0] += 1
+            most[0] = max(most[0], count[0])
+        time.sleep(0.2)
+        with lock:
+            count[0] -= 1
+
+    service.ops["log_epoch"] = op
+    answers: list[dict] = []
+    threads = [threading.Thread(target=lambda i=i: answers.append(service.answer(
+        {"id": i, "op": "log_epoch", "args": {"step": 0}}))) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    service.warm.join()
+    assert sorted(a["id"] for a in answers) == [0, 1, 2] and all("error" not in a for a in answers)
+    assert most[0] == 1
+
+
 def test_a_call_that_fails_on_a_bug_is_one_line_to_the_stage_and_a_traceback_in_the_service_log(mlflow_store):
     """A failure that is neither ours nor MLflow's (here an argument the op does not take) reaches the
     stage as one line, and leaves the traceback it needs to be found in the service's log."""
