@@ -713,8 +713,9 @@ def test_doctor_closes_runs_left_open_by_dead_processes_and_leaves_live_ones(
 
 
 def test_the_service_makes_one_mlflow_call_at_a_time(mlflow_store, tmp_path):
-    """MLflow's client keeps process-wide state it does not guard for threads (the tracking URI, the tracer
-    provider it resets when that changes): calls from stages connected at once are made one by one."""
+    """MLflow's client keeps process-wide state it does not guard for threads (Model.log patches os.environ's
+    class to record what it reads, then iterates the record): calls from stages connected at once are
+    made one by one."""
     from kdprune import tracker
 
     service = tracker.Service(tmp_path / "s.sock")

@@ -322,8 +322,10 @@ class Service:
 
         self.path, self.sessions, self.stopping = path, 0, False
         self.lock = threading.Lock()
-        # One MLflow call at a time: its client keeps process-wide state (the tracking URI, the tracer
-        # provider it resets when that changes, the store cache) that it does not guard for threads.
+        # One MLflow call at a time: its client keeps process-wide state it does not guard for threads.
+        # Model.log patches os.environ's class to record the variables read while it logs, then iterates
+        # them: two stages logging models at once (a queue's -j 2) failed one with "Set changed size
+        # during iteration". The tracking URI and the tracer provider it resets are global too.
         self.calls = threading.Lock()
         self.ops = {"open": runs.open_run, "log_epoch": runs.log_epoch, "log_artifact": runs.log_artifact,
                     "log_model": runs.log_model, "set_tags": runs.set_tags, "finish": runs.finish,
