@@ -50,7 +50,6 @@ LATER = ("numpy", "yaml", "sklearn.model_selection", "sklearn.datasets", "torch.
 IMPORT_TIME_ENV = ("PYTHON", "OMP_", "MKL_", "OPENBLAS_", "LD_", "TORCH_", "PYTORCH_", "CUDA_",
                    "KDPRUNE_SERVICE_DIR")
 HEADER = struct.Struct("!I")
-STAGE_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # what a stage's process forwards to its fork
 
 
 def enabled() -> bool:
@@ -106,7 +105,7 @@ def hand_off() -> int | None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signum)
 
-        for signum in STAGE_SIGNALS:
+        for signum in procs.STAGE_SIGNALS:  # forwarded to the fork
             signal.signal(signum, forward)
     except KeyboardInterrupt:  # Ctrl-C before the fork runs: our hanging up ends it, if it exists yet
         print("error: interrupted; no output written", file=sys.stderr)
@@ -194,12 +193,10 @@ def serve(path: Path) -> None:
                         continue
                     # held until the fork has the stage's handlers: a signal forwarded to it at once is not
                     # lost to the server's SIG_IGN for SIGINT
-                    held = signal.pthread_sigmask(signal.SIG_BLOCK, STAGE_SIGNALS)
-                    pid = os.fork()
+                    pid, held = procs.fork_holding()
                     if pid == 0:
                         server.close()
                         _child(conn, request, fds, held)  # never returns
-                    signal.pthread_sigmask(signal.SIG_SETMASK, held)
                     children.add(pid)
                     for fd in fds:
                         os.close(fd)
@@ -255,7 +252,7 @@ def _child(conn: socket.socket, request: dict[str, Any], fds: list[int], held: s
     try:
         conn.settimeout(None)
         os.setsid()  # out of the server's session: the server's end is not ours
-        for signum in STAGE_SIGNALS:
+        for signum in procs.STAGE_SIGNALS:
             signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
         for target, fd in enumerate(fds):
             os.dup2(fd, target)

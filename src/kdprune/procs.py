@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import socket
 from pathlib import Path
+from typing import Iterable
+
+STAGE_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # what ends a stage: DVC's SIGTERM, Ctrl-C, a hang-up
 
 
 def _stat(pid: int) -> tuple[int, int] | None:
@@ -67,6 +71,20 @@ def stage_pid() -> int:
     """The process DVC started for this stage: this one, or, in a fork of the fork server, the one that
     handed the stage over, which lives exactly as long as the stage does."""
     return int(os.environ[FORKED_FOR]) if forked() else os.getpid()
+
+
+def fork_holding(signals: Iterable[int] = STAGE_SIGNALS) -> tuple[int, set[int]]:
+    """os.fork() with `signals` blocked across it, so that no handler the child inherits runs there before
+    it sets its own. Returns the pid and the mask from before: this process has that mask back on return;
+    the child keeps the signals blocked until it restores the mask itself, when any that came arrive."""
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    pid = -1
+    try:
+        pid = os.fork()
+        return pid, held
+    finally:
+        if pid != 0:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
 def die_with_parent(signum: int) -> None:

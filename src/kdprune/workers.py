@@ -37,9 +37,6 @@ def count(device: Any, threads: int) -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-STOPPING = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}  # what ends a stage: held off across each fork
-
-
 def run(pieces: Sequence[Piece], processes: int, on_done: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Every piece's result by name, computed by up to `processes` processes (this one included); the
     longest pieces should come first. `on_done(name)` as each result reaches this process. However this
@@ -57,13 +54,9 @@ def run(pieces: Sequence[Piece], processes: int, on_done: Callable[[str], None] 
     try:
         for _ in range(processes - 1):
             read, write = os.pipe()
-            held = signal.pthread_sigmask(signal.SIG_BLOCK, STOPPING)  # the stage's handlers never run in a fork
-            try:
-                pid = os.fork()
-                if pid == 0:  # the worker: never returns
-                    _work(pieces, take, write, parent, [read, *workers.values()], held)
-            finally:
-                signal.pthread_sigmask(signal.SIG_SETMASK, held)
+            pid, held = procs.fork_holding()  # the stage's handlers never run in a worker
+            if pid == 0:  # the worker: never returns
+                _work(pieces, take, write, parent, [read, *workers.values()], held)
             os.close(write)
             workers[pid] = read
         results = {}
@@ -102,7 +95,7 @@ def _work(pieces: Sequence[Piece], take: int, write: int, parent: int, others: l
     with the stage; `others` are descriptors of the stage's it has no use for."""
     status = 1
     try:
-        for signum in STOPPING:  # a stop ends a worker outright, then the signals held at the fork arrive
+        for signum in procs.STAGE_SIGNALS:  # a stop ends a worker outright, then the signals held at the fork arrive
             signal.signal(signum, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_SETMASK, held)
         procs.die_with_parent(signal.SIGKILL)
