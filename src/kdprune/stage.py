@@ -169,15 +169,16 @@ def run(name: str, p: Params, reads: tuple[str, ...], inputs: dict[str, Path | s
                 status = "KILLED"
                 raise
             finally:
-                clock["done"] = time.perf_counter()
+                clock["done"], clock["waited"] = time.perf_counter(), tracker.waited
                 finished = _finish(tracker, status, run.output)
     finally:
         tracker.close(wait=not finished)
-        _record_timings(name, clock, tracker.waited)
+        _record_timings(name, clock)
 
 
-def _record_timings(name: str, clock: dict[str, float], waited: float) -> None:
-    """With KDPRUNE_TIMINGS=<file>: one JSON line of where this stage's seconds went (bench/pipeline.py)."""
+def _record_timings(name: str, clock: dict[str, float]) -> None:
+    """With KDPRUNE_TIMINGS=<file>: one JSON line of where this stage's seconds went (bench/pipeline.py):
+    `work` holds `tracking_wait`, the time it spent blocked on the helper; `close` is all tracking."""
     target = os.environ.get("KDPRUNE_TIMINGS")
     if not target or "done" not in clock:
         return
@@ -186,7 +187,7 @@ def _record_timings(name: str, clock: dict[str, float], waited: float) -> None:
     end = time.perf_counter()
     line = {"stage": name, "startup": procs.age() - (end - clock["entered"]),
             "torch_import": clock["torch"] - clock["entered"], "work": clock["done"] - clock["work"],
-            "close": end - clock["done"], "tracking_wait": waited}
+            "close": end - clock["done"], "tracking_wait": clock["waited"]}
     with open(target, "a") as f:
         f.write(json.dumps(line) + "\n")
 
