@@ -259,6 +259,45 @@ def test_a_service_started_without_waiting_is_waited_for_and_never_started_twice
             os.kill(pid, signal.SIGKILL)
 
 
+def test_an_idle_service_retires_only_when_nobody_comes_and_leaves_nothing_to_wait_for(tmp_path: Path) -> None:
+    """retire(): not while someone holds the lock start_service takes (a zygote's caller holds it while it
+    waits for the fork, so retire must not wait for the lock) or waits to connect; when it may retire, its
+    socket and its record of starting go under that lock, so a pipeline starting in that moment starts a
+    new service at once instead of dialling this one or waiting for its process to end."""
+    from filelock import FileLock
+
+    from kdprune import procs, tracker
+
+    path, starting = tmp_path / "s.sock", tmp_path / "s.starting"
+    server = tracker.listen(path)
+    starting.write_text(procs.identity(os.getpid()))
+    try:
+        with FileLock(str(path.with_suffix(".lock"))):
+            assert tracker.retire(server, path) is False
+        with tracker.dial(path):
+            assert tracker.retire(server, path) is False
+            server.accept()[0].close()
+        assert path.exists() and starting.exists()
+        assert tracker.retire(server, path) is True
+        assert not path.exists() and not starting.exists()
+    finally:
+        server.close()
+
+
+def test_a_stopped_service_leaves_no_record_that_would_hold_up_the_next(mlflow_store: str) -> None:
+    """While a process recorded as starting a service lives, start_service waits for it rather than start
+    another; a service that stops takes its record with its socket, so the next stage's start does not
+    wait for (or, unwaited, skip starting because of) a process on its way out."""
+    from kdprune import tracker
+
+    tracker.start().close(wait=True)
+    path = tracker.service_socket(mlflow_store, "kdprune")
+    assert path.exists() and path.with_suffix(".starting").exists()
+    tracker.stop(mlflow_store, "kdprune")
+    tracker.wait_gone([path])
+    assert not path.exists() and not path.with_suffix(".starting").exists()
+
+
 def test_a_new_sqlite_store_starts_from_an_empty_template_and_gets_its_own_locations(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """MLflow's schema migrations run once per MLflow version (the template); every new store is a copy,
@@ -740,6 +779,36 @@ def test_the_service_makes_one_mlflow_call_at_a_time(mlflow_store, tmp_path):
     service.warm.join()
     assert sorted(a["id"] for a in answers) == [0, 1, 2] and all("error" not in a for a in answers)
     assert most[0] == 1
+
+
+def test_the_warm_up_holds_up_model_logging_alone(mlflow_store: str, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """The service's warm-up (model logging imported and exercised: half a second) runs beside a stage's
+    first calls, which waited behind it; only log_model, whose record of the os.environ reads made while
+    it logs must not take in the warm-up's, waits for it to end."""
+    from kdprune import runs, tracker
+
+    release = threading.Event()
+    monkeypatch.setattr(runs, "warm_up", lambda: release.wait(120))
+    service = tracker.Service(tmp_path / "s.sock")
+    service.ops["log_epoch"] = service.ops["log_model"] = lambda **args: "done"
+    answers: list[dict] = []
+
+    def ask(op: str, ident: int) -> threading.Thread:
+        thread = threading.Thread(target=lambda: answers.append(service.answer({"id": ident, "op": op, "args": {}})))
+        thread.start()
+        return thread
+
+    try:
+        ask("log_epoch", 1).join(60)  # the store opened first (seconds on a busy machine), not the warm-up
+        assert answers == [{"id": 1, "ok": "done"}]
+        logging_model = ask("log_model", 2)
+        logging_model.join(0.5)
+        assert answers == [{"id": 1, "ok": "done"}]  # log_model still waits for the warm-up
+    finally:
+        release.set()
+    logging_model.join(120)
+    assert answers[1:] == [{"id": 2, "ok": "done"}]
 
 
 def test_a_call_that_fails_on_a_bug_is_one_line_to_the_stage_and_a_traceback_in_the_service_log(mlflow_store):

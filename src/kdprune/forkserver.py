@@ -36,7 +36,8 @@ from pathlib import Path
 from typing import Any
 
 from kdprune import procs
-from kdprune.tracker import ServiceDown, dial, prestart, retire, service_dir, start_service, wait_gone
+from kdprune.tracker import (ServiceDown, dial, prestart, retire, service_dir, start_service, wait_gone,
+                             withdraw)
 
 IDLE = 30.0  # seconds without a running stage after which the server exits
 # imported before the first fork; then, one at a time between stages, what the stages import next (in
@@ -174,7 +175,7 @@ def serve(path: Path) -> None:
             __import__(name)
     children: set[int] = set()
     later = list(LATER)
-    idle_since = time.monotonic()
+    idle_since, retired = time.monotonic(), False
     try:
         while True:
             ready, _, _ = select.select([server], [], [], 0 if later else 1.0)
@@ -205,10 +206,11 @@ def serve(path: Path) -> None:
             if children:
                 idle_since = time.monotonic()
             elif time.monotonic() - idle_since > IDLE and retire(server, path):
+                retired = True
                 break
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
+        if not retired:  # asked to stop, or failed
+            withdraw(path)
         server.close()
 
 

@@ -32,6 +32,7 @@ from kdprune.files import write_atomic
 
 IDLE = 30.0  # seconds without a connected stage after which the service exits
 START_TIMEOUT = 120.0  # seconds a stage waits for a service it started to listen
+LOGS_MODELS = {"log_model"}  # ops that call MLflow's Model.log, which must not overlap the warm-up
 
 
 def service_dir() -> Path:
@@ -285,12 +286,41 @@ def stop_all() -> list[str]:
 
 
 def retire(server: socket.socket, path: Path) -> bool:
-    """Whether an idle service (or zygote) may exit: nobody waiting to connect, seen under the lock start_service
-    takes (so nobody is starting or dialling it right now)."""
+    """Whether an idle service (or zygote, or fork server) may exit: nobody waiting to connect, and nobody
+    holding the lock start_service takes (so nobody is starting or dialling it right now; a zygote's
+    caller holds it while waiting for the fork, so retire never waits for it). One that may exit is
+    withdrawn under that lock: whoever comes next starts another at once, and never dials this one on
+    its way out."""
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(str(path.with_suffix(".lock")))
+    try:
+        lock.acquire(blocking=False)
+    except Timeout:
+        return False
+    try:
+        if select.select([server], [], [], 0)[0]:
+            return False
+        _withdraw(path)
+        return True
+    finally:
+        lock.release()
+
+
+def withdraw(path: Path) -> None:
+    """A service leaving for another reason (asked to stop, failed), withdrawn under the lock (a socket
+    removed without it could be that of a service started since)."""
     from filelock import FileLock
 
     with FileLock(str(path.with_suffix(".lock"))):
-        return not select.select([server], [], [], 0)[0]
+        _withdraw(path)
+
+
+def _withdraw(path: Path) -> None:
+    """The socket and the record of the process started for it (start_service waits for a process so
+    recorded to listen, rather than starting another, for as long as it lives)."""
+    path.unlink(missing_ok=True)
+    path.with_suffix(".starting").unlink(missing_ok=True)
 
 
 def wait_gone(sockets: list[Path], timeout: float = 30.0) -> None:
@@ -333,10 +363,12 @@ class Service:
         self.runs = runs
         store.configure()
 
-        def warm() -> None:  # the store opened, and model logging imported, before a stage needs them
-            for step in (store.ensure_experiment, runs.warm_up):
-                with self.calls:
-                    _quietly(step)
+        def warm() -> None:
+            with self.calls:  # the store opened before a stage needs it
+                _quietly(store.ensure_experiment)
+            # Model logging imported and exercised (half a second) beside the stages' first calls, which
+            # waited for it behind the lock; it reads os.environ, so log_model waits for it instead.
+            _quietly(runs.warm_up)
 
         self.warm = threading.Thread(target=warm, daemon=True)
         self.warm.start()
@@ -354,9 +386,9 @@ class Service:
             if busy:
                 idle_since = time.monotonic()
             elif time.monotonic() - idle_since > IDLE and retire(server, self.path):
-                break
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
+                server.close()
+                return
+        withdraw(self.path)  # asked to stop
         server.close()
 
     def session(self, conn: socket.socket) -> None:
@@ -382,6 +414,8 @@ class Service:
 
     def answer(self, message: dict[str, Any]) -> dict[str, Any]:
         try:
+            if message["op"] in LOGS_MODELS:
+                self.warm.join()
             with self.calls:
                 return {"id": message["id"], "ok": self.ops[message["op"]](**message["args"])}
         except Exception as e:  # noqa: BLE001 - every failure becomes the stage's one-line error

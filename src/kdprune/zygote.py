@@ -129,7 +129,6 @@ def _serve(server: socket.socket, path: Path) -> None:
         ready, _, _ = select.select([server], [], [], 1.0)
         if not ready:
             if time.monotonic() - idle_since > IDLE and retire(server, path):
-                path.unlink(missing_ok=True)
                 return
             continue
         conn, _ = server.accept()
