@@ -284,6 +284,19 @@ def test_an_idle_service_retires_only_when_nobody_comes_and_leaves_nothing_to_wa
         server.close()
 
 
+def test_an_idle_service_exits_and_takes_its_socket_and_its_record_with_it(mlflow_store: str,
+                                                                          tmp_path: Path) -> None:
+    """After IDLE seconds without a stage (here half a second) the service retires: it exits, and its socket
+    and the record of its start are gone."""
+    path = tmp_path / "s.sock"
+    path.with_suffix(".starting").write_text("a start on record")
+    code = "import sys; from pathlib import Path; from kdprune import tracker; tracker.IDLE = 0.5; " \
+           "tracker.serve(tracker.listen(Path(sys.argv[1])))"
+    service = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=300)
+    assert service.returncode == 0, service.stderr
+    assert not path.exists() and not path.with_suffix(".starting").exists()
+
+
 def test_a_stopped_service_leaves_no_record_that_would_hold_up_the_next(mlflow_store: str) -> None:
     """While a process recorded as starting a service lives, start_service waits for it rather than start
     another; a service that stops takes its record with its socket, so the next stage's start does not

@@ -178,8 +178,10 @@ def serve(path: Path) -> None:
     idle_since, retired = time.monotonic(), False
     try:
         while True:
-            ready, _, _ = select.select([server], [], [], 0 if later else 1.0)
+            ready, _, _ = select.select([server], [], [], 0 if later or retired else 1.0)
             children -= _reaped(children)
+            if retired and not ready:  # withdrawn: a stage that dialled (without the lock) before the socket
+                break  # went has been served, and none can dial now
             if not ready and later:
                 with contextlib.suppress(ImportError):
                     __import__(later.pop(0))
@@ -196,8 +198,11 @@ def serve(path: Path) -> None:
                     # lost to the server's SIG_IGN for SIGINT
                     pid, held = procs.fork_holding()
                     if pid == 0:
-                        server.close()
-                        _child(conn, request, fds, held)  # never returns
+                        try:
+                            server.close()
+                            _child(conn, request, fds, held)  # never returns
+                        finally:
+                            os._exit(1)  # nor does the fork reach the server's own way out
                     children.add(pid)
                     for fd in fds:
                         os.close(fd)
@@ -205,9 +210,8 @@ def serve(path: Path) -> None:
                         conn.sendall(json.dumps({"pid": pid}).encode() + b"\n")
             if children:
                 idle_since = time.monotonic()
-            elif time.monotonic() - idle_since > IDLE and retire(server, path):
+            elif not retired and time.monotonic() - idle_since > IDLE and retire(server, path):
                 retired = True
-                break
     finally:
         if not retired:  # asked to stop, or failed
             withdraw(path)

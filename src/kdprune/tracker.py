@@ -192,7 +192,7 @@ def start_service(path: Path, module: str, env: dict[str, str], timeout: float,
     """A connection to the service listening at `path`; when none does, `python -m <module> <path>` is
     started (in a session of its own, its log beside the socket) and waited for. Under a lock, so two
     processes that find none at once start one, and a service never exits while one connects (the
-    tracking service and the fork server both take it before their idle exit). `wait=False` starts it
+    tracking service, the fork server and the zygote try it before their idle exit: retire). `wait=False` starts it
     and returns None at once; whoever comes next waits for that process (its identity is kept beside
     the socket) rather than starting a second one, and starts its own if that one ends unheard."""
     from filelock import FileLock
@@ -319,8 +319,8 @@ def withdraw(path: Path) -> None:
 def _withdraw(path: Path) -> None:
     """The socket and the record of the process started for it (start_service waits for a process so
     recorded to listen, rather than starting another, for as long as it lives)."""
+    path.with_suffix(".starting").unlink(missing_ok=True)  # first: a socket gone means both are (wait_gone)
     path.unlink(missing_ok=True)
-    path.with_suffix(".starting").unlink(missing_ok=True)
 
 
 def wait_gone(sockets: list[Path], timeout: float = 30.0) -> None:
@@ -374,22 +374,25 @@ class Service:
         self.warm.start()
 
     def serve(self, server: socket.socket) -> None:
-        idle_since = time.monotonic()
-        while not self.stopping:
-            ready, _, _ = select.select([server], [], [], 1.0)
-            if ready:
-                conn, _ = server.accept()
-                threading.Thread(target=self.session, args=(conn,), daemon=True).start()
-                continue
-            with self.lock:
-                busy = self.sessions > 0
-            if busy:
-                idle_since = time.monotonic()
-            elif time.monotonic() - idle_since > IDLE and retire(server, self.path):
-                server.close()
-                return
-        withdraw(self.path)  # asked to stop
-        server.close()
+        idle_since, retired = time.monotonic(), False
+        try:
+            while not self.stopping:
+                ready, _, _ = select.select([server], [], [], 1.0)
+                if ready:
+                    conn, _ = server.accept()
+                    threading.Thread(target=self.session, args=(conn,), daemon=True).start()
+                    continue
+                with self.lock:
+                    busy = self.sessions > 0
+                if busy:
+                    idle_since = time.monotonic()
+                elif time.monotonic() - idle_since > IDLE and retire(server, self.path):
+                    retired = True
+                    break
+        finally:
+            if not retired:  # asked to stop, or failed
+                withdraw(self.path)
+            server.close()
 
     def session(self, conn: socket.socket) -> None:
         """One stage: its messages in order, each answered; a run it leaves open is closed KILLED."""

@@ -138,6 +138,7 @@ def _serve(server: socket.socket, path: Path) -> None:
                 message = json.loads(lines.readline())
                 if message["op"] == "stop":
                     conn.sendall(b'{"id": 1, "ok": null}\n')
+                    # not under the lock (tracker.withdraw): fork_service holds it while it waits for our reply
                     path.unlink(missing_ok=True)
                     return
                 pid = os.fork()
