@@ -363,12 +363,21 @@ class Service:
         self.runs = runs
         store.configure()
 
+        # Model logging imported and exercised (runs.warm_up: 0.6-0.9 s of CPU, most of it holding the GIL)
+        # once the first stage has gone, in a pipeline while DVC moves to the next: beside a stage's calls it
+        # made them 3-7 times slower. "pending", then "running" and "done", or "skipped" by a log_model first.
+        self.warmth, self.between = "pending", threading.Event()
+
         def warm() -> None:
-            with self.calls:  # the store opened before a stage needs it
-                _quietly(store.ensure_experiment)
-            # Model logging imported and exercised (half a second) beside the stages' first calls, which
-            # waited for it behind the lock; it reads os.environ, so log_model waits for it instead.
+            with self.calls:  # the store opened, and read, before a stage needs it
+                _quietly(lambda: runs.warm_reads(store.ensure_experiment()))
+            self.between.wait()
+            with self.lock:
+                if self.warmth != "pending":
+                    return
+                self.warmth = "running"
             _quietly(runs.warm_up)
+            self.warmth = "done"
 
         self.warm = threading.Thread(target=warm, daemon=True)
         self.warm.start()
@@ -414,11 +423,24 @@ class Service:
                 self.runs.finish("KILLED")  # a no-op after a `finish`
             with self.lock:
                 self.sessions -= 1
+                if not self.sessions:
+                    self.between.set()
+
+    def before_model_logging(self) -> None:
+        """Model.log records the os.environ reads made while it logs, in any thread, then iterates the
+        record: it never runs beside the warm-up. A warm-up under way is waited for; one not begun is
+        skipped (the call imports what it needs itself)."""
+        with self.lock:
+            if self.warmth == "pending":
+                self.warmth = "skipped"
+            running = self.warmth == "running"
+        if running:
+            self.warm.join()
 
     def answer(self, message: dict[str, Any]) -> dict[str, Any]:
         try:
             if message["op"] in LOGS_MODELS:
-                self.warm.join()
+                self.before_model_logging()
             with self.calls:
                 return {"id": message["id"], "ok": self.ops[message["op"]](**message["args"])}
         except Exception as e:  # noqa: BLE001 - every failure becomes the stage's one-line error
