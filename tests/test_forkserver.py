@@ -178,18 +178,6 @@ def test_a_stopped_server_removes_its_socket_and_the_next_stage_starts_another(p
     assert len(list((probe.parent / "svc/fork").glob("*.sock"))) == 1
 
 
-def test_an_idle_server_exits_and_takes_its_socket_and_its_record_with_it(tmp_path: Path) -> None:
-    """After IDLE seconds without a stage (here half a second, once its later imports are done) the server
-    retires: it exits, and its socket and the record of its start are gone (tracker.retire)."""
-    path = tmp_path / "f.sock"
-    path.with_suffix(".starting").write_text("a start on record")
-    code = "import sys; from pathlib import Path; from kdprune import forkserver; forkserver.IDLE = 0.5; " \
-           "forkserver.serve(Path(sys.argv[1]))"
-    server = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=300)
-    assert server.returncode == 0, server.stderr
-    assert not path.exists() and not path.with_suffix(".starting").exists()
-
-
 def test_ctrl_c_while_a_new_server_imports_torch_ends_the_stage(probe, tmp_path):
     """The first stage waits for the server it started to import torch (seconds): a Ctrl-C then ends it
     as one during the stage does, and nothing runs on (a fork, if the server made one, ends too)."""

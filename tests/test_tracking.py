@@ -284,16 +284,19 @@ def test_an_idle_service_retires_only_when_nobody_comes_and_leaves_nothing_to_wa
         server.close()
 
 
-def test_an_idle_service_exits_and_takes_its_socket_and_its_record_with_it(mlflow_store: str,
-                                                                          tmp_path: Path) -> None:
-    """After IDLE seconds without a stage (here half a second) the service retires: it exits, and its socket
-    and the record of its start are gone."""
+@pytest.mark.parametrize("serve", ["forkserver.serve(Path(sys.argv[1]))",
+                                   "tracker.serve(tracker.listen(Path(sys.argv[1])))"],
+                         ids=["fork server", "tracking service"])
+def test_an_idle_server_exits_and_takes_its_socket_and_its_record_with_it(serve: str, mlflow_store: str,
+                                                                         tmp_path: Path) -> None:
+    """After IDLE seconds without a stage (here half a second; the fork server's later imports first) a fork
+    server or a tracking service retires: it exits, and its socket and the record of its start are gone."""
     path = tmp_path / "s.sock"
     path.with_suffix(".starting").write_text("a start on record")
-    code = "import sys; from pathlib import Path; from kdprune import tracker; tracker.IDLE = 0.5; " \
-           "tracker.serve(tracker.listen(Path(sys.argv[1])))"
-    service = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=300)
-    assert service.returncode == 0, service.stderr
+    module = serve.split(".")[0]
+    code = f"import sys; from pathlib import Path; from kdprune import {module}; {module}.IDLE = 0.5; {serve}"
+    server = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=300)
+    assert server.returncode == 0, server.stderr
     assert not path.exists() and not path.with_suffix(".starting").exists()
 
 

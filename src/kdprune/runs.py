@@ -66,8 +66,8 @@ def open_run(stage: str, kind: str, name: str, params: dict[str, Any], inputs: d
 
 
 def warm_up() -> None:
-    """While the stage computes: import and exercise what logging a model needs, into a throw-away
-    folder, so the log_model the stage waits for at its end costs a fraction of a second."""
+    """Between stages (tracker.Service): import and exercise what logging a model needs, into a throw-away
+    folder, so the log_model a stage waits for at its end costs a fraction of a second."""
     import tempfile
 
     import mlflow.onnx
