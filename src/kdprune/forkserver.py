@@ -198,11 +198,7 @@ def serve(path: Path) -> None:
                     # lost to the server's SIG_IGN for SIGINT
                     pid, held = procs.fork_holding()
                     if pid == 0:
-                        try:
-                            server.close()
-                            _child(conn, request, fds, held)  # never returns
-                        finally:
-                            os._exit(1)  # nor does the fork reach the server's own way out
+                        _child(server, conn, request, fds, held)  # never returns
                     children.add(pid)
                     for fd in fds:
                         os.close(fd)
@@ -250,12 +246,14 @@ def _receive(conn: socket.socket) -> tuple[dict[str, Any] | None, list[int] | No
     return request, fds
 
 
-def _child(conn: socket.socket, request: dict[str, Any], fds: list[int], held: set[int]) -> None:
+def _child(server: socket.socket, conn: socket.socket, request: dict[str, Any], fds: list[int],
+           held: set[int]) -> None:
     """Become the stage: its descriptors, directory, environment and path, no inherited kdprune module;
-    run its script; send the exit status; exit. The stage's signals arrive blocked; `held` is the mask to
-    restore once its handlers are in place."""
+    run its script; send the exit status; exit, whatever happens (never into the server's own way out).
+    The stage's signals arrive blocked; `held` is the mask to restore once its handlers are in place."""
     status = 1
     try:
+        server.close()
         conn.settimeout(None)
         os.setsid()  # out of the server's session: the server's end is not ours
         for signum in procs.STAGE_SIGNALS:

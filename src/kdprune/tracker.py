@@ -365,7 +365,8 @@ class Service:
 
         # Model logging imported and exercised (runs.warm_up: 0.6-0.9 s of CPU, most of it holding the GIL)
         # once the first stage has gone, in a pipeline while DVC moves to the next: beside a stage's calls it
-        # made them 3-7 times slower. "pending", then "running" and "done", or "skipped" by a log_model first.
+        # made them 3-7 times slower. "pending", then "running" (and over once the thread has ended), or
+        # "skipped" by a log_model that came first.
         self.warmth, self.between = "pending", threading.Event()
 
         def warm() -> None:
@@ -377,7 +378,6 @@ class Service:
                     return
                 self.warmth = "running"
             _quietly(runs.warm_up)
-            self.warmth = "done"
 
         self.warm = threading.Thread(target=warm, daemon=True)
         self.warm.start()
@@ -433,9 +433,9 @@ class Service:
         with self.lock:
             if self.warmth == "pending":
                 self.warmth = "skipped"
-            running = self.warmth == "running"
-        if running:
-            self.warm.join()
+            started = self.warmth == "running"
+        if started:
+            self.warm.join()  # at once when it is over
 
     def answer(self, message: dict[str, Any]) -> dict[str, Any]:
         try:
