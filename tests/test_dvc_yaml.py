@@ -51,7 +51,7 @@ def _declared_params(stage: dict) -> set[str]:
 
 def test_every_stage_depends_on_its_script_and_exactly_the_computing_modules_it_reaches():
     for name, stage in _stages().items():
-        deps = {d.replace("${pkg}", "src/kdprune") for d in stage["deps"]}
+        deps = set(stage["deps"])
         assert stage["cmd"].startswith(f"python stages/{name}.py"), name
         assert f"stages/{name}.py" in deps, name
         needed = {f"src/kdprune/{m}.py" for m in _closure(REPO / "stages" / f"{name}.py") - INFRA}
@@ -59,9 +59,16 @@ def test_every_stage_depends_on_its_script_and_exactly_the_computing_modules_it_
         assert needed == declared, (name, sorted(needed - declared), sorted(declared - needed))
 
 
+def test_dvc_yaml_spells_its_paths_out():
+    """No `vars` and no `${...}`: DVC parses every interpolation with pyparsing on every command, which
+    took 0.1 s of a no-op `dvc repro` (1.38 s against 1.49 s, medians of 6) for a shorter path."""
+    text = (REPO / "dvc.yaml").read_text()
+    assert "${" not in text and "vars" not in yaml.safe_load(text)
+
+
 def test_no_stage_depends_on_tracking_locking_or_printing():
     for name, stage in _stages().items():
-        deps = {Path(d).stem for d in stage["deps"] if d.startswith("${pkg}/")}
+        deps = {Path(d).stem for d in stage["deps"] if d.startswith("src/kdprune/")}
         assert not deps & INFRA, (name, deps & INFRA)
 
 
