@@ -123,6 +123,20 @@ def test_a_stage_with_other_limits_or_privileges_is_not_forked_from_a_server_wit
     assert fields(again.stdout)["for"] != "None" and fields(again.stdout)["nofile"] == "512"
 
 
+@pytest.mark.parametrize("name", ["ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_CBWR", "OMP_NUM_THREADS"])
+def test_a_stage_choosing_other_kernels_gets_a_server_of_its_own(name, tmp_path, monkeypatch):
+    """torch's vector kernels, oneDNN's, MKL's and the thread pools are chosen once per process from these
+    variables (each changes the teacher's bytes): a fork of a server started without the stage's value
+    could compute with the server's. Any other variable is the fork's own and keeps the server."""
+    monkeypatch.setenv("KDPRUNE_SERVICE_DIR", str(tmp_path))
+    monkeypatch.delenv(name, raising=False)
+    plain = forkserver.server_path()
+    monkeypatch.setenv("KDPRUNE_SOMETHING_ELSE", "1")
+    assert forkserver.server_path() == plain
+    monkeypatch.setenv(name, "2" if name.startswith("OMP") else "avx2")
+    assert forkserver.server_path() != plain
+
+
 def test_the_server_off_runs_every_stage_in_its_own_process(served):
     run(served, "0")
     off = run(served, "0", KDPRUNE_FORKSERVER="off")

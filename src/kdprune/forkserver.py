@@ -46,10 +46,11 @@ IDLE = 30.0  # seconds without a running stage after which the server exits
 PRELOAD = ("torch", "torch._dynamo")  # every stage's torch.use_deterministic_algorithms imports the latter
 LATER = ("numpy", "yaml", "sklearn.model_selection", "sklearn.datasets", "torch.onnx", "onnx",
          "matplotlib.backends.backend_agg", "matplotlib.pyplot", "scipy.stats", "torchvision")
-# what the interpreter or a preloaded library reads once, at start-up or import: a server serves only
-# stages that agree on them
-IMPORT_TIME_ENV = ("PYTHON", "OMP_", "MKL_", "OPENBLAS_", "LD_", "TORCH_", "PYTORCH_", "CUDA_",
-                   "KDPRUNE_SERVICE_DIR")
+# what the interpreter or a preloaded library reads once, at start-up, import or first use (torch's
+# kernel choice, ATEN_CPU_CAPABILITY; oneDNN's, ONEDNN_/DNNL_MAX_CPU_ISA): a server serves only stages
+# that agree on them
+IMPORT_TIME_ENV = ("PYTHON", "OMP_", "MKL_", "OPENBLAS_", "LD_", "TORCH_", "PYTORCH_", "CUDA_", "ATEN_",
+                   "ONEDNN_", "DNNL_", "KDPRUNE_SERVICE_DIR")
 HEADER = struct.Struct("!I")
 
 
