@@ -100,8 +100,14 @@ def test_a_stage_runs_in_a_fork_with_its_own_argv_directory_environment_streams_
 
 
 def test_a_fork_has_the_umask_of_the_process_it_stands_for(served):
-    forked = run(served, "0", preexec=lambda: os.umask(0o077))
-    assert fields(forked.stdout)["for"] != "None" and fields(forked.stdout)["umask"] == "0o77"
+    """The server keeps the umask it started with (the first run's, this process's); each fork takes its
+    caller's, and the next fork has its own again."""
+    ours = os.umask(0o022)
+    os.umask(ours)
+    other = 0o077 if ours != 0o077 else 0o027
+    runs = [run(served, "0"), run(served, "0", preexec=lambda: os.umask(other)), run(served, "0")]
+    assert all(fields(r.stdout)["for"] != "None" for r in runs)
+    assert [fields(r.stdout)["umask"] for r in runs] == [oct(ours), oct(other), oct(ours)]
 
 
 def test_a_stage_with_other_limits_or_privileges_is_not_forked_from_a_server_without_them(probe):
@@ -126,8 +132,9 @@ def test_a_stage_with_other_limits_or_privileges_is_not_forked_from_a_server_wit
 @pytest.mark.parametrize("name", ["ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_CBWR", "OMP_NUM_THREADS"])
 def test_a_stage_choosing_other_kernels_gets_a_server_of_its_own(name, tmp_path, monkeypatch):
     """torch's vector kernels, oneDNN's, MKL's and the thread pools are chosen once per process from these
-    variables (each changes the teacher's bytes): a fork of a server started without the stage's value
-    could compute with the server's. Any other variable is the fork's own and keeps the server."""
+    variables (the first three each changed the teacher's bytes on an AVX2 machine): a fork of a server
+    started without the stage's value could compute with the server's. Any other variable is the fork's
+    own and keeps the server."""
     monkeypatch.setenv("KDPRUNE_SERVICE_DIR", str(tmp_path))
     monkeypatch.delenv(name, raising=False)
     plain = forkserver.server_path()
@@ -138,7 +145,7 @@ def test_a_stage_choosing_other_kernels_gets_a_server_of_its_own(name, tmp_path,
 
 
 def test_the_server_off_runs_every_stage_in_its_own_process(served):
-    run(served, "0")
+    assert fields(run(served, "0").stdout)["for"] != "None"  # a server listens, and forks
     off = run(served, "0", KDPRUNE_FORKSERVER="off")
     assert off.returncode == 0 and fields(off.stdout)["for"] == "None"
 

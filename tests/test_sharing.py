@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import time
@@ -77,26 +78,39 @@ def test_a_failed_holder_leaves_nothing_to_restore(workspace):
     out, curve = workspace["root"] / "m", workspace["root"] / "c.csv"
     with pytest.raises(RuntimeError):
         with sharing.once("train_teacher", p, READS, {"data": workspace["data"]}, [out, curve]):
+            _compute(out, curve, "partial")  # outputs there, then the failure: none of it is shared
             raise RuntimeError("boom")
+    assert not any(e.is_dir() for e in sharing.store_dir().iterdir())
     ran = []
     with sharing.once("train_teacher", p, READS, {"data": workspace["data"]}, [out, curve]):
         ran.append(1)
         _compute(out, curve, "second")
-    assert ran == [1]
+    assert ran == [1] and (out / "model.pt").read_text() == "second"
 
 
 def test_the_key_changes_with_the_params_read_the_inputs_and_the_code(workspace, monkeypatch):
     from kdprune import manifest
 
     p = load_params(workspace["params"])
-    key = sharing.stage_key("train_teacher", p, READS, {"data": workspace["data"]})
+    key = before = sharing.stage_key("train_teacher", p, READS, {"data": workspace["data"]})
     other = load_params(write_params(workspace["root"] / "p2.yaml", teacher={"epochs": 3}))
     assert sharing.stage_key("train_teacher", other, READS, {"data": workspace["data"]}) != key
     unread = load_params(write_params(workspace["root"] / "p3.yaml", prune={"amount": 0.9}))
     assert sharing.stage_key("train_teacher", unread, READS, {"data": workspace["data"]}) == key
     (workspace["data"] / "a.bin").write_bytes(b"\x02")
     manifest.write(workspace["data"], "prepare", {})
-    assert sharing.stage_key("train_teacher", p, READS, {"data": workspace["data"]}) != key
+    assert (key := sharing.stage_key("train_teacher", p, READS, {"data": workspace["data"]})) != before
+    # the code: a copy of the package and the stage script, edited one file at a time
+    copy = workspace["root"] / "copy"
+    shutil.copytree(REPO / "src/kdprune", copy / "src/kdprune", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(REPO / "stages", copy / "stages", ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(sharing, "__file__", str(copy / "src/kdprune/sharing.py"))
+    assert sharing.stage_key("train_teacher", p, READS, {"data": workspace["data"]}) == key
+    for edited in (copy / "src/kdprune/models.py", copy / "stages/train_teacher.py"):
+        original = edited.read_text()
+        edited.write_text(original + "# edited\n")
+        assert sharing.stage_key("train_teacher", p, READS, {"data": workspace["data"]}) != key, edited.name
+        edited.write_text(original)
 
 
 WAITER = """
@@ -106,12 +120,15 @@ from kdprune import sharing
 from kdprune.params import load_params
 from kdprune.stage import Reused
 out, curve = Path("m"), Path("c.csv")
+if sys.argv[1] == "second":
+    Path("arrived").write_text("")  # the first holds the lock and has left nothing yet
 try:
     with sharing.once("train_teacher", load_params("params.yaml"), ("seed", "teacher"), {"data": Path("data")},
                       [out, curve]):
-        if sys.argv[1] == "first":
+        if sys.argv[1] == "first":  # holds the lock until the test says so
             Path("holding").write_text("")
-            time.sleep(3)
+            while not Path("release").exists():
+                time.sleep(0.02)
         out.mkdir(exist_ok=True)
         (out / "model.pt").write_text(sys.argv[1])
         curve.write_text(sys.argv[1])
@@ -122,15 +139,23 @@ except Reused:
 
 
 def test_a_twin_arriving_mid_computation_waits_and_takes_the_result(workspace):
-    env = {"DVC_EXP_NAME": "exp", "DVC_ROOT": str(workspace["root"]), "PATH": "/usr/bin:/bin"}
-    first = subprocess.Popen([sys.executable, "-c", WAITER, "first"], cwd=workspace["root"], env=env,
-                             stdout=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 60
-    while not (workspace["root"] / "holding").exists():
+    """The first holds the lock until the second has arrived (however slowly it starts): the second
+    must wait, then restore what the first made."""
+    root = workspace["root"]
+    env = {"DVC_EXP_NAME": "exp", "DVC_ROOT": str(root), "PATH": "/usr/bin:/bin"}
+    first = subprocess.Popen([sys.executable, "-c", WAITER, "first"], cwd=root, env=env, stdout=subprocess.PIPE,
+                             text=True)
+    deadline = time.monotonic() + 120
+    while not (root / "holding").exists():
         assert first.poll() is None and time.monotonic() < deadline
         time.sleep(0.05)
-    second = subprocess.run([sys.executable, "-c", WAITER, "second"], cwd=workspace["root"], env=env,
-                            capture_output=True, text=True, timeout=120)
-    assert first.communicate(timeout=60)[0].strip() == "computed"
-    assert second.stdout.strip() == "reused", second.stderr
+    second = subprocess.Popen([sys.executable, "-c", WAITER, "second"], cwd=root, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while not (root / "arrived").exists():
+        assert second.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    (root / "release").write_text("")
+    assert first.communicate(timeout=120)[0].strip() == "computed"
+    out, err = second.communicate(timeout=120)
+    assert out.strip() == "reused", err
     assert (workspace["root"] / "m/model.pt").read_text() == "first"

@@ -53,9 +53,10 @@ def test_only_finished_summary_runs_count(sweep_store):
 
     client = mlflow.MlflowClient(sweep_store)
     exp = client.get_experiment_by_name("kdprune")
-    client.set_terminated(client.create_run(exp.experiment_id, tags={"pipeline.kind": "summary"}).info.run_id,
-                          "FAILED")
-    client.create_run(exp.experiment_id, tags={"pipeline.kind": "stage"})
+    for kind, status in (("summary", "FAILED"), ("summary", "KILLED"), ("summary", None), ("stage", "FINISHED")):
+        run = client.create_run(exp.experiment_id, tags={"pipeline.kind": kind})
+        if status:
+            client.set_terminated(run.info.run_id, status)
     assert len(sweep.summary_runs("kdprune")) == 4
 
 
