@@ -5,7 +5,9 @@ server is read back from PostgreSQL and its artifact from the bucket; `dvc push`
 README "Working as a team" says (the second pulls and recomputes nothing; its runs link to the first's by
 fingerprint); team-down leaves no process and no port behind.
 
-The tests run in file order on one stack (module fixture); the last one takes it down."""
+The tests share one stack (a module fixture). Two take it down; whichever test comes next finds it
+brought back up by its fixture, on the same ports and keys and with the same data, so they run in any
+order and each makes the runs and objects it checks."""
 
 from __future__ import annotations
 
@@ -137,7 +139,7 @@ def alive(p: Any) -> bool:
 
 
 @pytest.fixture(scope="module")
-def stack() -> Iterator[Stack]:
+def team_stack() -> Iterator[Stack]:
     team = load_team()
     if team.pg_bindir() is None and os.geteuid() != 0:
         pytest.skip("PostgreSQL's server binaries are not installed (Debian: apt-get install postgresql)")
@@ -157,6 +159,15 @@ def stack() -> Iterator[Stack]:
             with contextlib.suppress(Exception):
                 p.kill()
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def stack(team_stack: Stack) -> Stack:
+    """The module's stack, up: brought back (same exports) where an earlier test took it down."""
+    if not team_stack.records():
+        up = team_stack.make("team-up")
+        assert up.returncode == 0 and up.stdout == team_stack.stdout, up.stderr[-3000:]
+    return team_stack
 
 
 def run(argv: list[str], cwd: Path, env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
@@ -295,8 +306,20 @@ def test_dvc_push_from_one_clone_and_pull_into_another_go_through_the_bucket(sta
     assert (second / "blob.bin").read_bytes() == payload
 
 
-def test_down_then_up_keeps_the_runs_the_data_and_the_exports(stack: Stack) -> None:
+def test_down_then_up_keeps_the_runs_the_data_and_the_exports(stack: Stack, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     from mlflow import MlflowClient
+
+    for name, value in stack.exports.items():
+        monkeypatch.setenv(name, value)
+    client = MlflowClient(stack.exports["MLFLOW_TRACKING_URI"])
+    name = f"keep-{uuid.uuid4().hex[:8]}"
+    run_id = client.create_run(client.create_experiment(name), run_name=name).info.run_id
+    (tmp_path / "note.txt").write_text(name)
+    client.log_artifact(run_id, str(tmp_path / "note.txt"))
+    client.set_terminated(run_id)
+    bucket = stack.exports["KDPRUNE_DVC_REMOTE"].removeprefix("s3://")
+    s3(stack).put_object(Bucket=bucket, Key=f"files/md5/{name}", Body=name.encode())
 
     down = stack.make("team-down", timeout=180)
     assert down.returncode == 0, down.stderr[-3000:]
@@ -305,10 +328,10 @@ def test_down_then_up_keeps_the_runs_the_data_and_the_exports(stack: Stack) -> N
     assert up.returncode == 0, up.stderr[-3000:]
     assert up.stdout == stack.stdout  # same ports and keys: teammates' exports and joined clones still work
     client = MlflowClient(stack.exports["MLFLOW_TRACKING_URI"])
-    probes = [r for e in client.search_experiments() if e.name.startswith("team-")
-              for r in client.search_runs([e.experiment_id])]
-    assert [r.data.tags["mlflow.runName"] for r in probes] == ["team-probe"]
-    assert any(k.startswith("files/") for k in keys(stack, stack.exports["KDPRUNE_DVC_REMOTE"][5:]))
+    kept = client.get_run(run_id)
+    assert (kept.info.status, kept.info.run_name) == ("FINISHED", name)
+    assert Path(client.download_artifacts(run_id, "note.txt", str(tmp_path / "back"))).read_text() == name
+    assert s3(stack).get_object(Bucket=bucket, Key=f"files/md5/{name}")["Body"].read() == name.encode()
 
 
 # -- the acceptance: two clones of the pipeline on one stack --------------------------------------------------
