@@ -774,20 +774,27 @@ def test_the_service_makes_one_mlflow_call_at_a_time(mlflow_store, tmp_path):
     from kdprune import tracker
 
     service = tracker.Service(tmp_path / "s.sock")
-    count, most, lock = [0], [0], threading.Lock()
+    count, most, asked, lock, everyone = [0], [0], [0], threading.Lock(), threading.Event()
 
-    def op(**args: Any) -> None:  # overlaps the others for 0.2 s unless the service takes turns
-        with lock:
-            count[0] += 1
+    def op(**args: Any) -> None:  # the first call is held until all three are asked, however late their
+        with lock:               # threads started; by the end of it the others are in too, unless the
+            count[0] += 1        # service takes turns
             most[0] = max(most[0], count[0])
-        time.sleep(0.2)
+        everyone.wait(60)
+        time.sleep(0.3)
         with lock:
             count[0] -= 1
 
+    def ask(i: int) -> None:
+        with lock:
+            asked[0] += 1
+            if asked[0] == 3:
+                everyone.set()
+        answers.append(service.answer({"id": i, "op": "log_epoch", "args": {"step": 0}}))
+
     service.ops["log_epoch"] = op
     answers: list[dict] = []
-    threads = [threading.Thread(target=lambda i=i: answers.append(service.answer(
-        {"id": i, "op": "log_epoch", "args": {"step": 0}}))) for i in range(3)]
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(3)]
     for t in threads:
         t.start()
     for t in threads:
@@ -826,16 +833,18 @@ def test_model_logging_is_warmed_up_between_stages_and_never_beside_a_model_bein
         ours.close()
         service.session(theirs)
 
-    def serving(service: tracker.Service) -> tracker.Service:
-        service.ops["log_epoch"] = service.ops["log_model"] = lambda **args: "done"
+    def serving(service: tracker.Service) -> tracker.Service:  # log_model says whether a warm-up was under way
+        service.ops["log_epoch"] = lambda **args: "done"
+        service.ops["log_model"] = lambda **args: "beside a warm-up" if started.is_set() and not release.is_set() \
+            else "done"
         return service
 
     service = serving(tracker.Service(tmp_path / "a.sock"))
     try:
         ask(service, "log_epoch").join(60)  # the store opened first (seconds on a busy machine)
         assert answers == [{"id": 1, "ok": "done"}]
-        assert not started.wait(0.5)  # a stage is being served: no warm-up yet
-        a_stage_comes_and_goes(service)
+        assert not started.wait(0.5) and (service.warmth, service.between.is_set()) == ("pending", False)
+        a_stage_comes_and_goes(service)  # (above: a stage is being served, no warm-up yet)
         assert started.wait(60)
         logging_model = ask(service, "log_model")
         logging_model.join(0.5)
