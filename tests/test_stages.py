@@ -110,6 +110,10 @@ def test_one_finished_run_per_stage_linked_upstream_by_fingerprint(pipeline):
     assert "pipeline.upstream.train_scratch" not in finetune
     assert stage_runs["prune"].data.params["prune.amount"] == "0.5"
     assert all(" · tiny taylor 0.5 seed 0" in r.info.run_name for r in stage_runs.values())
+    import torch  # the machine's kind, which the bytes depend on: on every run, the summary's too
+
+    kinds = {r.data.tags.get("pipeline.cpu") for r in runs}
+    assert len(kinds) == 1 and kinds.pop().endswith(f" · {torch.backends.cpu.get_cpu_capability()}")
 
 
 def test_the_summary_run_carries_every_param_and_is_the_only_run_with_headline_metrics(pipeline):

@@ -158,6 +158,7 @@ def run(name: str, p: Params, reads: tuple[str, ...], inputs: dict[str, Path | s
             from kdprune import determinism
 
             determinism.setup(p.seed, p.threads)  # imports torch: meanwhile the helper imports MLflow
+            tracker.post("set_tags", tags={"pipeline.cpu": cpu()})
             clock["torch"] = time.perf_counter()
             run = Run(name, tracker, fingerprints)
             clock["work"] = time.perf_counter()
@@ -174,6 +175,20 @@ def run(name: str, p: Params, reads: tuple[str, ...], inputs: dict[str, Path | s
     finally:
         tracker.close(wait=not finished)
         _record_timings(name, clock)
+
+
+def cpu() -> str:
+    """The processor and the level of torch's vector kernels on it (lowered by ATEN_CPU_CAPABILITY): the
+    bytes a stage writes depend on both (README, Reproducibility), so its run says which it had."""
+    import platform
+
+    import torch
+
+    model = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError, StopIteration):
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        model = next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
+    return f"{model} · {torch.backends.cpu.get_cpu_capability()}"
 
 
 def _record_timings(name: str, clock: dict[str, float]) -> None:
