@@ -151,17 +151,18 @@ def set_tags(tags: dict[str, str]) -> None:
     store.call(mlflow.set_tags, tags, what="tagging the run")
 
 
-def finish(status: str, output: str | None = None) -> None:
-    """Close the active run; a FINISHED one records its output's fingerprint for the stages downstream.
-    A run that cannot be closed is written down locally and closed by the next stage that starts."""
+def finish(status: str, output: str | None = None, tags: dict[str, str] | None = None) -> None:
+    """Close the active run with `tags`; a FINISHED one records its output's fingerprint for the stages
+    downstream. A run that cannot be closed is written down locally and closed by the next stage that starts."""
     import mlflow
 
     run_id = getattr(_LOCAL, "active", {}).get("run_id")
     if run_id is None:
         return
     try:
-        if output and status == "FINISHED":
-            store.call(mlflow.set_tag, "pipeline.output", output, what="recording the output")
+        tags = {**(tags or {}), **({"pipeline.output": output} if output and status == "FINISHED" else {})}
+        if tags:  # one call
+            store.call(mlflow.set_tags, tags, what="recording the output and the machine")
         store.call(mlflow.end_run, status, what="closing the run")
     except Exception:
         _remember(run_id, "FAILED" if status == "FINISHED" else status)

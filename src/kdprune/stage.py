@@ -158,7 +158,7 @@ def run(name: str, p: Params, reads: tuple[str, ...], inputs: dict[str, Path | s
             from kdprune import determinism
 
             determinism.setup(p.seed, p.threads)  # imports torch: meanwhile the helper imports MLflow
-            tracker.post("set_tags", tags={"pipeline.cpu": cpu()})
+            machine = {"pipeline.cpu": cpu()}  # written with the run's last tags: no call of its own
             clock["torch"] = time.perf_counter()
             run = Run(name, tracker, fingerprints)
             clock["work"] = time.perf_counter()
@@ -171,7 +171,7 @@ def run(name: str, p: Params, reads: tuple[str, ...], inputs: dict[str, Path | s
                 raise
             finally:
                 clock["done"], clock["waited"] = time.perf_counter(), tracker.waited
-                finished = _finish(tracker, status, run.output)
+                finished = _finish(tracker, status, run.output, machine)
     finally:
         tracker.close(wait=not finished)
         _record_timings(name, clock)
@@ -207,14 +207,14 @@ def _record_timings(name: str, clock: dict[str, float]) -> None:
         f.write(json.dumps(line) + "\n")
 
 
-def _finish(tracker: Any, status: str, output: str | None) -> bool:
+def _finish(tracker: Any, status: str, output: str | None, tags: dict[str, str]) -> bool:
     """Close the run; when the stage itself failed, its own error is the one reported. True once the
     helper has answered."""
     if status == "FINISHED":
-        tracker.call("finish", status=status, output=output)
+        tracker.call("finish", status=status, output=output, tags=tags)
         return True
     with contextlib.suppress(TrackingError):
-        tracker.call("finish", status=status)
+        tracker.call("finish", status=status, tags=tags)
         return True
     return False
 
