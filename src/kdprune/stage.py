@@ -185,8 +185,7 @@ def cpu() -> str:
     import torch
 
     model = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError, StopIteration):
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    with contextlib.suppress(OSError, StopIteration), open("/proc/cpuinfo") as lines:  # the first core's block
         model = next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
     return f"{model} · {torch.backends.cpu.get_cpu_capability()}"
 
