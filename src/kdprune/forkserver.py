@@ -43,8 +43,8 @@ IDLE = 30.0  # seconds without a running stage after which the server exits
 # imported before the first fork; then, one at a time between stages, what the stages import next (in
 # the order the pipeline needs them). Never onnxruntime: it starts a thread at import, and a thread
 # holding a lock across a fork leaves the lock held forever in the fork.
-PRELOAD = ("torch", "torch._dynamo")  # every stage's torch.use_deterministic_algorithms imports the latter
-LATER = ("numpy", "yaml", "sklearn.model_selection", "sklearn.datasets", "torch.onnx", "onnx",
+PRELOAD = ("torch",)  # validate needs no more; the training stages' optimisers import torch._dynamo (2 s)
+LATER = ("numpy", "yaml", "sklearn.model_selection", "sklearn.datasets", "torch._dynamo", "torch.onnx", "onnx",
          "matplotlib.backends.backend_agg", "matplotlib.pyplot", "scipy.stats", "torchvision")
 # what the interpreter or a preloaded library reads once, at start-up, import or first use (torch's
 # kernel choice, ATEN_CPU_CAPABILITY; oneDNN's, ONEDNN_/DNNL_MAX_CPU_ISA): a server serves only stages

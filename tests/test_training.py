@@ -1,0 +1,69 @@
+"""kdprune.training and kdprune.determinism: the fit loop's layout and repeatability, and the torch set-up
+every stage makes first."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kdprune.data import Normaliser, Split
+from kdprune.params import FitParams
+from kdprune.training import fit
+
+
+def _fit_once(device: str = "cpu") -> tuple[nn.Module, list[dict[str, float]]]:
+    g = torch.Generator().manual_seed(0)
+    train = Split(torch.randint(0, 256, (96, 3, 8, 8), dtype=torch.uint8, generator=g), torch.arange(96) % 4)
+    val = Split(torch.randint(0, 256, (32, 3, 8, 8), dtype=torch.uint8, generator=g), torch.arange(32) % 4)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
+                          nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 16, 4))
+    cfg = FitParams(epochs=2, batch_size=16, optimizer="adam", lr=0.01, weight_decay=0.0)
+    history = fit(model, train, val, Normaliser(255.0, (0.5,) * 3, (0.25,) * 3), F.cross_entropy, cfg, seed=0,
+                  device=torch.device(device), desc="test")
+    return model, history
+
+
+def test_fit_hands_the_model_back_in_the_default_layout_and_trains_the_same_twice() -> None:
+    """On the CPU fit trains in channels-last layout; what it hands back (and a checkpoint then holds) is
+    laid out as torch lays out a new tensor, and a second fit gives the very same weights and history."""
+    first, history = _fit_once()
+    second, again = _fit_once()
+    assert history == again and len(history) == 2
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    for (name, a), b in zip(first.state_dict().items(), second.state_dict().values()):
+        assert torch.equal(a, b), name
+        assert a.stride() == torch.empty(a.shape).stride(), (name, a.stride())
+    conv = first[4].weight  # 8 input channels: channels-last strides would differ from the default ones
+    assert conv.is_contiguous() and not conv.is_contiguous(memory_format=torch.channels_last)
+
+
+def _in_a_fresh_interpreter(code: str) -> str:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                          timeout=120).stdout.strip()
+
+
+def test_setup_turns_on_deterministic_algorithms_warning_only_without_importing_dynamo() -> None:
+    """What torch.use_deterministic_algorithms(True, warn_only=True) turns on, at the seed and thread count
+    asked for, without torch._dynamo: only the stages that train need it (their optimisers import it)."""
+    out = _in_a_fresh_interpreter(
+        "import sys, torch\n"
+        "from kdprune.determinism import setup\n"
+        "setup(7, 1)\n"
+        "print(torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),\n"
+        "      torch.get_num_threads(), torch.initial_seed(), 'torch._dynamo' in sys.modules)")
+    assert out == "True True 1 7 False"
+
+
+def test_setup_sets_inductors_deterministic_flag_where_inductor_is_imported() -> None:
+    out = _in_a_fresh_interpreter(
+        "import torch._inductor.config as c\n"
+        "from kdprune.determinism import setup\n"
+        "before = c.deterministic\n"
+        "setup(0, 1)\n"
+        "print(before, c.deterministic)")
+    assert out == "False True"
