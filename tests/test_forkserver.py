@@ -24,10 +24,11 @@ from kdprune import stage
 
 
 def main():
-    import resource
+    import gc, resource
     umask = os.umask(0)
     print("pid", os.getpid(), "for", os.environ.get("KDPRUNE_FORKED_FOR"), "umask", oct(umask),
-          "nofile", resource.getrlimit(resource.RLIMIT_NOFILE)[0], "kdprune", before, flush=True)
+          "nofile", resource.getrlimit(resource.RLIMIT_NOFILE)[0], "frozen", gc.get_freeze_count(),
+          "collecting", gc.isenabled(), "kdprune", before, flush=True)
     print("cwd", os.getcwd(), "argv", sys.argv[1:], "X", os.environ.get("X"), "stdin", sys.stdin.read().strip())
     print("to stderr", file=sys.stderr)
     if sys.argv[1] == "sleep":
@@ -108,6 +109,17 @@ def test_a_fork_has_the_umask_of_the_process_it_stands_for(served):
     runs = [run(served, "0"), run(served, "0", preexec=lambda: os.umask(other)), run(served, "0")]
     assert all(fields(r.stdout)["for"] != "None" for r in runs)
     assert [fields(r.stdout)["umask"] for r in runs] == [oct(ours), oct(other), oct(ours)]
+
+
+def test_a_fork_collects_its_own_garbage_but_never_scans_what_the_server_imported(served):
+    """The server's imports (torch's hundreds of thousands of objects) are frozen: a fork's garbage
+    collections (on, as in any process) pass them over, and touch none of the pages it shares with the
+    server. A stage in a process of its own freezes nothing."""
+    forked = fields(run(served, "0").stdout)
+    assert forked["for"] != "None" and forked["collecting"] == "True"
+    assert int(forked["frozen"]) > 100_000, forked
+    own = fields(run(served, "0", KDPRUNE_FORKSERVER="off").stdout)
+    assert own["for"] == "None" and own["collecting"] == "True" and own["frozen"] == "0"
 
 
 def test_a_stage_with_other_limits_or_privileges_is_not_forked_from_a_server_without_them(probe):

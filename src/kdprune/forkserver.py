@@ -172,7 +172,7 @@ def serve(path: Path) -> None:
     server.listen(64)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C in a terminal is for the stages
     for name in PRELOAD:
-        with contextlib.suppress(ImportError):
+        with contextlib.suppress(ImportError), procs.collector_paused():
             __import__(name)
     children: set[int] = set()
     later = list(LATER)
@@ -184,7 +184,7 @@ def serve(path: Path) -> None:
             if retired and not ready:  # withdrawn: a stage that dialled (without the lock) before the socket
                 break  # went has been served, and none can dial now
             if not ready and later:
-                with contextlib.suppress(ImportError):
+                with contextlib.suppress(ImportError), procs.collector_paused():
                     __import__(later.pop(0))
                 continue
             if ready:
