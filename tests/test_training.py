@@ -12,7 +12,7 @@ from torch import nn
 
 from kdprune.data import Normaliser, Split
 from kdprune.params import FitParams
-from kdprune.training import fit
+from kdprune.training import fit, layout
 
 
 def _fit_once(device: str = "cpu") -> tuple[nn.Module, list[dict[str, float]]]:
@@ -40,6 +40,39 @@ def test_fit_hands_the_model_back_in_the_default_layout_and_trains_the_same_twic
         assert a.stride() == torch.empty(a.shape).stride(), (name, a.stride())
     conv = first[4].weight  # 8 input channels: channels-last strides would differ from the default ones
     assert conv.is_contiguous() and not conv.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_a_model_with_a_strided_1x1_convolution_trains_in_the_default_layout() -> None:
+    """Channels-last only where oneDNN computes it right: a strided 1x1 convolution with fewer input channels
+    than oneDNN's block (a small ResNet's downsampling) corrupted the heap in channels-last (oneDNN #6035).
+    Its fit, in an interpreter of its own (an abort would take the test's with it), ends and learns."""
+    cnn = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
+    downsampling = nn.Sequential(nn.Conv2d(4, 8, 1, stride=2, bias=False), nn.BatchNorm2d(8))
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert layout(cnn, cpu) == torch.channels_last and layout(cnn, cuda) == torch.contiguous_format
+    assert layout(downsampling, cpu) == torch.contiguous_format
+    out = subprocess.run([sys.executable, "-c", STRIDED_1X1_FIT], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    first, last = (float(v) for v in out.stdout.split())
+    assert last < first
+
+
+STRIDED_1X1_FIT = """
+import torch, torch.nn.functional as F
+from torch import nn
+from kdprune.data import Normaliser, Split
+from kdprune.params import FitParams
+from kdprune.training import fit
+torch.set_num_threads(1)
+g = torch.Generator().manual_seed(0)
+split = Split(torch.randint(0, 256, (256, 4, 8, 8), dtype=torch.uint8, generator=g), torch.arange(256) % 4)
+model = nn.Sequential(nn.Conv2d(4, 8, 1, stride=2, bias=False), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(),
+                      nn.Linear(8 * 16, 4))
+cfg = FitParams(epochs=3, batch_size=64, optimizer="adam", lr=0.01, weight_decay=0.0)
+h = fit(model, split, split, Normaliser(255.0, (0.5,) * 4, (0.25,) * 4), F.cross_entropy, cfg, seed=0,
+        device=torch.device("cpu"), desc="strided 1x1")
+print(h[0]["train_loss"], h[-1]["train_loss"])
+"""
 
 
 def _in_a_fresh_interpreter(code: str) -> str:

@@ -31,6 +31,18 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def layout(model: nn.Module, device: torch.device) -> torch.memory_format:
+    """Channels-last on the CPU (the digits CNNs train 1.4x faster at one thread: oneDNN's convolutions
+    and max-pooling vectorise over channels), except for a model with a strided 1x1 convolution (a
+    ResNet's downsampling): oneDNN's AVX2 kernel for that convolution's weight gradient writes past its
+    workspace in channels-last when it has fewer input channels than its block (uxlfoundation/oneDNN
+    #6035; torch 2.14.1 here aborted with a corrupted heap, elsewhere the gradients come out wrong), and
+    pruning makes any channel count. Such a model, and any model on a GPU, keeps the default layout."""
+    strided_1x1 = any(isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and m.stride != (1, 1)
+                      for m in model.modules())
+    return torch.channels_last if device.type == "cpu" and not strided_1x1 else torch.contiguous_format
+
+
 def make_optimizer(model: nn.Module, cfg: FitConfig) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizers = {
@@ -53,11 +65,9 @@ def fit(model: nn.Module, train: Split, val: Split, norm: Normaliser, loss_fn: L
         augment: Augment | None = None, desc: str = "fit") -> list[dict[str, float]]:
     """Train `model` in place on `train` (targets: y, then the split's extra tensors) with a cosine-annealed
     learning rate, plus `l1` * l1_penalty(model); return one metrics dict per epoch (nothing measured:
-    the same inputs give the same history). On the CPU the model trains in channels-last memory layout
-    (1.4x faster for the digits CNNs at one thread: oneDNN's convolutions and max-pooling vectorise
-    over channels) and is handed back in torch's default layout, the one checkpoints are written in."""
-    layout = torch.channels_last if device.type == "cpu" else torch.contiguous_format
-    model.to(device, memory_format=layout)
+    the same inputs give the same history). It trains in the memory layout `layout` picks and is handed
+    back in torch's default one, the one checkpoints are written in."""
+    model.to(device, memory_format=layout(model, device))
     train, val = train.to(device), val.to(device)
     optimizer = make_optimizer(model, cfg)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(cfg.epochs, 1))
