@@ -806,6 +806,53 @@ def test_the_service_makes_one_mlflow_call_at_a_time(mlflow_store, tmp_path):
     assert most[0] == 1
 
 
+def test_the_first_stage_returns_once_the_service_it_started_answers_and_that_is_no_stage(
+        mlflow_store: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """await_ready (the process of a pipeline's first stage, which started the service beside the fork
+    server) returns once the service can answer, not before: the next stage's first call then waits on
+    nothing. Its question is no stage's session: the warm-up still waits for the first stage to go."""
+    from kdprune import runs, tracker
+
+    monkeypatch.setattr(runs, "warm_up", lambda: None)
+    path = tmp_path / "s.sock"
+    server = tracker.listen(path)
+    service = tracker.Service(path)
+
+    def serve() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                conn, _ = server.accept()
+                threading.Thread(target=service.session, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=serve, daemon=True).start()
+    waited = threading.Thread(target=tracker.await_ready, args=(path, 120))
+    try:
+        with service.calls:  # the service still busy (MLflow's store being opened)
+            waited.start()
+            waited.join(1.0)
+            assert waited.is_alive()  # still waiting for an answer
+        waited.join(60)
+        assert not waited.is_alive()
+        time.sleep(0.5)
+        assert not service.between.is_set()  # a question whether it is ready, not a stage that has gone
+        with tracker.dial(path) as sock, sock.makefile("rb") as answers:  # a stage, gone
+            sock.sendall(b'{"id": 1, "op": "finish", "args": {"status": "FINISHED"}}\n')  # (no run open)
+            answers.readline()
+        wait_until(service.between.is_set, 60, "the warm-up let go once a stage has gone")
+    finally:
+        server.close()
+
+
+def test_await_ready_gives_up_quietly_where_no_service_ever_listens(tmp_path: Path) -> None:
+    """A service that never came up is reported by the first stage that connects, not by the one that
+    started it: await_ready returns after its timeout, raising nothing."""
+    from kdprune import tracker
+
+    start = time.monotonic()
+    tracker.await_ready(tmp_path / "nobody.sock", timeout=1.0)
+    assert time.monotonic() - start >= 1.0
+
+
 def test_model_logging_is_warmed_up_between_stages_and_never_beside_a_model_being_logged(
         mlflow_store: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The service's warm-up of model logging (0.6-0.9 s of CPU, most of it holding the GIL) made the first

@@ -36,8 +36,8 @@ from pathlib import Path
 from typing import Any
 
 from kdprune import procs
-from kdprune.tracker import (ServiceDown, dial, prestart, retire, service_dir, start_service, wait_gone,
-                             withdraw)
+from kdprune.tracker import (ServiceDown, await_ready, dial, prestart, retire, service_dir, start_service,
+                             wait_gone, withdraw)
 
 IDLE = 30.0  # seconds without a running stage after which the server exits
 # imported before the first fork; then, one at a time between stages, what the stages import next (in
@@ -101,7 +101,7 @@ def hand_off() -> int | None:
         found = _forked()
         if found is None:
             return None
-        pid, reply = found
+        pid, reply, service = found
 
         def forward(signum: int, frame: Any) -> None:
             with contextlib.suppress(ProcessLookupError):
@@ -117,18 +117,24 @@ def hand_off() -> int | None:
     if not line:
         print(f"error: the stage's process {pid} ended without an exit status (killed)", file=sys.stderr)
         return 1
-    return int(json.loads(line)["status"])
+    status = int(json.loads(line)["status"])
+    if status == 0 and service is not None:  # the pipeline's first stage: the next finds MLflow ready
+        for signum in procs.STAGE_SIGNALS:
+            signal.signal(signum, signal.SIG_DFL)
+        await_ready(service)
+    return status
 
 
-def _forked() -> tuple[int, Any] | None:
-    """Send this process's script to the server (starting one when none listens): the fork's pid and the
-    stream its exit status will come on; None when no server forks it."""
-    path = server_path()
+def _forked() -> tuple[int, Any, Path | None] | None:
+    """Send this process's script to the server (starting one when none listens): the fork's pid, the
+    stream its exit status will come on, and the MLflow service this process started beside the
+    server; None when no server forks it."""
+    path, service = server_path(), None
     try:
         sock = dial(path)
     except OSError:  # none listens: start one (it listens at once, and forks once it has imported torch)
         if procs.dvc_ancestor() is not None:  # a pipeline starts: its tracked stages need the MLflow service
-            prestart()
+            service = prestart()
         env = {k: v for k, v in os.environ.items() if not k.startswith(("DVC_", "MLFLOW_"))}
         try:
             sock = start_service(path, "kdprune.forkserver", env, timeout=10)
@@ -146,7 +152,7 @@ def _forked() -> tuple[int, Any] | None:
             return None
         if not line:  # the server exited before forking: nothing ran
             return None
-        return json.loads(line)["pid"], reply
+        return json.loads(line)["pid"], reply, service
 
 
 def stop_all() -> list[str]:

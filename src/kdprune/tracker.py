@@ -154,19 +154,39 @@ def start() -> Tracker | Offline:
     return Tracker(store.tracking_uri(), store.experiment_name())
 
 
-def prestart() -> None:
+def prestart() -> Path | None:
     """Start the service of this process's store when none listens, without waiting for it (the first
     stage of a pipeline, which also starts the fork server): MLflow's import and the store's opening
     then overlap torch's, instead of the first tracked stage waiting seconds for them. A service that
-    fails to start is reported by the first stage that connects."""
+    fails to start is reported by the first stage that connects. Returns where it listens (for
+    await_ready), None when tracking is off."""
     if os.environ.get("KDPRUNE_TRACKING", "on") == "off":
-        return
+        return None
     from kdprune import store
 
     uri, experiment = store.tracking_uri(), store.experiment_name()
+    path = service_socket(uri, experiment)
     with contextlib.suppress(OSError):
-        start_service(service_socket(uri, experiment), "kdprune.tracker", _service_env(uri, experiment),
-                      START_TIMEOUT, wait=False)
+        start_service(path, "kdprune.tracker", _service_env(uri, experiment), START_TIMEOUT, wait=False)
+    return path
+
+
+def await_ready(path: Path, timeout: float = START_TIMEOUT) -> None:
+    """Wait until the service at `path` answers (MLflow imported, the store opened and read): the stage
+    that prestarted it returns then, so its start-up is the pipeline's, not the next stage's tracking.
+    Quietly: a service that does not come up is reported by the first stage that connects."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            sock = dial(path)
+        except OSError:
+            time.sleep(0.05)
+            continue
+        with contextlib.suppress(OSError), sock, sock.makefile("rb") as answers:
+            sock.settimeout(max(deadline - time.monotonic(), 0.1))
+            sock.sendall(b'{"id": 1, "op": "ready", "args": {}}\n')
+            answers.readline()
+        return
 
 
 def _service_env(uri: str, experiment: str) -> dict[str, str]:
@@ -359,7 +379,7 @@ class Service:
         self.calls = threading.Lock()
         self.ops = {"open": runs.open_run, "log_epoch": runs.log_epoch, "log_artifact": runs.log_artifact,
                     "log_model": runs.log_model, "set_tags": runs.set_tags, "finish": runs.finish,
-                    "summarise": summary.summarise, "register": registry.register}
+                    "summarise": summary.summarise, "register": registry.register, "ready": lambda: None}
         self.runs = runs
         store.configure()
 
@@ -408,6 +428,7 @@ class Service:
         """One stage: its messages in order, each answered; a run it leaves open is closed KILLED."""
         with self.lock:
             self.sessions += 1
+        asked: set[str] = set()  # {"ready"} alone: await_ready's question, not a stage that has gone
         try:
             with conn, conn.makefile("rb") as lines:
                 for line in lines:
@@ -416,6 +437,7 @@ class Service:
                         self.stopping = True
                         conn.sendall(b'{"id": 1, "ok": null}\n')
                         return
+                    asked.add(message["op"])
                     conn.sendall((json.dumps(self.answer(message), default=str) + "\n").encode())
         except OSError:
             pass  # the stage went away mid-reply: below, its run is closed
@@ -424,7 +446,7 @@ class Service:
                 self.runs.finish("KILLED")  # a no-op after a `finish`
             with self.lock:
                 self.sessions -= 1
-                if not self.sessions:
+                if not self.sessions and asked != {"ready"}:
                     self.between.set()
 
     def before_model_logging(self) -> None:
