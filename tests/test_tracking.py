@@ -833,7 +833,7 @@ def test_the_first_stage_returns_once_the_service_it_started_answers_and_that_is
             assert waited.is_alive()  # still waiting for an answer
         waited.join(60)
         assert not waited.is_alive()
-        time.sleep(0.5)
+        wait_until(lambda: service.sessions == 0, 60, "await_ready's session over")
         assert not service.between.is_set()  # a question whether it is ready, not a stage that has gone
         with tracker.dial(path) as sock, sock.makefile("rb") as answers:  # a stage, gone
             sock.sendall(b'{"id": 1, "op": "finish", "args": {"status": "FINISHED"}}\n')  # (no run open)
@@ -843,13 +843,23 @@ def test_the_first_stage_returns_once_the_service_it_started_answers_and_that_is
         server.close()
 
 
-def test_await_ready_gives_up_quietly_where_no_service_ever_listens(tmp_path: Path) -> None:
+def test_await_ready_gives_up_quietly_where_no_service_comes(tmp_path: Path) -> None:
     """A service that never came up is reported by the first stage that connects, not by the one that
-    started it: await_ready returns after its timeout, raising nothing."""
-    from kdprune import tracker
+    started it: await_ready raises nothing, and returns at once when the process started for it has
+    ended, or after its timeout while that process lives on without listening."""
+    from kdprune import procs, tracker
 
+    path = tmp_path / "s.sock"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    path.with_suffix(".starting").write_text(procs.identity(os.getpid()).rsplit(":", 2)[0] + f":{dead.pid}:1")
     start = time.monotonic()
-    tracker.await_ready(tmp_path / "nobody.sock", timeout=1.0)
+    tracker.await_ready(path, timeout=60)
+    assert time.monotonic() - start < 30  # not the timeout: the process it waited for is gone
+
+    path.with_suffix(".starting").write_text(procs.identity(os.getpid()))  # alive, never listening
+    start = time.monotonic()
+    tracker.await_ready(path, timeout=1.0)
     assert time.monotonic() - start >= 1.0
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -15,7 +16,7 @@ from kdprune.params import FitParams
 from kdprune.training import fit, layout
 
 
-def _fit_once(device: str = "cpu") -> tuple[nn.Module, list[dict[str, float]]]:
+def _fit_once(device: str = "cpu", on_epoch=None) -> tuple[nn.Module, list[dict[str, float]]]:
     g = torch.Generator().manual_seed(0)
     train = Split(torch.randint(0, 256, (96, 3, 8, 8), dtype=torch.uint8, generator=g), torch.arange(96) % 4)
     val = Split(torch.randint(0, 256, (32, 3, 8, 8), dtype=torch.uint8, generator=g), torch.arange(32) % 4)
@@ -24,14 +25,18 @@ def _fit_once(device: str = "cpu") -> tuple[nn.Module, list[dict[str, float]]]:
                           nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 16, 4))
     cfg = FitParams(epochs=2, batch_size=16, optimizer="adam", lr=0.01, weight_decay=0.0)
     history = fit(model, train, val, Normaliser(255.0, (0.5,) * 3, (0.25,) * 3), F.cross_entropy, cfg, seed=0,
-                  device=torch.device(device), desc="test")
+                  device=torch.device(device), on_epoch=on_epoch and (lambda epoch, row: on_epoch(model)),
+                  desc="test")
     return model, history
 
 
 def test_fit_hands_the_model_back_in_the_default_layout_and_trains_the_same_twice() -> None:
     """On the CPU fit trains in channels-last layout; what it hands back (and a checkpoint then holds) is
     laid out as torch lays out a new tensor, and a second fit gives the very same weights and history."""
-    first, history = _fit_once()
+    during = []
+    first, history = _fit_once(on_epoch=lambda model: during.append(
+        model[4].weight.is_contiguous(memory_format=torch.channels_last) and not model[4].weight.is_contiguous()))
+    assert during == [True, True]  # channels-last while it trains
     second, again = _fit_once()
     assert history == again and len(history) == 2
     assert history[-1]["train_loss"] < history[0]["train_loss"]
@@ -42,6 +47,7 @@ def test_fit_hands_the_model_back_in_the_default_layout_and_trains_the_same_twic
     assert conv.is_contiguous() and not conv.is_contiguous(memory_format=torch.channels_last)
 
 
+@pytest.mark.slow  # an interpreter of its own: 3-5 s
 def test_a_model_with_a_strided_1x1_convolution_trains_in_the_default_layout() -> None:
     """Channels-last only where oneDNN computes it right: a strided 1x1 convolution with fewer input channels
     than oneDNN's block (a small ResNet's downsampling) corrupted the heap in channels-last (oneDNN #6035).
@@ -53,8 +59,9 @@ def test_a_model_with_a_strided_1x1_convolution_trains_in_the_default_layout() -
     assert layout(downsampling, cpu) == torch.contiguous_format
     out = subprocess.run([sys.executable, "-c", STRIDED_1X1_FIT], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    first, last = (float(v) for v in out.stdout.split())
-    assert last < first
+    first, last, layouts = out.stdout.split()
+    assert float(last) < float(first)
+    assert layouts == "default"  # every output of the convolution, while it trained
 
 
 STRIDED_1X1_FIT = """
@@ -68,10 +75,12 @@ g = torch.Generator().manual_seed(0)
 split = Split(torch.randint(0, 256, (256, 4, 8, 8), dtype=torch.uint8, generator=g), torch.arange(256) % 4)
 model = nn.Sequential(nn.Conv2d(4, 8, 1, stride=2, bias=False), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(),
                       nn.Linear(8 * 16, 4))
+seen = set()
+model[0].register_forward_hook(lambda m, i, out: seen.add("default" if out.is_contiguous() else "other"))
 cfg = FitParams(epochs=3, batch_size=64, optimizer="adam", lr=0.01, weight_decay=0.0)
 h = fit(model, split, split, Normaliser(255.0, (0.5,) * 4, (0.25,) * 4), F.cross_entropy, cfg, seed=0,
         device=torch.device("cpu"), desc="strided 1x1")
-print(h[0]["train_loss"], h[-1]["train_loss"])
+print(h[0]["train_loss"], h[-1]["train_loss"], ",".join(sorted(seen)))
 """
 
 
@@ -80,23 +89,19 @@ def _in_a_fresh_interpreter(code: str) -> str:
                           timeout=120).stdout.strip()
 
 
+@pytest.mark.slow  # an interpreter of its own, and inductor's import: 4-5 s
 def test_setup_turns_on_deterministic_algorithms_warning_only_without_importing_dynamo() -> None:
     """What torch.use_deterministic_algorithms(True, warn_only=True) turns on, at the seed and thread count
-    asked for, without torch._dynamo: only the stages that train need it (their optimisers import it)."""
+    asked for, without torch._dynamo (only the stages that train need it: their optimisers import it); and
+    inductor's own flag, where inductor is imported."""
     out = _in_a_fresh_interpreter(
         "import sys, torch\n"
         "from kdprune.determinism import setup\n"
         "setup(7, 1)\n"
         "print(torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),\n"
-        "      torch.get_num_threads(), torch.initial_seed(), 'torch._dynamo' in sys.modules)")
-    assert out == "True True 1 7 False"
-
-
-def test_setup_sets_inductors_deterministic_flag_where_inductor_is_imported() -> None:
-    out = _in_a_fresh_interpreter(
+        "      torch.get_num_threads(), torch.initial_seed(), 'torch._dynamo' in sys.modules)\n"
         "import torch._inductor.config as c\n"
-        "from kdprune.determinism import setup\n"
-        "before = c.deterministic\n"
+        "c.deterministic = False\n"
         "setup(0, 1)\n"
-        "print(before, c.deterministic)")
-    assert out == "False True"
+        "print(c.deterministic)")
+    assert out.splitlines() == ["True True 1 7 False", "True"]

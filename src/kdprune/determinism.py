@@ -22,8 +22,9 @@ def deterministic_algorithms() -> None:
     which brings torch._dynamo with it (2 s on a 2-core machine, two thirds again of torch's own import)
     only to set inductor's flag for torch.compile, which no stage uses. Only the stages that train need
     torch._dynamo (an optimiser imports it), so validate starts that much sooner and the stages that do
-    not train never import it. Inductor's flag is set where inductor is already imported; torch's own
-    call is made where torch no longer has the kernel switch."""
+    not train never import it. Inductor's flag is set where inductor is already imported (in a fork of
+    the fork server it may be, in a stage's own process not: the same bytes, as nothing compiles);
+    torch's own call is made where torch no longer has the kernel switch."""
     import torch
 
     switch = getattr(torch._C, "_set_deterministic_algorithms", None)

@@ -6,7 +6,8 @@ file), and every stage hands itself over: `stage.guard` sends its argv, working 
 environment, sys.path and stdin/stdout/stderr to the server, which forks. The first, under DVC, also
 starts the MLflow service the pipeline's stages will need (kdprune.tracker.prestart), and waits while
 the server imports torch rather than importing it too: the same wait, and the other core is left to
-the service. The fork drops every kdprune module it inherited (so an edited module is imported
+the service; once its fork has ended well, it returns only when that service answers, so the next
+stage finds MLflow ready. The fork drops every kdprune module it inherited (so an edited module is imported
 afresh, never a stale copy), takes on the stage's process state and runs the script as `__main__`; the
 stage's own process waits, forwards SIGTERM, SIGINT and SIGHUP to it, and exits with its status. The fork dies with that
 process: when the connection between them ends (even after SIGKILL) it gets SIGTERM, closes its run

@@ -166,20 +166,26 @@ def prestart() -> Path | None:
 
     uri, experiment = store.tracking_uri(), store.experiment_name()
     path = service_socket(uri, experiment)
-    with contextlib.suppress(OSError):
+    try:
         start_service(path, "kdprune.tracker", _service_env(uri, experiment), START_TIMEOUT, wait=False)
+    except OSError:
+        return None
     return path
 
 
 def await_ready(path: Path, timeout: float = START_TIMEOUT) -> None:
     """Wait until the service at `path` answers (MLflow imported, the store opened and read): the stage
     that prestarted it returns then, so its start-up is the pipeline's, not the next stage's tracking.
-    Quietly: a service that does not come up is reported by the first stage that connects."""
+    Quietly, and at once when the process started for it has ended unheard: a service that does not
+    come up is reported by the first stage that connects."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
             sock = dial(path)
         except OSError:
+            starting = _read(path.with_suffix(".starting"))
+            if not starting or procs.alive(starting) is False:
+                return
             time.sleep(0.05)
             continue
         with contextlib.suppress(OSError), sock, sock.makefile("rb") as answers:
@@ -388,6 +394,7 @@ class Service:
         # made them 3-7 times slower. "pending", then "running" (and over once the thread has ended), or
         # "skipped" by a log_model that came first.
         self.warmth, self.between = "pending", threading.Event()
+        self.stage_gone = False  # a stage's session has ended (await_ready's question is none)
 
         def warm() -> None:
             with self.calls, procs.collector_paused():  # the store opened, and read, before a stage needs it
@@ -428,7 +435,7 @@ class Service:
         """One stage: its messages in order, each answered; a run it leaves open is closed KILLED."""
         with self.lock:
             self.sessions += 1
-        asked: set[str] = set()  # {"ready"} alone: await_ready's question, not a stage that has gone
+        asked: set[str] = set()  # {"ready"} alone: await_ready's question, not a stage's session
         try:
             with conn, conn.makefile("rb") as lines:
                 for line in lines:
@@ -446,7 +453,8 @@ class Service:
                 self.runs.finish("KILLED")  # a no-op after a `finish`
             with self.lock:
                 self.sessions -= 1
-                if not self.sessions and asked != {"ready"}:
+                self.stage_gone = self.stage_gone or asked != {"ready"}
+                if not self.sessions and self.stage_gone:
                     self.between.set()
 
     def before_model_logging(self) -> None:

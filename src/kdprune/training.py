@@ -37,7 +37,7 @@ def layout(model: nn.Module, device: torch.device) -> torch.memory_format:
     ResNet's downsampling): oneDNN's AVX2 kernel for that convolution's weight gradient writes past its
     workspace in channels-last when it has fewer input channels than its block (uxlfoundation/oneDNN
     #6035; torch 2.14.1 here aborted with a corrupted heap, elsewhere the gradients come out wrong), and
-    pruning makes any channel count. Such a model, and any model on a GPU, keeps the default layout."""
+    pruning makes any channel count. Such a model, and any model on a GPU, trains in the default layout."""
     strided_1x1 = any(isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and m.stride != (1, 1)
                       for m in model.modules())
     return torch.channels_last if device.type == "cpu" and not strided_1x1 else torch.contiguous_format
@@ -74,21 +74,24 @@ def fit(model: nn.Module, train: Split, val: Split, norm: Normaliser, loss_fn: L
     generator = torch.Generator().manual_seed(seed)
     penalised = loss_fn if not l1 else lambda logits, *t: loss_fn(logits, *t) + l1 * l1_penalty(model)
     history = []
-    for epoch in range(1, cfg.epochs + 1):
-        steps = -(-len(train) // cfg.batch_size)
-        lr = schedule.get_last_lr()[0]  # the rate this epoch trains at
-        with Progress(f"{desc} epoch {epoch}/{cfg.epochs}", steps, unit="batch") as progress:
-            train_loss = _train_epoch(model, train, norm, penalised, optimizer, cfg.batch_size, generator, augment,
-                                      progress)
-        schedule.step()
-        scores = evaluate(model, val, norm)
-        row = {"train_loss": train_loss, "val_loss": scores["loss"], "val_accuracy": scores["accuracy"], "lr": lr}
-        history.append(row)
-        Progress.say(f"{desc} epoch {epoch}/{cfg.epochs}: train_loss {train_loss:.4f} "
-                     f"val_loss {row['val_loss']:.4f} val_accuracy {row['val_accuracy']:.4f}")
-        if on_epoch is not None:
-            on_epoch(epoch, row)
-    model.to(memory_format=torch.contiguous_format)
+    try:
+        for epoch in range(1, cfg.epochs + 1):
+            steps = -(-len(train) // cfg.batch_size)
+            lr = schedule.get_last_lr()[0]  # the rate this epoch trains at
+            with Progress(f"{desc} epoch {epoch}/{cfg.epochs}", steps, unit="batch") as progress:
+                train_loss = _train_epoch(model, train, norm, penalised, optimizer, cfg.batch_size, generator,
+                                          augment, progress)
+            schedule.step()
+            scores = evaluate(model, val, norm)
+            row = {"train_loss": train_loss, "val_loss": scores["loss"], "val_accuracy": scores["accuracy"],
+                   "lr": lr}
+            history.append(row)
+            Progress.say(f"{desc} epoch {epoch}/{cfg.epochs}: train_loss {train_loss:.4f} "
+                         f"val_loss {row['val_loss']:.4f} val_accuracy {row['val_accuracy']:.4f}")
+            if on_epoch is not None:
+                on_epoch(epoch, row)
+    finally:  # (a failed fit's model, too)
+        model.to(memory_format=torch.contiguous_format)
     return history
 
 
