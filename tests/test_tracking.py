@@ -817,14 +817,8 @@ def test_the_first_stage_returns_once_the_service_it_started_answers_and_that_is
     path = tmp_path / "s.sock"
     server = tracker.listen(path)
     service = tracker.Service(path)
-
-    def serve() -> None:
-        with contextlib.suppress(OSError):
-            while True:
-                conn, _ = server.accept()
-                threading.Thread(target=service.session, args=(conn,), daemon=True).start()
-
-    threading.Thread(target=serve, daemon=True).start()
+    serving = threading.Thread(target=service.serve, args=(server,), daemon=True)
+    serving.start()
     waited = threading.Thread(target=tracker.await_ready, args=(path, 120))
     try:
         with service.calls:  # the service still busy (MLflow's store being opened)
@@ -840,7 +834,8 @@ def test_the_first_stage_returns_once_the_service_it_started_answers_and_that_is
             answers.readline()
         wait_until(service.between.is_set, 60, "the warm-up let go once a stage has gone")
     finally:
-        server.close()
+        service.stopping = True
+        serving.join(60)
 
 
 def test_await_ready_gives_up_quietly_where_no_service_comes(tmp_path: Path) -> None:
