@@ -1,6 +1,8 @@
 """Where the pipeline's seconds go: `dvc repro -f` on the default params, stage by stage, split into
 interpreter start-up, torch's import, waiting on MLflow (the tracking helper) and the stage's own work,
-and a no-op `dvc repro` against DVC's own `dvc status`.
+and a no-op `dvc repro` against DVC's own `dvc status`. With --warm, each forced repro is followed by
+another as a rerun minutes later finds the machine: the fork server and the zygote of the run before still
+there (KDPRUNE_WARM_IDLE, 5 minutes), its MLflow service gone (30 s).
 
 It runs in a temporary clone of this repository (its own MLflow store, the repo's DVC cache shared, so
 nothing here is touched) and reports medians over --repeats runs. Every stage writes its split to
@@ -9,6 +11,7 @@ KDPRUNE_TIMINGS (see kdprune.stage). The targets of the project: `dvc repro -f` 
 
     .venv/bin/python bench/pipeline.py                 # 3 forced repros, 3 no-op repros: about 4 minutes
     .venv/bin/python bench/pipeline.py --compare       # and 3 with every stage in its own process, interleaved
+    .venv/bin/python bench/pipeline.py --warm          # and 3 reruns with the warm starts of the run before
     .venv/bin/python bench/pipeline.py --repeats 1 --keep
 """
 
@@ -29,6 +32,8 @@ from kdprune import forkserver, tracker
 
 ROOT = Path(__file__).resolve().parents[1]
 PARTS = ("startup", "torch_import", "tracking", "work")
+TITLES = {"on": "fork server on (KDPRUNE_FORKSERVER=on)", "off": "fork server off (KDPRUNE_FORKSERVER=off)",
+          "warm": "rerun, warm starts kept (fork server, zygote)"}
 
 
 def sh(cmd: list[str], cwd: Path, env: dict[str, str]) -> float:
@@ -76,6 +81,8 @@ def main() -> None:
     ap.add_argument("--keep", action="store_true", help="keep the temporary clone and print its path")
     ap.add_argument("--compare", action="store_true",
                     help="also time every stage in its own process (KDPRUNE_FORKSERVER=off), interleaved")
+    ap.add_argument("--warm", action="store_true",
+                    help="also time a rerun after each forced repro, with its fork server and zygote kept")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="kdprune-bench-"))
     timings = work / "timings.jsonl"
@@ -87,25 +94,30 @@ def main() -> None:
         repo = work / "repo"
         clone(repo, env)
         modes = ("off", "on") if args.compare else ("on",)
-        forced: dict[str, list[float]] = {m: [] for m in modes}
-        lines: dict[str, list[dict]] = {m: [] for m in modes}
+        runs = [*modes, "warm"] if args.warm else list(modes)
+        forced: dict[str, list[float]] = {m: [] for m in runs}
+        lines: dict[str, list[dict]] = {m: [] for m in runs}
         for _ in range(args.repeats):
-            for mode in modes:  # interleaved, so both see the same machine
+            for mode in runs:  # interleaved, so each sees the same machine
                 timings.unlink(missing_ok=True)
-                forkserver.stop_all()  # each run starts as the first `dvc repro` in a while does: cold,
-                tracker.stop_all()  # no fork server, no MLflow service
-                forced[mode].append(sh(["dvc", "repro", "-f"], repo, dict(env, KDPRUNE_FORKSERVER=mode)))
+                if mode == "warm":  # right after the "on" run: a rerun minutes later, whose MLflow service
+                    tracker.stop_all(zygotes=False)  # has gone (30 s) and whose warm starts have not
+                else:
+                    forkserver.stop_all()  # each run starts as the first `dvc repro` in a while does: cold,
+                    tracker.stop_all()  # no fork server, no MLflow service
+                server = "off" if mode == "off" else "on"
+                forced[mode].append(sh(["dvc", "repro", "-f"], repo, dict(env, KDPRUNE_FORKSERVER=server)))
                 lines[mode] += [json.loads(line) for line in timings.read_text().splitlines()]
         noop = [sh(["dvc", "repro"], repo, env) for _ in range(args.repeats)]
         status = [sh(["dvc", "status"], repo, env) for _ in range(args.repeats)]
         print(f"median of {args.repeats}, {os.cpu_count()} cores, load {os.getloadavg()[0]:.2f}")
-        for mode in modes:
-            print(f"\nfork server {mode} (KDPRUNE_FORKSERVER={mode}):")
+        for mode in runs:
+            print(f"\n{TITLES[mode]}:")
             print_table(stage_rows(lines[mode]))
         print()
-        for mode in modes:
-            runs = ", ".join(f"{t:.1f}" for t in forced[mode])
-            print(f"dvc repro -f, fork server {mode}: {statistics.median(forced[mode]):.1f} s (runs: {runs})")
+        for mode in runs:
+            times = ", ".join(f"{t:.1f}" for t in forced[mode])
+            print(f"dvc repro -f, {TITLES[mode]}: {statistics.median(forced[mode]):.1f} s (runs: {times})")
         if args.compare:
             print(f"speed-up: {statistics.median(forced['off']) / statistics.median(forced['on']):.2f}x")
         print(f"no-op dvc repro: {statistics.median(noop):.2f} s; dvc status: {statistics.median(status):.2f} s")

@@ -156,6 +156,37 @@ def test_a_stage_choosing_other_kernels_gets_a_server_of_its_own(name, tmp_path,
     assert forkserver.server_path() != plain
 
 
+def test_a_package_installed_or_removed_since_a_warm_start_began_gets_a_new_one(tmp_path, monkeypatch):
+    """The fork server and the zygote stay minutes between stages, holding the packages they imported: once
+    an install or a removal has added or taken an entry (pip's and uv's `*.dist-info`) in the
+    interpreter's site-packages, a stage is served by a new one, never by one holding the old packages."""
+    import sysconfig
+
+    from kdprune import zygote
+
+    monkeypatch.setenv("KDPRUNE_SERVICE_DIR", str(tmp_path / "svc"))
+    site = tmp_path / "site-packages"
+    site.mkdir()
+    paths = {**sysconfig.get_paths(), "purelib": str(site), "platlib": str(site)}
+    monkeypatch.setattr(sysconfig, "get_paths", lambda *args, **kwargs: paths)
+    os.utime(site, ns=(0, 10**18))
+    before = forkserver.server_path(), zygote.socket_path(dict(os.environ))
+    with monkeypatch.context() as mp:  # a service's sys.path is not its caller's: the zygote is theirs both
+        mp.setattr(sys, "path", [*sys.path, str(tmp_path)])
+        assert zygote.socket_path(dict(os.environ)) == before[1]
+    (site / "torch-9.9.dist-info").mkdir()
+    os.utime(site, ns=(0, 10**18 + 1))  # (the clock's tick may be coarser than two steps of a test)
+    after = forkserver.server_path(), zygote.socket_path(dict(os.environ))
+    assert after[0] != before[0] and after[1] != before[1]
+
+
+def test_a_warm_idle_that_is_no_number_of_seconds_stops_the_stage_with_one_line(probe):
+    out = run(probe, "0", KDPRUNE_WARM_IDLE="5 min")
+    assert (out.returncode, out.stdout, out.stderr) == (
+        2, "", "error: KDPRUNE_WARM_IDLE: expected a number of seconds, got '5 min'\n")
+    assert not (probe.parent / "svc/fork").exists() or not list((probe.parent / "svc/fork").glob("*.sock"))
+
+
 def test_the_server_off_runs_every_stage_in_its_own_process(served):
     assert fields(run(served, "0").stdout)["for"] != "None"  # a server listens, and forks
     off = run(served, "0", KDPRUNE_FORKSERVER="off")

@@ -285,17 +285,19 @@ def test_an_idle_service_retires_only_when_nobody_comes_and_leaves_nothing_to_wa
 
 
 @pytest.mark.parametrize("serve", ["forkserver.serve(Path(sys.argv[1]))",
-                                   "tracker.serve(tracker.listen(Path(sys.argv[1])))"],
-                         ids=["fork server", "tracking service"])
+                                   "zygote._serve(tracker.listen(Path(sys.argv[1])), Path(sys.argv[1]))",
+                                   "tracker.IDLE = 0.5; tracker.serve(tracker.listen(Path(sys.argv[1])))"],
+                         ids=["fork server", "zygote", "tracking service"])
 def test_an_idle_server_exits_and_takes_its_socket_and_its_record_with_it(serve: str, mlflow_store: str,
                                                                          tmp_path: Path) -> None:
-    """After IDLE seconds without a stage (here half a second; the fork server's later imports first) a fork
-    server or a tracking service retires: it exits, and its socket and the record of its start are gone."""
+    """After its idle time without a stage (here half a second: KDPRUNE_WARM_IDLE for the warm starts,
+    the service's own IDLE; the fork server's later imports first) a fork server, a zygote or a tracking
+    service retires: it exits, and its socket and the record of its start are gone."""
     path = tmp_path / "s.sock"
     path.with_suffix(".starting").write_text("a start on record")
-    module = serve.split(".")[0]
-    code = f"import sys; from pathlib import Path; from kdprune import {module}; {module}.IDLE = 0.5; {serve}"
-    server = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=300)
+    code = f"import sys; from pathlib import Path; from kdprune import forkserver, tracker, zygote; {serve}"
+    server = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "KDPRUNE_WARM_IDLE": "0.5"})
     assert server.returncode == 0, server.stderr
     assert not path.exists() and not path.with_suffix(".starting").exists()
 
@@ -810,7 +812,8 @@ def test_the_first_stage_returns_once_the_service_it_started_answers_and_that_is
         mlflow_store: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """await_ready (the process of a pipeline's first stage, which started the service beside the fork
     server) returns once the service can answer, not before: the next stage's first call then waits on
-    nothing. Its question is no stage's session: the warm-up still waits for the first stage to go."""
+    nothing. Its question is no stage's session, nor is the next stage's look whether the service listens
+    (prestart): the warm-up, which slows a stage's calls, still waits for the first stage to go."""
     from kdprune import runs, tracker
 
     monkeypatch.setattr(runs, "warm_up", lambda: None)
@@ -829,6 +832,16 @@ def test_the_first_stage_returns_once_the_service_it_started_answers_and_that_is
         assert not waited.is_alive()
         wait_until(lambda: service.sessions == 0, 60, "await_ready's session over")
         assert not service.between.is_set()  # a question whether it is ready, not a stage that has gone
+        looked, session = threading.Event(), service.session
+
+        def counted(conn: socket.socket) -> None:
+            session(conn)
+            looked.set()
+
+        service.session = counted
+        tracker.dial(path).close()  # nor is a look whether it listens (the next stage's prestart)
+        assert looked.wait(60)
+        assert not service.between.is_set()
         with tracker.dial(path) as sock, sock.makefile("rb") as answers:  # a stage, gone
             sock.sendall(b'{"id": 1, "op": "finish", "args": {"status": "FINISHED"}}\n')  # (no run open)
             answers.readline()
@@ -836,6 +849,23 @@ def test_the_first_stage_returns_once_the_service_it_started_answers_and_that_is
     finally:
         service.stopping = True
         serving.join(60)
+
+
+def test_prestart_starts_the_service_only_where_none_listens_and_only_then_gives_one_to_wait_for(
+        mlflow_store: str) -> None:
+    """Every stage of a pipeline prestarts its store's service before it hands itself over (the first; after
+    a pause, the first whose fork server is still warm): where one listens, nothing is started and the
+    stage has nothing to await; where none does, one is started and the stage waits for it to answer."""
+    from kdprune import tracker
+
+    path = tracker.service_socket(mlflow_store, "kdprune")
+    started = path.with_suffix(".starting")  # the identity of the process started for it
+    assert tracker.prestart() == path and started.exists()  # none listened: one started, not waited for
+    tracker.await_ready(path, 120)
+    assert path.exists()
+    first = started.read_text()
+    assert tracker.prestart() is None  # one listens: nothing to start, nothing to await
+    assert started.read_text() == first
 
 
 def test_await_ready_gives_up_quietly_where_no_service_comes(tmp_path: Path) -> None:
@@ -882,8 +912,10 @@ def test_model_logging_is_warmed_up_between_stages_and_never_beside_a_model_bein
 
     def a_stage_comes_and_goes(service: tracker.Service) -> None:
         ours, theirs = socket.socketpair()
-        ours.close()
-        service.session(theirs)
+        with ours:
+            ours.sendall(b'{"id": 1, "op": "log_epoch", "args": {}}\n')
+            ours.shutdown(socket.SHUT_WR)
+            service.session(theirs)
 
     def serving(service: tracker.Service) -> tracker.Service:  # log_model says whether a warm-up was under way
         service.ops["log_epoch"] = lambda **args: "done"

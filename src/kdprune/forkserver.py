@@ -3,11 +3,12 @@
 Importing torch takes 3-5 s of a stage's start on two cores, more than most digits stages compute.
 The first stage of a pipeline starts a fork server (one per Python environment and version of this
 file), and every stage hands itself over: `stage.guard` sends its argv, working directory,
-environment, sys.path and stdin/stdout/stderr to the server, which forks. The first, under DVC, also
-starts the MLflow service the pipeline's stages will need (kdprune.tracker.prestart), and waits while
-the server imports torch rather than importing it too: the same wait, and the other core is left to
-the service; once its fork has ended well, it returns only when that service answers, so the next
-stage finds MLflow ready. The fork drops every kdprune module it inherited (so an edited module is imported
+environment, sys.path and stdin/stdout/stderr to the server, which forks. A stage under DVC that finds
+the MLflow service the pipeline's stages need not up (the first; after a pause, the first whose server
+is still warm) starts it first (kdprune.tracker.prestart); the first waits while the server imports
+torch rather than importing it too: the same wait, and the other core is left to the service. Once its
+fork has ended well, the stage that started the service returns only when that service answers, so the
+next stage finds MLflow ready. The fork drops every kdprune module it inherited (so an edited module is imported
 afresh, never a stale copy), takes on the stage's process state and runs the script as `__main__`; the
 stage's own process waits, forwards SIGTERM, SIGINT and SIGHUP to it, and exits with its status. The fork dies with that
 process: when the connection between them ends (even after SIGKILL) it gets SIGTERM, closes its run
@@ -15,8 +16,9 @@ KILLED and writes nothing, exactly as the stage would.
 
 Only third-party packages are preloaded, and none that starts a thread at import (OpenBLAS's pool,
 which numpy and scipy start, is quiesced by its own fork handler); the server never initialises
-CUDA, sets no seed and no thread count (each stage does, first). It exits after IDLE seconds without
-a stage. KDPRUNE_FORKSERVER=off runs every stage in its own process.
+CUDA, sets no seed and no thread count (each stage does, first). It exits after KDPRUNE_WARM_IDLE
+seconds (300 by default) without a stage, and is not used once a package is installed or removed in its
+environment. KDPRUNE_FORKSERVER=off runs every stage in its own process.
 """
 
 from __future__ import annotations
@@ -38,9 +40,8 @@ from typing import Any
 
 from kdprune import procs
 from kdprune.tracker import (ServiceDown, await_ready, dial, prestart, retire, service_dir, start_service,
-                             wait_gone, withdraw)
+                             wait_gone, warm_idle, withdraw)
 
-IDLE = 30.0  # seconds without a running stage after which the server exits
 # imported before the first fork; then, one at a time between stages, what the stages import next (in
 # the order the pipeline needs them). Never onnxruntime: it starts a thread at import, and a thread
 # holding a lock across a fork leaves the lock held forever in the fork.
@@ -65,11 +66,25 @@ def server_path() -> Path:
     privileges and limits: a fork has the server's, so a stage under `setpriv`, `ulimit`, `taskset`,
     `nice`, another cgroup or namespace gets a server started under the same."""
     env = sorted((k, v) for k, v in os.environ.items() if k.startswith(IMPORT_TIME_ENV))
-    key = hashlib.sha256(json.dumps([sys.executable, sys.path[1:], env, process_state()]).encode()
+    key = hashlib.sha256(json.dumps([sys.executable, sys.path[1:], env, process_state(), packages()]).encode()
                          + Path(__file__).read_bytes()).hexdigest()[:20]
     folder = service_dir() / "fork"
     folder.mkdir(mode=0o700, exist_ok=True)
     return folder / f"{key}.sock"
+
+
+def packages() -> list[int]:
+    """When the interpreter's site-packages last had an entry added or removed: an install, upgrade or
+    removal (pip's and uv's each add or remove a `*.dist-info`) gives a server started before it a
+    successor, so no stage runs the packages it had imported. (The interpreter's folders, not sys.path:
+    a stage, a service and a test each have their own sys.path, and must agree on the zygote.)"""
+    import sysconfig
+
+    found = []
+    for folder in sorted({sysconfig.get_paths()[kind] for kind in ("purelib", "platlib")}):
+        with contextlib.suppress(OSError):
+            found.append(os.stat(folder).st_mtime_ns)
+    return found
 
 
 def process_state() -> list[Any]:
@@ -99,6 +114,11 @@ def hand_off() -> int | None:
     if not enabled():
         return None
     try:
+        warm_idle()
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
         found = _forked()
         if found is None:
             return None
@@ -119,7 +139,7 @@ def hand_off() -> int | None:
         print(f"error: the stage's process {pid} ended without an exit status (killed)", file=sys.stderr)
         return 1
     status = int(json.loads(line)["status"])
-    if status == 0 and service is not None:  # the pipeline's first stage: the next finds MLflow ready
+    if status == 0 and service is not None:  # it started the MLflow service: the next stage finds it ready
         for signum in procs.STAGE_SIGNALS:
             signal.signal(signum, signal.SIG_DFL)
         await_ready(service)
@@ -131,11 +151,11 @@ def _forked() -> tuple[int, Any, Path | None] | None:
     stream its exit status will come on, and the MLflow service this process started beside the
     server; None when no server forks it."""
     path, service = server_path(), None
+    if procs.dvc_ancestor() is not None:  # a pipeline's stage: its tracked stages need the MLflow service,
+        service = prestart()  # started here when it is not up (the first stage; the first after 30 s idle)
     try:
         sock = dial(path)
     except OSError:  # none listens: start one (it listens at once, and forks once it has imported torch)
-        if procs.dvc_ancestor() is not None:  # a pipeline starts: its tracked stages need the MLflow service
-            service = prestart()
         env = {k: v for k, v in os.environ.items() if not k.startswith(("DVC_", "MLFLOW_"))}
         try:
             sock = start_service(path, "kdprune.forkserver", env, timeout=10)
@@ -183,6 +203,7 @@ def serve(path: Path) -> None:
             __import__(name)
     children: set[int] = set()
     later = list(LATER)
+    idle = warm_idle()  # seconds without a running stage after which the server exits
     idle_since, retired = time.monotonic(), False
     try:
         while True:
@@ -214,7 +235,7 @@ def serve(path: Path) -> None:
                         conn.sendall(json.dumps({"pid": pid}).encode() + b"\n")
             if children:
                 idle_since = time.monotonic()
-            elif not retired and time.monotonic() - idle_since > IDLE and retire(server, path):
+            elif not retired and time.monotonic() - idle_since > idle and retire(server, path):
                 retired = True
     finally:
         if not retired:  # asked to stop, or failed

@@ -7,8 +7,6 @@ import contextlib
 import os
 import re
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
@@ -56,6 +54,9 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
     """Fail fast, naming the URI, when an HTTP tracking server does not answer."""
     if not uri.startswith(("http://", "https://")):
         return
+    import urllib.error
+    import urllib.request  # (here: every stage's own process reads this module before it hands over)
+
     try:
         with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as r:
             r.read()

@@ -30,7 +30,8 @@ from kdprune import procs
 from kdprune.errors import TrackingError
 from kdprune.files import write_atomic
 
-IDLE = 30.0  # seconds without a connected stage after which the service exits
+IDLE = 30.0  # seconds without a connected stage after which the service (of one store) exits
+WARM_IDLE = 300.0  # the warm starts' (the fork server's, the zygote's): an edit-and-rerun loop's pause
 START_TIMEOUT = 120.0  # seconds a stage waits for a service it started to listen
 LOGS_MODELS = {"log_model"}  # ops that call MLflow's Model.log, which must not overlap the warm-up
 
@@ -40,6 +41,20 @@ def service_dir() -> Path:
     path = Path(os.environ.get("KDPRUNE_SERVICE_DIR") or f"/tmp/kdprune-{os.getuid()}")
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
     return path
+
+
+def warm_idle() -> float:
+    """Seconds a warm start (the fork server, the zygote) waits for its next use before it exits:
+    $KDPRUNE_WARM_IDLE, or WARM_IDLE. They are per environment, not per store, and 30 s was shorter than
+    the look at a result between two `dvc repro`s, after which the next paid their 4-7 s of CPU again."""
+    raw = os.environ.get("KDPRUNE_WARM_IDLE", "")
+    try:
+        seconds = float(raw) if raw else WARM_IDLE
+    except ValueError:
+        seconds = -1.0
+    if not 0 <= seconds < float("inf"):
+        raise ValueError(f"KDPRUNE_WARM_IDLE: expected a number of seconds, got {raw!r}")
+    return seconds
 
 
 def service_code() -> bytes:
@@ -155,17 +170,19 @@ def start() -> Tracker | Offline:
 
 
 def prestart() -> Path | None:
-    """Start the service of this process's store when none listens, without waiting for it (the first
-    stage of a pipeline, which also starts the fork server): MLflow's import and the store's opening
-    then overlap torch's, instead of the first tracked stage waiting seconds for them. A service that
-    fails to start is reported by the first stage that connects. Returns where it listens (for
-    await_ready), None when tracking is off."""
+    """Start the service of this process's store when none listens, without waiting for it (a stage of a
+    pipeline, before it hands itself to the fork server): MLflow's import and the store's opening then
+    overlap torch's, or the stage's own run, instead of the first tracked stage waiting for them. A
+    service that fails to start is reported by the first stage that connects. Returns where it will
+    listen (for await_ready); None when one listens already or tracking is off."""
     if os.environ.get("KDPRUNE_TRACKING", "on") == "off":
         return None
     from kdprune import store
 
     uri, experiment = store.tracking_uri(), store.experiment_name()
     path = service_socket(uri, experiment)
+    with contextlib.suppress(OSError), dial(path):
+        return None  # up already: nothing to start, nothing to wait for
     try:
         start_service(path, "kdprune.tracker", _service_env(uri, experiment), START_TIMEOUT, wait=False)
     except OSError:
@@ -304,9 +321,11 @@ def forget(uri: str, experiment: str) -> None:
         base.with_suffix(suffix).unlink(missing_ok=True)
 
 
-def stop_all() -> list[str]:
-    """Ask every service under service_dir() to exit now (the end of the tests); wait until they are gone."""
-    stopped = [p for p in sorted(service_dir().glob("*.sock")) if _stop(p)]
+def stop_all(zygotes: bool = True) -> list[str]:
+    """Ask every service under service_dir() to exit now (the end of the tests), and every zygote unless
+    `zygotes` is false (as the services' own idle exit leaves them); wait until they are gone."""
+    stopped = [p for p in sorted(service_dir().glob("*.sock"))
+               if (zygotes or not p.name.startswith("zyg-")) and _stop(p)]
     wait_gone(stopped)
     return [str(p) for p in stopped]
 
@@ -435,7 +454,7 @@ class Service:
         """One stage: its messages in order, each answered; a run it leaves open is closed KILLED."""
         with self.lock:
             self.sessions += 1
-        asked: set[str] = set()  # {"ready"} alone: await_ready's question, not a stage's session
+        asked: set[str] = set()  # nothing (prestart's look), or "ready" alone (await_ready's): no stage's
         try:
             with conn, conn.makefile("rb") as lines:
                 for line in lines:
@@ -453,7 +472,7 @@ class Service:
                 self.runs.finish("KILLED")  # a no-op after a `finish`
             with self.lock:
                 self.sessions -= 1
-                self.stage_gone = self.stage_gone or asked != {"ready"}
+                self.stage_gone = self.stage_gone or bool(asked - {"ready"})
                 if not self.sessions and self.stage_gone:
                     self.between.set()
 

@@ -10,8 +10,9 @@ at once. Anything going wrong on the way (no zygote, one retiring, a reply lost)
 plain start.
 
 The zygote is keyed like the fork server (interpreter, import-time environment, privileges and
-limits) and by the service's code; it never opens a store, never starts a thread, and exits after
-IDLE seconds without a request or when asked to (`tracker.stop_all`).
+limits, installed packages) and by the service's code; it never opens a store, never starts a thread,
+and exits after KDPRUNE_WARM_IDLE seconds (300 by default) without a request or when asked to
+(`tracker.stop_all`).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from kdprune import procs
-from kdprune.tracker import IDLE, dial, retire, service_code, service_dir
+from kdprune.tracker import dial, retire, service_code, service_dir, warm_idle
 
 MODULE = "kdprune.tracker"  # the service this forks
 
@@ -43,7 +44,8 @@ def socket_path(env: dict[str, str]) -> Path:
     per_store = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME")
     imports = sorted((k, v) for k, v in env.items() if k.startswith(prefixes) and k not in per_store)
     code = service_code() + Path(__file__).read_bytes()
-    key = hashlib.sha256(json.dumps([sys.executable, imports, forkserver.process_state()]).encode() + code)
+    key = hashlib.sha256(json.dumps([sys.executable, imports, forkserver.process_state(), forkserver.packages()])
+                         .encode() + code)
     return service_dir() / f"zyg-{key.hexdigest()[:16]}.sock"  # as long as a service's: it fits where theirs do
 
 
@@ -123,12 +125,12 @@ def _zygote(server: socket.socket, path: Path) -> None:
 
 
 def _serve(server: socket.socket, path: Path) -> None:
-    idle_since = time.monotonic()
+    idle, idle_since = warm_idle(), time.monotonic()
     while True:
         _reap()
         ready, _, _ = select.select([server], [], [], 1.0)
         if not ready:
-            if time.monotonic() - idle_since > IDLE and retire(server, path):
+            if time.monotonic() - idle_since > idle and retire(server, path):
                 return
             continue
         conn, _ = server.accept()
