@@ -104,7 +104,8 @@ def child_env(work: Path) -> dict[str, str]:
     under `dvc exp run` would share outputs through the repo's .dvc/tmp), this venv first on PATH."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("DVC_") and k != "MLFLOW_RUN_ID"}
     return env | {"MLFLOW_TRACKING_URI": tracking_uri(work), "MLFLOW_EXPERIMENT_NAME": EXPERIMENT,
-                  "KDPRUNE_SHARE": "0", "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"}
+                  "KDPRUNE_SHARE": "0", "KDPRUNE_WARM_IDLE": "30",  # (its fork server reaped with each seed)
+                  "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"}
 
 
 def adopt_orphans() -> bool:

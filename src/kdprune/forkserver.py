@@ -1,7 +1,7 @@
 """A warm start for stages: a process that has imported torch forks, and the fork runs the stage.
 
 Importing torch takes 3-5 s of a stage's start on two cores, more than most digits stages compute.
-The first stage of a pipeline starts a fork server (one per Python environment and version of this
+The first stage that finds none starts a fork server (one per Python environment and version of this
 file), and every stage hands itself over: `stage.guard` sends its argv, working directory,
 environment, sys.path and stdin/stdout/stderr to the server, which forks. A stage under DVC that finds
 the MLflow service the pipeline's stages need not up (the first; after a pause, the first whose server
