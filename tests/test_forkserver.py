@@ -169,19 +169,27 @@ def test_a_package_installed_or_removed_since_a_warm_start_began_gets_a_new_one(
     site.mkdir()
     paths = {**sysconfig.get_paths(), "purelib": str(site), "platlib": str(site)}
     monkeypatch.setattr(sysconfig, "get_paths", lambda *args, **kwargs: paths)
-    os.utime(site, ns=(0, 10**18))
-    before = forkserver.server_path(), zygote.socket_path(dict(os.environ))
+    def keys() -> tuple[Path, Path]:
+        return forkserver.server_path(), zygote.socket_path(dict(os.environ))
+
+    os.utime(site, ns=(0, 10**18))  # the last install, in 2001
+    before = keys()
     with monkeypatch.context() as mp:  # a service's sys.path is not its caller's: the zygote is theirs both
         mp.setattr(sys, "path", [*sys.path, str(tmp_path)])
         assert zygote.socket_path(dict(os.environ)) == before[1]
-    (site / "torch-9.9.dist-info").mkdir()
-    os.utime(site, ns=(0, 10**18 + 1))  # (the clock's tick may be coarser than two steps of a test)
-    after = forkserver.server_path(), zygote.socket_path(dict(os.environ))
-    assert after[0] != before[0] and after[1] != before[1]
+    (site / "torch-9.9.dist-info").mkdir()  # an install, now
+    installed = keys()
+    assert installed[0] != before[0] and installed[1] != before[1]
+    os.utime(site, ns=(0, 10**18))
+    assert keys() == before
+    (site / "torch-9.9.dist-info").rmdir()  # a removal, now
+    assert keys()[0] != before[0] and keys()[1] != before[1]
 
 
-def test_a_warm_idle_that_is_no_number_of_seconds_stops_the_stage_with_one_line(probe):
-    out = run(probe, "0", KDPRUNE_WARM_IDLE="5 min")
+@pytest.mark.parametrize("server", ["on", "off"])
+def test_a_warm_idle_that_is_no_number_of_seconds_stops_the_stage_with_one_line(probe, server):
+    """With the fork server off too: the zygote of the stage's MLflow service reads it."""
+    out = run(probe, "0", KDPRUNE_WARM_IDLE="5 min", KDPRUNE_FORKSERVER=server)
     assert (out.returncode, out.stdout, out.stderr) == (
         2, "", "error: KDPRUNE_WARM_IDLE: expected a number of seconds, got '5 min'\n")
     assert not (probe.parent / "svc/fork").exists() or not list((probe.parent / "svc/fork").glob("*.sock"))

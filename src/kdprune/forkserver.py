@@ -110,14 +110,16 @@ def process_state() -> list[Any]:
 
 def hand_off() -> int | None:
     """Run this process's script in a fork of the server (started first when none listens): its exit
-    status. None: run it here (the fork server is off, or did not start or fork)."""
-    if not enabled():
-        return None
+    status. None: run it here (the fork server is off, or did not start or fork). A KDPRUNE_WARM_IDLE
+    that is no number of seconds stops the stage (status 2) with the server off too: the zygote of its
+    MLflow service reads it."""
     try:
         warm_idle()
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if not enabled():
+        return None
     try:
         found = _forked()
         if found is None:
@@ -192,6 +194,7 @@ def stop_all() -> list[str]:
 
 
 def serve(path: Path) -> None:
+    idle = warm_idle()  # seconds without a running stage after which the server exits
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     with contextlib.suppress(FileNotFoundError):
         path.unlink()
@@ -203,7 +206,6 @@ def serve(path: Path) -> None:
             __import__(name)
     children: set[int] = set()
     later = list(LATER)
-    idle = warm_idle()  # seconds without a running stage after which the server exits
     idle_since, retired = time.monotonic(), False
     try:
         while True:
