@@ -768,17 +768,19 @@ def cmd_join(team: Team) -> int:
     if not url.startswith("s3://"):
         raise Failure(f"KDPRUNE_DVC_REMOTE={url!r} is not an s3:// URL")
     root = dvc_root(Path.cwd())
-    dvc = str(BIN / "dvc") if (BIN / "dvc").is_file() else (shutil.which("dvc") or "dvc")
-    # --local: .dvc/config.local is this clone's own (git-ignored), the place for keys
-    for args in (["add", "--local", "--default", "--force", REMOTE, url],
-                 ["modify", "--local", REMOTE, "endpointurl", endpoint],
-                 ["modify", "--local", REMOTE, "access_key_id", os.environ["AWS_ACCESS_KEY_ID"]],
-                 ["modify", "--local", REMOTE, "secret_access_key", os.environ["AWS_SECRET_ACCESS_KEY"]]):
-        res = subprocess.run([dvc, "remote", *args], cwd=root, stdin=subprocess.DEVNULL, stdout=sys.stderr,
-                             stderr=subprocess.PIPE, text=True)
-        if res.returncode != 0:
-            shown = [a if a != os.environ["AWS_SECRET_ACCESS_KEY"] else "***" for a in args]
-            raise Failure(f"dvc remote {shlex.join(shown)} failed: {res.stderr.strip()}")
+    # One edit of .dvc/config.local (this clone's own, git-ignored: the place for keys), through DVC's
+    # own config code, as `dvc remote add --local --default --force` and three `dvc remote modify --local`
+    # would write it: validated before it is written, all or nothing, in this process.
+    from dvc.config import Config, ConfigError
+
+    try:
+        with Config(dvc_dir=root / ".dvc").edit("local") as conf:
+            conf["remote"][REMOTE] = {"url": url, "endpointurl": endpoint,
+                                      "access_key_id": os.environ["AWS_ACCESS_KEY_ID"],
+                                      "secret_access_key": os.environ["AWS_SECRET_ACCESS_KEY"]}
+            conf["core"]["remote"] = REMOTE
+    except ConfigError as e:
+        raise Failure(f"{root / '.dvc/config.local'}: {e}".replace(os.environ["AWS_SECRET_ACCESS_KEY"], "***"))
     say(f"DVC remote '{REMOTE}' = {url} (endpoint {endpoint}) is now the default of {root} (.dvc/config.local)")
     return 0
 

@@ -12,9 +12,16 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-# The tests' own MLflow tracking services (kdprune.tracker), apart from any a developer runs beside them,
-# and stopped when the session ends.
-os.environ["KDPRUNE_SERVICE_DIR"] = tempfile.mkdtemp(prefix="kdp-")
+# The tests' own fork server and MLflow tracking services (kdprune.forkserver, kdprune.tracker), apart from
+# any a developer runs beside them: one folder for the whole run, made by the process that starts it (the
+# xdist controller, or pytest alone) and inherited by the rest (the workers, a child that imports a test
+# module), so both workers share one fork server and one zygote (each costs 5-8 s of CPU to start); that
+# process stops them once every worker is done (pytest_sessionfinish).
+_RUN_SERVICES = "KDPRUNE_TEST_RUN_SERVICE_DIR"
+OWNS_SERVICES = _RUN_SERVICES not in os.environ
+if OWNS_SERVICES:
+    os.environ[_RUN_SERVICES] = tempfile.mkdtemp(prefix="kdp-")
+os.environ["KDPRUNE_SERVICE_DIR"] = os.environ[_RUN_SERVICES]
 # One OpenMP thread for the models the tests run in-process (set before torch starts its pool): two xdist
 # workers on two cores, each with a pool of two spinning threads, made small models 25x slower (make
 # test-fast 151 s -> 79 s). Stages set their own count from params (`threads`); tests of threads set theirs.
@@ -107,29 +114,31 @@ STAGES = list(stage_paths(Path(".")))
 # collection order, so starting with the longest (and filling in with the short ones) ends the two
 # workers together. Any other file follows, in name order. Without workers (`pytest` alone) the files
 # run in the order given, so that `pytest $(ls tests/test_*.py | sort -r)` checks they are independent.
-LONGEST_FIRST = ("test_dvc.py", "test_team.py", "test_tracking.py", "test_forkserver.py", "test_stages.py",
-                 "test_architectures.py", "test_params.py", "test_readme.py", "test_importance.py", "test_models.py")
+LONGEST_FIRST = ("test_dvc.py", "test_team.py", "test_tracking.py", "test_forkserver.py", "test_architectures.py",
+                 "test_stages.py", "test_importance.py", "test_data.py", "test_models.py", "test_params.py",
+                 "test_sweep.py", "test_export.py", "test_readme.py", "test_training.py")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if not getattr(config.option, "numprocesses", None):
+    if not hasattr(config, "workerinput"):  # not an xdist worker (the workers collect; the controller deals)
         return
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: (rank.get(item.path.name, len(rank)), item.path.name))  # stable within a file
 
 
-@pytest.fixture(scope="session", autouse=True)
-def services() -> Iterator[None]:
-    """Every tracking service and fork server a test started is stopped at the end: no process outlives
-    the tests."""
-    yield
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Every tracking service, zygote and fork server the tests started is stopped at the end, by the
+    process that made their folder, after the workers: no process outlives the tests."""
+    if not OWNS_SERVICES:
+        return
     import shutil
 
     from kdprune import forkserver, tracker
 
+    os.environ["KDPRUNE_SERVICE_DIR"] = os.environ[_RUN_SERVICES]  # whatever a test left set
     tracker.stop_all()
     forkserver.stop_all()
-    shutil.rmtree(tracker.service_dir(), ignore_errors=True)
+    shutil.rmtree(os.environ[_RUN_SERVICES], ignore_errors=True)
 
 
 @pytest.fixture

@@ -206,6 +206,37 @@ def test_join_names_the_missing_variable(tmp_path: Path) -> None:
     assert list((repo / ".dvc").iterdir()) == []
 
 
+
+def test_join_writes_what_dvc_remote_would_and_refuses_a_bad_config_whole(tmp_path: Path) -> None:
+    """One edit of .dvc/config.local through DVC's config code: the bytes `dvc remote add --local --default`
+    and `dvc remote modify --local` (x3) write, and with a config DVC refuses, one line and no change."""
+    secret = "s3cr3t-not-to-print"
+    env = base_env(MLFLOW_TRACKING_URI="http://127.0.0.1:9", MLFLOW_S3_ENDPOINT_URL="http://127.0.0.1:9",
+                   AWS_ACCESS_KEY_ID="k", AWS_SECRET_ACCESS_KEY=secret, KDPRUNE_DVC_REMOTE="s3://bucket")
+    dvc = str(Path(PY).parent / "dvc")
+    joined, by_hand = tmp_path / "joined", tmp_path / "by-hand"
+    for repo in (joined, by_hand):
+        (repo / ".dvc").mkdir(parents=True)  # all `dvc remote --local` and the join need of a repository
+    run([PY, str(TEAM_PY), "join"], joined, env)
+    for args in (["add", "--local", "--default", "team", "s3://bucket"],
+                 ["modify", "--local", "team", "endpointurl", "http://127.0.0.1:9"],
+                 ["modify", "--local", "team", "access_key_id", "k"],
+                 ["modify", "--local", "team", "secret_access_key", secret]):
+        run([dvc, "remote", *args], by_hand, env)
+    local = (joined / ".dvc/config.local").read_text()
+    assert local == (by_hand / ".dvc/config.local").read_text()
+    assert "remote = team" in local and "url = s3://bucket" in local
+
+    bad = "[core]\n    no_such_option = 1\n"
+    (joined / ".dvc/config.local").write_text(bad)
+    res = subprocess.run([PY, str(TEAM_PY), "join"], cwd=joined, env=env, capture_output=True, text=True,
+                         timeout=60)
+    assert res.returncode == 1 and res.stdout == ""
+    lines = res.stderr.splitlines()
+    assert len(lines) == 1 and str(joined / ".dvc/config.local") in lines[0] and "no_such_option" in lines[0], lines
+    assert secret not in res.stderr
+    assert (joined / ".dvc/config.local").read_text() == bad
+
 # -- one stack, in file order ------------------------------------------------------------------------------
 
 

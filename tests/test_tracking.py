@@ -1083,8 +1083,11 @@ def test_an_output_under_a_file_stops_the_stage_with_one_line_and_leaves_its_oth
 
 
 def test_a_read_only_output_folder_stops_the_stage_with_one_line(
-        prepared: dict[str, Any], tmp_path: Path) -> None:
-    """Root writes through any mode bits; without CAP_DAC_OVERRIDE (dropped with setpriv) it is held to them."""
+        prepared: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Root writes through any mode bits; without CAP_DAC_OVERRIDE (dropped with setpriv) it is held to them.
+    The stage runs in its own process: under setpriv it would start a fork server of its own (keyed by its
+    privileges: tests/test_forkserver.py), 7 s of CPU for nothing this test checks."""
+    monkeypatch.setenv("KDPRUNE_FORKSERVER", "off")
     parent = tmp_path / "read-only"
     parent.mkdir()
     out = parent / "prepared"
