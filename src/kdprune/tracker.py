@@ -34,6 +34,10 @@ IDLE = 30.0  # seconds without a connected stage after which the service (of one
 WARM_IDLE = 300.0  # the warm starts' (the fork server's, the zygote's): an edit-and-rerun loop's pause
 START_TIMEOUT = 120.0  # seconds a stage waits for a service it started to listen
 LOGS_MODELS = {"log_model"}  # ops that call MLflow's Model.log, which must not overlap the warm-up
+# The services this process started, kept for its life (those that ended are reaped, not dropped): a Popen
+# collected while its process runs calls Python code (Popen.__del__), and a Ctrl-C landing there is
+# ignored, as every exception raised in a __del__ is: the first stage ran on after its Ctrl-C, now and then
+_STARTED: list[subprocess.Popen] = []
 
 
 def service_dir() -> Path:
@@ -245,10 +249,13 @@ def start_service(path: Path, module: str, env: dict[str, str], timeout: float,
 
         proc, pid = None, zygote.fork_service(path, env) if module == zygote.MODULE else None
         if pid is None:
+            for started in _STARTED:
+                started.poll()  # reaps one that ended
             with path.with_suffix(".log").open("ab") as log:
                 proc = subprocess.Popen([sys.executable, "-m", module, str(path)], stdin=subprocess.DEVNULL,
                                         stdout=log, stderr=log, env=env, cwd=path.parent, start_new_session=True,
                                         close_fds=True)
+            _STARTED.append(proc)
             pid = proc.pid
         ident = procs.identity(pid) or ""
         write_atomic(starting, ident)
