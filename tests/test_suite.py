@@ -34,7 +34,8 @@ def test_xdist_workers_start_with_the_longest_files_and_then_take_the_rest_in_na
     names = ("test_a.py", "test_b.py", "test_c.py", "test_y.py", "test_z.py")
     for name in names:
         (tmp_path / name).write_text(TEST.format(name=name))
-    env = {"PYTHONPATH": str(REPO), "PATH": str(Path(sys.executable).parent), "HOME": str(tmp_path)}
+    env = {"PYTHONPATH": str(REPO), "PATH": str(Path(sys.executable).parent), "HOME": str(tmp_path),
+           "KDPRUNE_TEST_RUN_SERVICE_DIR": str(tmp_path / "svc")}  # (its conftest makes no folder of its own)
     out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "2", "--dist",
                           "loadfile", "--no-loadscope-reorder", str(tmp_path)], cwd=tmp_path, env=env,
                          capture_output=True, text=True, timeout=120)

@@ -209,7 +209,8 @@ def test_join_names_the_missing_variable(tmp_path: Path) -> None:
 
 def test_join_writes_what_dvc_remote_would_and_refuses_a_bad_config_whole(tmp_path: Path) -> None:
     """One edit of .dvc/config.local through DVC's config code: the bytes `dvc remote add --local --default`
-    and `dvc remote modify --local` (x3) write, and with a config DVC refuses, one line and no change."""
+    and `dvc remote modify --local` (x3) write, and with a config DVC refuses, one line naming that file
+    (this clone's own, or the repository's) and no change."""
     secret = "s3cr3t-not-to-print"
     env = base_env(MLFLOW_TRACKING_URI="http://127.0.0.1:9", MLFLOW_S3_ENDPOINT_URL="http://127.0.0.1:9",
                    AWS_ACCESS_KEY_ID="k", AWS_SECRET_ACCESS_KEY=secret, KDPRUNE_DVC_REMOTE="s3://bucket")
@@ -226,6 +227,10 @@ def test_join_writes_what_dvc_remote_would_and_refuses_a_bad_config_whole(tmp_pa
     local = (joined / ".dvc/config.local").read_text()
     assert local == (by_hand / ".dvc/config.local").read_text()
     assert "remote = team" in local and "url = s3://bucket" in local
+    # joining again replaces the remote whole, as `dvc remote add --force` does: a key added since is gone
+    (joined / ".dvc/config.local").write_text(local + "    region = eu-west-1\n")  # the team section is last
+    run([PY, str(TEAM_PY), "join"], joined, env)
+    assert (joined / ".dvc/config.local").read_text() == local
 
     bad = "[core]\n    no_such_option = 1\n"
     (joined / ".dvc/config.local").write_text(bad)
@@ -236,6 +241,14 @@ def test_join_writes_what_dvc_remote_would_and_refuses_a_bad_config_whole(tmp_pa
     assert len(lines) == 1 and str(joined / ".dvc/config.local") in lines[0] and "no_such_option" in lines[0], lines
     assert secret not in res.stderr
     assert (joined / ".dvc/config.local").read_text() == bad
+
+    (joined / ".dvc/config.local").unlink()  # the repository's own config refused: that file is named
+    (joined / ".dvc/config").write_text(bad)
+    res = subprocess.run([PY, str(TEAM_PY), "join"], cwd=joined, env=env, capture_output=True, text=True,
+                         timeout=60)
+    assert res.returncode == 1 and len(res.stderr.splitlines()) == 1, res.stderr
+    assert f"{joined / '.dvc/config'}: " in res.stderr and "no_such_option" in res.stderr, res.stderr
+    assert not (joined / ".dvc/config.local").exists()
 
 # -- one stack, in file order ------------------------------------------------------------------------------
 

@@ -249,8 +249,6 @@ def start_service(path: Path, module: str, env: dict[str, str], timeout: float,
 
         proc, pid = None, zygote.fork_service(path, env) if module == zygote.MODULE else None
         if pid is None:
-            for started in _STARTED:
-                started.poll()  # reaps one that ended
             with path.with_suffix(".log").open("ab") as log:
                 proc = subprocess.Popen([sys.executable, "-m", module, str(path)], stdin=subprocess.DEVNULL,
                                         stdout=log, stderr=log, env=env, cwd=path.parent, start_new_session=True,
@@ -261,6 +259,8 @@ def start_service(path: Path, module: str, env: dict[str, str], timeout: float,
         write_atomic(starting, ident)
         return proc, ident
 
+    for started in _STARTED:
+        started.poll()  # reaps one that ended (a long-lived process, such as a notebook, starts many)
     starting = path.with_suffix(".starting")
     with FileLock(str(path.with_suffix(".lock"))):
         with contextlib.suppress(OSError):
