@@ -759,24 +759,18 @@ def dvc_root(start: Path) -> Path:
     raise Failure(f"{start} is not in a DVC repository (no .dvc/ here or above)")
 
 
-def _dvc_config(root: Path) -> Any:
-    """DVC's config of the repository at `root` (every level, validated), or a Failure naming the first
-    file of it DVC refuses (this clone's own first, then .dvc/config, the global and the system one)."""
+def _refused(root: Path) -> Path:
+    """The file of the repository's DVC config that DVC refuses on its own (this clone's first, then
+    .dvc/config, the global and the system one); this clone's when each passes alone (their merge fails)."""
     from dvc.config import Config, ConfigError
 
-    try:
-        return Config(dvc_dir=root / ".dvc")
-    except ConfigError as e:
-        error = e
-    except OSError as e:
-        raise Failure(f"{e.filename or root / '.dvc'}: {e.strerror or e}") from None
-    unchecked = Config(dvc_dir=root / ".dvc", validate=False)
-    for level in reversed(unchecked.LEVELS):
-        with contextlib.suppress(ConfigError):
-            Config.validate(unchecked.load_one(level))
-            continue
-        raise Failure(f"{unchecked.files[level]}: {error}")
-    raise Failure(f"DVC's config of {root}: {error}")
+    config = Config(dvc_dir=root / ".dvc", validate=False)
+    for level in reversed(config.LEVELS):
+        try:
+            Config.validate(config.load_one(level))
+        except ConfigError:
+            return Path(config.files[level])
+    return Path(config.files["local"])
 
 
 def cmd_join(team: Team) -> int:
@@ -791,20 +785,18 @@ def cmd_join(team: Team) -> int:
     # One edit of .dvc/config.local (this clone's own, git-ignored: the place for keys), through DVC's
     # own config code, as `dvc remote add --local --default --force` and three `dvc remote modify --local`
     # would write it: validated before it is written, all or nothing, in this process.
-    from dvc.config import ConfigError
+    from dvc.config import Config, ConfigError
 
     secret = os.environ["AWS_SECRET_ACCESS_KEY"]
-    config = _dvc_config(root)
-    local = Path(config.files["local"])
     try:
-        with config.edit("local") as conf:
+        with Config(dvc_dir=root / ".dvc").edit("local") as conf:  # (every level validated as it loads)
             conf["remote"][REMOTE] = {"url": url, "endpointurl": endpoint,
                                       "access_key_id": os.environ["AWS_ACCESS_KEY_ID"], "secret_access_key": secret}
             conf["core"]["remote"] = REMOTE
     except ConfigError as e:
-        raise Failure(f"{local}: {e}".replace(secret, "***")) from None
+        raise Failure(f"{_refused(root)}: {e}".replace(secret, "***")) from None
     except OSError as e:
-        raise Failure(f"{e.filename or local}: {e.strerror or e}") from None
+        raise Failure(f"{e.filename or root / '.dvc'}: {e.strerror or e}") from None
     say(f"DVC remote '{REMOTE}' = {url} (endpoint {endpoint}) is now the default of {root} (.dvc/config.local)")
     return 0
 

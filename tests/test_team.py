@@ -206,7 +206,6 @@ def test_join_names_the_missing_variable(tmp_path: Path) -> None:
     assert list((repo / ".dvc").iterdir()) == []
 
 
-
 def test_join_writes_what_dvc_remote_would_and_refuses_a_bad_config_whole(tmp_path: Path) -> None:
     """One edit of .dvc/config.local through DVC's config code: the bytes `dvc remote add --local --default`
     and `dvc remote modify --local` (x3) write, and with a config DVC refuses, one line naming that file
@@ -233,22 +232,23 @@ def test_join_writes_what_dvc_remote_would_and_refuses_a_bad_config_whole(tmp_pa
     assert (joined / ".dvc/config.local").read_text() == local
 
     bad = "[core]\n    no_such_option = 1\n"
-    (joined / ".dvc/config.local").write_text(bad)
-    res = subprocess.run([PY, str(TEAM_PY), "join"], cwd=joined, env=env, capture_output=True, text=True,
-                         timeout=60)
-    assert res.returncode == 1 and res.stdout == ""
-    lines = res.stderr.splitlines()
-    assert len(lines) == 1 and str(joined / ".dvc/config.local") in lines[0] and "no_such_option" in lines[0], lines
-    assert secret not in res.stderr
-    assert (joined / ".dvc/config.local").read_text() == bad
 
+    def refused(culprit: str) -> None:
+        res = subprocess.run([PY, str(TEAM_PY), "join"], cwd=joined, env=env, capture_output=True, text=True,
+                             timeout=60)
+        assert res.returncode == 1 and res.stdout == ""
+        lines = res.stderr.splitlines()
+        assert len(lines) == 1 and f"{joined / culprit}: " in lines[0] and "no_such_option" in lines[0], lines
+        assert secret not in res.stderr
+
+    (joined / ".dvc/config.local").write_text(bad)
+    refused(".dvc/config.local")
+    assert (joined / ".dvc/config.local").read_text() == bad
     (joined / ".dvc/config.local").unlink()  # the repository's own config refused: that file is named
     (joined / ".dvc/config").write_text(bad)
-    res = subprocess.run([PY, str(TEAM_PY), "join"], cwd=joined, env=env, capture_output=True, text=True,
-                         timeout=60)
-    assert res.returncode == 1 and len(res.stderr.splitlines()) == 1, res.stderr
-    assert f"{joined / '.dvc/config'}: " in res.stderr and "no_such_option" in res.stderr, res.stderr
+    refused(".dvc/config")
     assert not (joined / ".dvc/config.local").exists()
+
 
 # -- one stack, in file order ------------------------------------------------------------------------------
 
