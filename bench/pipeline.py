@@ -1,6 +1,7 @@
 """Where the pipeline's seconds go: `dvc repro -f` on the default params, stage by stage, split into
 interpreter start-up, torch's import, waiting on MLflow (the tracking helper) and the stage's own work,
-and a no-op `dvc repro` against DVC's own `dvc status`. With --warm, each forced repro is followed by
+and a no-op `dvc repro` against DVC's own `dvc status` and against a no-op `dvc repro` of a one-stage
+project (what DVC costs before it reads a pipeline of ours). With --warm, each forced repro is followed by
 another as a rerun minutes later finds the machine: the fork server and the zygote of the run before still
 there (KDPRUNE_WARM_IDLE, 5 minutes), its MLflow service gone (30 s).
 
@@ -51,6 +52,18 @@ def clone(dest: Path, env: dict[str, str]) -> None:
     sh(["dvc", "cache", "dir", "--local", str(ROOT / ".dvc/cache")], dest, env)
 
 
+def one_stage_project(dest: Path, env: dict[str, str]) -> Path:
+    """A git repository whose dvc.yaml has one stage copying one file, reproduced once: what a no-op `dvc
+    repro` costs on this machine before any pipeline of ours is read."""
+    dest.mkdir()
+    (dest / "a.txt").write_text("a\n")
+    (dest / "dvc.yaml").write_text("stages:\n  copy:\n    cmd: cp a.txt b.txt\n    deps: [a.txt]\n    outs: [b.txt]\n")
+    for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"], ["dvc", "config", "core.analytics", "false"],
+                ["dvc", "repro", "-q"]):
+        sh(cmd, dest, env)
+    return dest
+
+
 def stage_rows(lines: list[dict]) -> dict[str, dict[str, float]]:
     """Per stage, the median over runs of each part; tracking is the time the stage waited on the helper."""
     by_stage: dict[str, list[dict]] = {}
@@ -97,6 +110,7 @@ def main() -> None:
         runs = [*modes, "warm"] if args.warm else list(modes)
         forced: dict[str, list[float]] = {m: [] for m in runs}
         lines: dict[str, list[dict]] = {m: [] for m in runs}
+        outside: dict[str, list[float]] = {m: [] for m in runs}  # DVC, validate, the services' start
         for _ in range(args.repeats):
             for mode in runs:  # interleaved, so each sees the same machine
                 timings.unlink(missing_ok=True)
@@ -107,9 +121,16 @@ def main() -> None:
                     tracker.stop_all()  # no fork server, no MLflow service
                 server = "off" if mode == "off" else "on"
                 forced[mode].append(sh(["dvc", "repro", "-f"], repo, dict(env, KDPRUNE_FORKSERVER=server)))
-                lines[mode] += [json.loads(line) for line in timings.read_text().splitlines()]
-        noop = [sh(["dvc", "repro"], repo, env) for _ in range(args.repeats)]
-        status = [sh(["dvc", "status"], repo, env) for _ in range(args.repeats)]
+                run = [json.loads(line) for line in timings.read_text().splitlines()]
+                lines[mode] += run
+                outside[mode].append(forced[mode][-1] - sum(r["startup"] + r["torch_import"] + r["work"] + r["close"]
+                                                            for r in run))
+        floor = one_stage_project(work / "floor", env)
+        noop, status, floor_noop = [], [], []
+        for _ in range(args.repeats):  # interleaved, so each sees the same machine
+            noop.append(sh(["dvc", "repro"], repo, env))
+            status.append(sh(["dvc", "status"], repo, env))
+            floor_noop.append(sh(["dvc", "repro"], floor, env))
         print(f"median of {args.repeats}, {os.cpu_count()} cores, load {os.getloadavg()[0]:.2f}")
         for mode in runs:
             print(f"\n{TITLES[mode]}:")
@@ -117,10 +138,12 @@ def main() -> None:
         print()
         for mode in runs:
             times = ", ".join(f"{t:.1f}" for t in forced[mode])
-            print(f"dvc repro -f, {TITLES[mode]}: {statistics.median(forced[mode]):.1f} s (runs: {times})")
+            print(f"dvc repro -f, {TITLES[mode]}: {statistics.median(forced[mode]):.1f} s (runs: {times}); "
+                  f"outside the stages (DVC, validate, the services' start): {statistics.median(outside[mode]):.1f} s")
         if args.compare:
             print(f"speed-up: {statistics.median(forced['off']) / statistics.median(forced['on']):.2f}x")
-        print(f"no-op dvc repro: {statistics.median(noop):.2f} s; dvc status: {statistics.median(status):.2f} s")
+        print(f"no-op dvc repro: {statistics.median(noop):.2f} s; dvc status: {statistics.median(status):.2f} s; "
+              f"a one-stage DVC project's no-op dvc repro (DVC's own floor): {statistics.median(floor_noop):.2f} s")
     finally:
         forkserver.stop_all()
         tracker.stop_all()
