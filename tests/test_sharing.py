@@ -159,3 +159,25 @@ def test_a_twin_arriving_mid_computation_waits_and_takes_the_result(workspace):
     out, err = second.communicate(timeout=120)
     assert out.strip() == "reused", err
     assert (workspace["root"] / "m/model.pt").read_text() == "first"
+
+
+def test_the_summary_stage_is_never_shared_it_measures_and_owns_its_execution_s_summary_run(workspace, monkeypatch):
+    """evaluate (kind "summary") computes in every experiment, even beside an identical sibling: its latency
+    figures are measured, not a function of its inputs, and each pipeline execution needs its own summary
+    run. The same stage.run as an ordinary stage is restored from the sibling instead."""
+    from kdprune import stage
+
+    monkeypatch.setenv("KDPRUNE_TRACKING", "off")
+    p = load_params(workspace["params"])
+    out = workspace["root"] / "report.md"
+    ran = []
+    for _ in range(2):
+        with stage.run("evaluate", p, (), {"data": workspace["data"]}, [out], kind="summary"):
+            ran.append("evaluate")
+            out.write_text(f"measured {len(ran)}")
+    assert ran == ["evaluate", "evaluate"] and out.read_text() == "measured 2"
+    with stage.run("train_teacher", p, READS, {"data": workspace["data"]}, [out]):
+        out.write_text("computed")
+    with pytest.raises(Reused):
+        with stage.run("train_teacher", p, READS, {"data": workspace["data"]}, [out]):
+            pytest.fail("computed again")

@@ -147,8 +147,12 @@ def run(name: str, p: Params, reads: tuple[str, ...], inputs: dict[str, Path | s
     if os.environ.get("KDPRUNE_TRACKING", "on") != "off":
         store.check_reachable(store.tracking_uri())
     tracker, clock, finished = tracking.start(), {"entered": time.perf_counter()}, False
+    # The summary stage (evaluate) is never shared: it measures latency, whose figures are no function of
+    # its inputs, and it owns its pipeline execution's summary run and registration (nor does DVC's
+    # run-cache serve it: its measured outputs are uncached).
+    shared = sharing.once(name, p, reads, inputs, outputs) if kind != "summary" else contextlib.nullcontext()
     try:
-        with sharing.once(name, p, reads, inputs, outputs):
+        with shared:
             fingerprints = {role: manifest.fingerprint(path) for role, path in inputs.items()}
             tracker.post("open", stage=name, kind=kind, name=title or f"{name} · {label(p)}",
                          params=flatten(p) if kind == "summary" else section(p, *reads), inputs=fingerprints,
