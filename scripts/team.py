@@ -60,8 +60,8 @@ PORT_ENV = {"postgres": "TEAM_PG_PORT", "s3": "TEAM_S3_PORT", "mlflow": "TEAM_ML
 # an admin server in one process, each with an HTTP and a gRPC port): all chosen, none exported
 WEED_PORTS = ("s3_grpc", "weed_master", "weed_master_grpc", "weed_volume", "weed_volume_grpc",
               "weed_filer", "weed_filer_grpc", "weed_admin", "weed_admin_grpc")
-JOIN_VARS = ("MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-             "KDPRUNE_DVC_REMOTE")
+# what a clone needs to join; MLFLOW_S3_ENDPOINT_URL too, unless the store is AWS S3 itself (unset there)
+JOIN_VARS = ("MLFLOW_TRACKING_URI", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "KDPRUNE_DVC_REMOTE")
 
 
 class Failure(Exception):
@@ -778,7 +778,7 @@ def cmd_join(team: Team) -> int:
     if missing:
         raise Failure(f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not set: export the team's "
                       'variables first (on the stack\'s host: eval "$(make -s team-env)")')
-    url, endpoint = os.environ["KDPRUNE_DVC_REMOTE"], os.environ["MLFLOW_S3_ENDPOINT_URL"]
+    url, endpoint = os.environ["KDPRUNE_DVC_REMOTE"], os.environ.get("MLFLOW_S3_ENDPOINT_URL")
     if not url.startswith("s3://"):
         raise Failure(f"KDPRUNE_DVC_REMOTE={url!r} is not an s3:// URL")
     root = dvc_root(Path.cwd())
@@ -790,14 +790,15 @@ def cmd_join(team: Team) -> int:
     secret = os.environ["AWS_SECRET_ACCESS_KEY"]
     try:
         with Config(dvc_dir=root / ".dvc").edit("local") as conf:  # (every level validated as it loads)
-            conf["remote"][REMOTE] = {"url": url, "endpointurl": endpoint,
+            conf["remote"][REMOTE] = {"url": url, **({"endpointurl": endpoint} if endpoint else {}),
                                       "access_key_id": os.environ["AWS_ACCESS_KEY_ID"], "secret_access_key": secret}
             conf["core"]["remote"] = REMOTE
     except ConfigError as e:
         raise Failure(f"{_refused(root)}: {e}".replace(secret, "***")) from None
     except OSError as e:
         raise Failure(f"{e.filename or root / '.dvc'}: {e.strerror or e}") from None
-    say(f"DVC remote '{REMOTE}' = {url} (endpoint {endpoint}) is now the default of {root} (.dvc/config.local)")
+    say(f"DVC remote '{REMOTE}' = {url} (endpoint {endpoint or 'AWS S3'}) is now the default of {root} "
+        "(.dvc/config.local)")
     return 0
 
 

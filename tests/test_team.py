@@ -206,6 +206,19 @@ def test_join_names_the_missing_variable(tmp_path: Path) -> None:
     assert list((repo / ".dvc").iterdir()) == []
 
 
+def test_join_without_an_endpoint_points_dvc_at_aws_s3_itself(tmp_path: Path) -> None:
+    """MLFLOW_S3_ENDPOINT_URL is unset for AWS S3 itself (docs/team.md): the join writes the remote with no
+    endpointurl, so DVC (and boto) use AWS's own."""
+    repo = tmp_path / "repo"
+    (repo / ".dvc").mkdir(parents=True)
+    env = base_env(MLFLOW_TRACKING_URI="http://127.0.0.1:9", AWS_ACCESS_KEY_ID="k", AWS_SECRET_ACCESS_KEY="s",
+                   KDPRUNE_DVC_REMOTE="s3://bucket")
+    res = run([PY, str(TEAM_PY), "join"], repo, env)
+    assert "(endpoint AWS S3)" in res.stdout + res.stderr
+    local = (repo / ".dvc/config.local").read_text()
+    assert "url = s3://bucket" in local and "access_key_id = k" in local and "endpointurl" not in local
+
+
 def test_join_writes_what_dvc_remote_would_and_refuses_a_bad_config_whole(tmp_path: Path) -> None:
     """One edit of .dvc/config.local through DVC's config code: the bytes `dvc remote add --local --default`
     and `dvc remote modify --local` (x3) write, and with a config DVC refuses, one line naming that file
