@@ -296,16 +296,30 @@ def test_prune_in_rounds_and_unstructured_masks_survive_finetuning(pipeline, tmp
         assert torch.all(layer.weight[~masks[name]] == 0), name
 
 
-def test_the_control_and_the_student_see_the_same_labelled_subset(pipeline, tmp_path, mlflow_store):
+def test_the_control_and_the_student_see_the_same_labelled_subset(pipeline, tmp_path, mlflow_store, monkeypatch):
+    """With student.label_fraction < 1, the rows whose hard labels the control trains on are the rows whose
+    labels the distilled student keeps (the rest it sees through the teacher alone): the same rows, not
+    only as many, and the count each run logs."""
+    from kdprune import training
+    from kdprune.data import UNLABELLED
+
+    fitted, fit = [], training.fit
+
+    def labelled_rows(model, train, *args, **kwargs):
+        rows = torch.arange(len(train.y)) if train.rows is None else train.rows
+        fitted.append(set(rows[train.y[rows] != UNLABELLED].tolist()))
+        return fit(model, train, *args, **kwargs)
+
+    monkeypatch.setattr(training, "fit", labelled_rows)
     params = write_params(tmp_path / "p.yaml", student={"label_fraction": 0.3, "epochs": 1})
     paths = pipeline["paths"]
     run_stage("train_scratch", params, **{**paths["train_scratch"], "out": tmp_path / "s", "plots": tmp_path / "s.csv"})
     run_stage("train_student", params, **{**paths["train_student"], "out": tmp_path / "d", "plots": tmp_path / "d.csv"})
-    seen = {}
-    for r in _runs(mlflow_store):
-        seen[r.data.tags["pipeline.stage"]] = r.data.metrics["labelled_samples"]
     n_train = len(load_split(pipeline["root"] / "data/prepared", "train").y)
-    assert seen["train_scratch"] == seen["train_student"] == pytest.approx(0.3 * n_train, abs=10)
+    scratch, student = fitted
+    assert scratch == student and len(scratch) == pytest.approx(0.3 * n_train, abs=10)
+    seen = {r.data.tags["pipeline.stage"]: r.data.metrics["labelled_samples"] for r in _runs(mlflow_store)}
+    assert seen == {"train_scratch": len(scratch), "train_student": len(scratch)}
 
 
 def test_finetuning_without_distillation_runs_on_hard_labels(pipeline, tmp_path, mlflow_store):
