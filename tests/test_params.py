@@ -158,6 +158,12 @@ BAD = [
                  id="dataset-unknown"),
     pytest.param({"data.val_fraction": 0.6}, ["data.val_fraction: must be in (0.0, 0.5], got 0.6"],
                  id="val-fraction-above-half"),
+    pytest.param({"data.val_fraction": 0.005},
+                 ["data.val_fraction: 0.005 of digits's 1437 samples holds out 8, fewer than its 10 classes (a "
+                  "stratified split needs one of each): use 0.007 or more"], id="val-fraction-fewer-than-classes"),
+    pytest.param({"data.test_fraction": 0.004},
+                 ["data.test_fraction: 0.004 of digits's 1797 samples holds out 8, fewer than its 10 classes (a "
+                  "stratified split needs one of each): use 0.0056 or more"], id="test-fraction-fewer-than-classes"),
     pytest.param({"data.download": "no"}, ["data.download: must be true or false, got 'no'"], id="download-string"),
     pytest.param({"augment.crop": 1.5}, ["augment.crop: must be an integer, got 1.5"], id="crop-float"),
     pytest.param({"augment.crop": 65}, ["augment.crop: must be in [0, 64], got 65"], id="crop-too-big"),
@@ -260,6 +266,25 @@ def test_every_preset_composes_into_valid_params(name: str, tmp_path: Path) -> N
     out = tmp_path / "params.yaml"
     compose_and_dump(out, str(REPO / "conf"), None, "config", str(REPO), [f"preset={name}"])
     assert load_params(out).preset == name  # the label says which preset made the file
+
+
+def test_kdprune_params_replaces_the_file_only_with_valid_params(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """`kdprune params` composes and checks the file aside: a bad value stops it naming the key, and the
+    params file it would have replaced is left as it was, with nothing beside it."""
+    from kdprune import cli
+
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "params.yaml"
+    cli.main(["params", "preset=mnist", "--conf", str(REPO / "conf"), "--out", str(out)])
+    good = out.read_bytes()
+    assert load_params(out).preset == "mnist"
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        cli.main(["params", "prune.amount=1.5", "--conf", str(REPO / "conf"), "--out", str(out)])
+    assert e.value.code == 2
+    assert capsys.readouterr().err == f"kdprune: error: {out}: prune.amount: must be in [0.0, 1.0), got 1.5\n"
+    assert out.read_bytes() == good and [f.name for f in tmp_path.iterdir()] == ["params.yaml"]
 
 
 # ---------------------------------------------------------------- what validate refuses

@@ -39,21 +39,31 @@ def doctor(args: argparse.Namespace) -> None:
 
 
 def params(args: argparse.Namespace) -> None:
-    """params.yaml from conf/config.yaml and the overrides, exactly as `dvc exp run -S` composes it."""
+    """params.yaml from conf/config.yaml and the overrides, exactly as `dvc exp run -S` composes it. The
+    file is composed and checked aside, and replaces --out only when it is valid: a bad override leaves
+    the old file as it was."""
     import os
+    import tempfile
 
     from dvc.utils.hydra import compose_and_dump
 
+    from kdprune.files import write_atomic
     from kdprune.params import load_params
 
     conf = args.conf.resolve()
     if not (conf / "config.yaml").exists():
         raise ParamsError(f"{conf / 'config.yaml'}: missing (run from the project root, or pass --conf)")
-    try:
-        compose_and_dump(str(args.out), str(conf), None, "config", os.getcwd(), list(args.overrides))
-    except Exception as e:  # hydra's own errors name the override or the config group
-        raise ParamsError(f"{conf}: {str(e).splitlines()[0]}") from e
-    load_params(args.out)
+    with tempfile.TemporaryDirectory(prefix="kdprune-params-") as tmp:
+        staged = Path(tmp) / args.out.name  # (its suffix tells Hydra the format)
+        try:
+            compose_and_dump(str(staged), str(conf), None, "config", os.getcwd(), list(args.overrides))
+        except Exception as e:  # hydra's own errors name the override or the config group
+            raise ParamsError(f"{conf}: {str(e).splitlines()[0]}") from e
+        try:
+            load_params(staged)
+        except ParamsError as e:  # named as the file it would have been
+            raise ParamsError(str(e).replace(str(staged), str(args.out))) from None
+        write_atomic(args.out, staged.read_bytes())
     print(f"wrote {args.out} from {conf / 'config.yaml'}" + (f" with {' '.join(args.overrides)}" if args.overrides else ""))
 
 
@@ -77,6 +87,9 @@ def main(argv: list[str] | None = None) -> None:
         {"report": report, "doctor": doctor, "params": params}[args.command](args)
     except (TrackingError, ParamsError) as e:
         print(f"kdprune: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except OSError as e:  # a folder that cannot be written: the path and the reason
+        print(f"kdprune: error: {e.filename or ''}{': ' if e.filename else ''}{e.strerror or e}", file=sys.stderr)
         raise SystemExit(2) from None
 
 

@@ -28,6 +28,9 @@ Dataset = Literal["digits", "mnist", "fashion_mnist", "cifar10"]
 # (channels, height = width, classes) of each dataset: what a model is built for before any data exists
 SHAPES: dict[str, tuple[int, int, int]] = {"digits": (1, 8, 10), "mnist": (1, 28, 10),
                                            "fashion_mnist": (1, 28, 10), "cifar10": (3, 32, 10)}
+# samples that data.test_fraction (digits only) and data.val_fraction split: all of digits, the torchvision
+# sets' own train split
+SAMPLES: dict[str, int] = {"digits": 1797, "mnist": 60_000, "fashion_mnist": 60_000, "cifar10": 50_000}
 WEIGHTS_DIR = "weights"  # a user's own teacher state_dict lives here: train_teacher depends on the folder
 _BAD = object()
 _REGISTRY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,255}")  # a value that failed its check (None is a legitimate value: teacher.weights)
@@ -267,6 +270,22 @@ def cross_checks(p: Params) -> list[str]:
         errors.append("score.methods: list at least one criterion")
     if p.prune.criterion not in p.score.methods:
         errors.append(f"prune.criterion: {p.prune.criterion!r} is not among score.methods {p.score.methods}")
+    return errors + _split_checks(p.data)
+
+
+def _split_checks(data: DataParams) -> list[str]:
+    """A stratified split holds out ceil(fraction * samples) rows (scikit-learn's count) and needs one of
+    each class among them: a smaller fraction would stop prepare with scikit-learn's traceback."""
+    name, classes, errors = data.name, SHAPES[data.name][2], []
+    left = SAMPLES[name]
+    for key, fraction in [("test_fraction", data.test_fraction)] * (name == "digits") + [("val_fraction",
+                                                                                            data.val_fraction)]:
+        held = math.ceil(fraction * left)
+        if held < classes:
+            errors.append(f"data.{key}: {fraction} of {name}'s {left} samples holds out {held}, fewer than its "
+                          f"{classes} classes (a stratified split needs one of each): use "
+                          f"{math.ceil(classes / left * 1e4) / 1e4:g} or more")
+        left -= held
     return errors
 
 
