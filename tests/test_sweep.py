@@ -48,6 +48,28 @@ def test_runs_are_grouped_over_seeds_with_mean_std_and_n(sweep_store):
     assert rows[1]["finetuned.params.mean"] == pytest.approx(2050)
 
 
+def test_a_seed_run_again_counts_once_by_its_latest_summary_run(sweep_store):
+    """evaluate is never cached, so a setting run again with the same seed leaves a second summary run:
+    n counts seeds, and the mean is over each seed's latest run."""
+    summary_run({**BASE, "prune.amount": 0.5, "seed": 0}, _metrics(0.92, 9000))  # seed 0 again, later
+    rows = sweep.group(sweep.summary_runs("kdprune"))
+    assert [(r["n"], r["seeds"]) for r in rows] == [(2, "0 1"), (2, "0 1")]
+    assert rows[0]["finetuned.accuracy.mean"] == pytest.approx((0.92 + 0.96) / 2)
+
+
+def test_the_champion_is_looked_up_under_the_name_evaluate_registered(mlflow_store, tmp_path, capsys):
+    """evaluate.registered_model names the registered model as it is ("auto" alone stands for
+    kdprune-<dataset>): a name containing "auto" is not rewritten."""
+    summary_run({**BASE, "prune.amount": 0.5, "seed": 0, "evaluate.registered_model": "autokd-mnist"},
+                _metrics(0.98, 9000))
+    summary_run({**BASE, "prune.amount": 0.8, "seed": 0, "evaluate.registered_model": "auto", "data.name": "mnist"},
+                _metrics(0.9, 2000))
+    cli.main(["report", "--out", str(tmp_path / "reports")])
+    out = capsys.readouterr().out
+    assert "autokd-mnist: no champion yet" in out and "kdprune-mnist: no champion yet" in out
+    assert "kdprune-mnistkd-mnist" not in out
+
+
 def test_only_finished_summary_runs_count(sweep_store):
     import mlflow
 

@@ -46,10 +46,15 @@ def group(runs: list[Any], metrics: tuple[str, ...] = HEADLINE) -> list[dict[str
     """One row per distinct setting of every param except `seed`: mean, std and n of each metric.
 
     Rows carry only the params that differ between rows (the swept ones), so the table reads as
-    the sweep; std is the sample standard deviation, None for a single run (there is no spread).
+    the sweep; std is the sample standard deviation, None for a single run (there is no spread). A
+    setting run again with the same seed (evaluate is never cached: another `dvc exp run` of it, or a
+    code change evaluate depends on) counts once, by its latest summary run: n counts seeds, not runs.
     """
+    latest: dict[tuple, Any] = {}
+    for r in sorted(runs, key=lambda r: r.info.start_time or 0):
+        latest[tuple(sorted(r.data.params.items()))] = r
     groups: dict[tuple, list[Any]] = {}
-    for r in runs:
+    for r in latest.values():
         key = tuple(sorted((k, v) for k, v in r.data.params.items() if k != "seed"))
         groups.setdefault(key, []).append(r)
     varying = sorted({k for key in groups for k, v in key if len({dict(g).get(k) for g in groups}) > 1})
@@ -157,8 +162,7 @@ def champions(runs: list[Any]) -> list[str]:
     from kdprune.store import tracking_uri
 
     client = MlflowClient(tracking_uri())
-    names = sorted({r.data.params.get("evaluate.registered_model", "auto").replace(
-        "auto", f"kdprune-{r.data.params.get('data.name', 'digits')}") for r in runs})
+    names = sorted({_registered_name(r.data.params) for r in runs})
     lines = []
     for name in names:
         try:
@@ -166,11 +170,17 @@ def champions(runs: list[Any]) -> list[str]:
         except MlflowException:
             lines.append(f"{name}: no champion yet (no version kept its accuracy within evaluate.max_accuracy_drop)")
             continue
-        t = v.tags
+        t = v.tags  # the size the champion was chosen by (registry._crown): non-zero params, where tagged
+        size = t.get("nonzero_params_vs_teacher", t.get("params_vs_teacher", "nan"))
         lines.append(f"{name}@champion: version {v.version}, accuracy {float(t.get('accuracy', 'nan')):.4f}, "
-                     f"params/teacher {float(t.get('params_vs_teacher', 'nan')):.3f}, "
-                     f"from summary run {v.run_id}")
+                     f"non-zero params/teacher {float(size):.3f}, from summary run {v.run_id}")
     return lines
+
+
+def _registered_name(params: dict[str, str]) -> str:
+    """The registered model a summary run's evaluate registered into (stages/evaluate.py registry_name)."""
+    name = params.get("evaluate.registered_model", "auto")
+    return f"kdprune-{params.get('data.name', 'digits')}" if name == "auto" else name
 
 
 def log_report(experiment: str, n_runs: int, paths: list[Path]) -> None:
