@@ -175,6 +175,11 @@ def test_taylor_takes_the_absolute_value_per_batch_before_averaging():
         one = (u.layer.weight * u.layer.weight.grad).sum(1) + u.layer.bias * u.layer.bias.grad
         assert torch.allclose(scores.units[u.name], one.abs().detach(), atol=1e-6)
         assert scores.units[u.name].sum() > 0
+    layers = prunable_layers(model)  # the per-weight scores (unstructured pruning's) likewise, weight by weight
+    assert scores.weights.keys() == layers.keys()
+    for name, layer in layers.items():
+        assert torch.allclose(scores.weights[name], (layer.weight * layer.weight.grad).abs().detach(), atol=1e-6)
+        assert scores.weights[name].sum() > 0
 
 
 def test_fisher_sums_squared_per_sample_gradients_over_every_sample():

@@ -184,6 +184,12 @@ def test_sensitivity_curves_start_at_the_intact_accuracy_and_prune_by_scores():
     assert all(len(c) == len(pruning.FRACTIONS) and c[0] == 1.0 for c in curves.values())
     assert min(min(c) for c in curves.values()) < 1.0  # masking did take effect
     assert torch.equal(model(x), reference)  # masked in place, and every gate restored
+    for u in units(model):  # each point: that layer's lowest-scored channels masked, and nothing else
+        for f, point in zip(pruning.FRACTIONS, curves[u.name]):
+            masked = copy.deepcopy(model)
+            k = max(0, min(int(f * u.size), u.size - u.min_size))
+            pruning.mask_units(masked, {u.name: torch.arange(k)})  # the scores rank channel i i-th lowest
+            assert agreement(masked) == point, (u.name, f)
 
 
 def test_sensitivity_scope_prunes_the_amount_and_stays_equivalent_to_masking():
