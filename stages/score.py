@@ -1,14 +1,15 @@
 """score: the student's units and weights scored for importance by every method in score.methods.
 
 With score.oracle, also the true loss increase of removing each unit alone, on score.oracle_samples
-samples of score.oracle_split, and how well each method's ranking agrees with it.
+samples of score.oracle_split, and how well each method's ranking agrees with it. Train samples are
+taken from the rows whose hard labels the students may see (student.label_fraction).
 """
 
 from kdprune import stage
 from kdprune.files import staged_dir
 from kdprune.params import load_params
 
-READS = ("seed", "threads", "device", "score")
+READS = ("seed", "threads", "device", "score", "student.label_fraction")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -18,9 +19,12 @@ def main(argv: list[str] | None = None) -> None:
     with stage.run("score", p, READS, inputs, outputs=[args.out, args.agreement, args.plot]) as run:
         from kdprune import recipes, scoring, workers
         from kdprune.checkpoints import load_model
+        from kdprune.data import labelled
         from kdprune.training import resolve_device
 
         _, norm, splits = recipes.load_data(args.data, "train", p.score.oracle_split)
+        splits = [labelled(s, p.student.label_fraction, p.seed) if name == "train" else s
+                  for name, s in zip(("train", p.score.oracle_split), splits)]
         model, _ = load_model(args.student)
         device = resolve_device(p.device)
         model.to(device)

@@ -332,6 +332,39 @@ def test_finetuning_without_distillation_runs_on_hard_labels(pipeline, tmp_path,
     assert manifest.verify(tmp_path / "ft")
 
 
+def test_scores_and_prune_rounds_use_only_the_train_labels_the_students_may_see(pipeline, tmp_path, untracked,
+                                                                                monkeypatch):
+    """With student.label_fraction < 1, every train sample whose label a loss reads downstream of the
+    students (the criteria, the oracle on the train split, the re-scoring of a later prune round) is one
+    of the labelled rows. Recorded in a file: the score stage's pieces run in forked workers."""
+    from kdprune import rounds, scoring
+    from kdprune.data import labelled_subset
+
+    used = tmp_path / "rows.txt"
+
+    def recording(real):
+        def materialise(split, *args, **kwargs):
+            rows = torch.arange(len(split.y)) if split.rows is None else split.rows
+            with open(used, "a") as f:
+                f.write(" ".join(map(str, rows.tolist())) + "\n")
+            return real(split, *args, **kwargs)
+        return materialise
+
+    monkeypatch.setattr(scoring, "materialise", recording(scoring.materialise))
+    monkeypatch.setattr(rounds, "materialise", recording(rounds.materialise))
+    params = write_params(tmp_path / "p.yaml", student={"label_fraction": 0.1},
+                          score={"methods": ["taylor"], "oracle_split": "train"}, prune={"steps": 2})
+    run_stage("score", params, **{**pipeline["paths"]["score"], "out": tmp_path / "scores",
+                                  "agreement": tmp_path / "score.json", "plot": tmp_path / "score.png"})
+    run_stage("prune", params, **{**pipeline["paths"]["prune"], "scores": tmp_path / "scores",
+                                  "out": tmp_path / "pruned", "plot": tmp_path / "prune.png"})
+    train = load_split(pipeline["root"] / "data/prepared", "train")
+    allowed = set(torch.nonzero(labelled_subset(train.y, 0.1, 0)).squeeze(1).tolist())
+    calls = [set(map(int, line.split())) for line in used.read_text().splitlines()]
+    assert len(calls) >= 3  # the criterion's sample, the oracle's, the second round's re-scoring
+    assert all(rows <= allowed for rows in calls), [len(rows - allowed) for rows in calls]
+
+
 def test_scoring_without_the_oracle_runs_clean(pipeline, tmp_path, untracked):
     params = write_params(tmp_path / "p.yaml", score={"oracle": False, "methods": ["l1", "taylor"]})
     paths = {**pipeline["paths"]["score"], "out": tmp_path / "scores", "agreement": tmp_path / "score.json",

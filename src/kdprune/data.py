@@ -230,6 +230,15 @@ def augmenter(crop: int, flip: bool) -> Callable[[torch.Tensor, torch.Generator]
     return augment
 
 
+def labelled(split: Split, fraction: float, seed: int) -> Split:
+    """The rows of `split` whose hard labels may be used (student.label_fraction, labelled_subset): the
+    split itself at 1. Every use of a train label downstream of the students goes through it: the control's
+    fit, the scorers' and the oracle's losses, the recovery fits between prune rounds."""
+    if fraction >= 1.0:
+        return split
+    return split.subset(torch.nonzero(labelled_subset(split.y, fraction, seed)).squeeze(1))
+
+
 def labelled_subset(y: torch.Tensor, fraction: float, seed: int) -> torch.Tensor:
     """A stratified boolean mask (N,) of the samples whose hard labels may be used: per class, the first
     round(fraction * count) of a seeded permutation (at least one). Written here rather than taken from

@@ -14,7 +14,7 @@ from torch import nn
 from kdprune import recipes
 from kdprune.recipes import MASKS_FILE
 from kdprune.checkpoints import load_tensors, save_tensors
-from kdprune.data import Normaliser, Split, labelled_subset, materialise
+from kdprune.data import Normaliser, Split, labelled, materialise
 from kdprune.errors import CheckpointError
 from kdprune.importance import SCORERS, Scores, from_tensors
 from kdprune.inference import evaluate
@@ -35,7 +35,9 @@ class Pruned:
 
 
 def prune_student(model: nn.Module, train: Split, val: Split, norm: Normaliser, scores_dir: Path, p: Params) -> Pruned:
-    """Prune `model` in place as params.prune says; the first round uses the score stage's scores."""
+    """Prune `model` in place as params.prune says; the first round uses the score stage's scores. Later
+    rounds re-score, and recover, on the train rows whose labels the student may see."""
+    train = labelled(train, p.student.label_fraction, p.seed)
     scores_file = scores_dir / f"{p.prune.criterion}.pt"
     first = from_tensors(load_tensors(scores_file))
     val = val.to(next(model.parameters()).device)
@@ -75,14 +77,12 @@ def rescorer(p: Params, train: Split, norm: Normaliser, first: Scores) -> Callab
 
 
 def recoverer(p: Params, train: Split, val: Split, norm: Normaliser) -> Callable[[nn.Module], None]:
-    """The fit between rounds (prune.recover: epochs, optimiser, learning rate, weight decay) on the hard
-    labels the student may see (student.label_fraction)."""
-    keep = torch.nonzero(labelled_subset(train.y, p.student.label_fraction, p.seed)).squeeze(1)
-    labelled = train.subset(keep)
+    """The fit between rounds (prune.recover: epochs, optimiser, learning rate, weight decay) on `train`,
+    the rows whose hard labels the student may see (student.label_fraction)."""
 
     def recover(model: nn.Module) -> None:
         device = next(model.parameters()).device
-        fit(model, labelled, val, norm, F.cross_entropy, p.prune.recover, p.seed, device, desc="prune: recover")
+        fit(model, train, val, norm, F.cross_entropy, p.prune.recover, p.seed, device, desc="prune: recover")
     return recover
 
 
