@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdprune import recipes, soft_labels, teacher
-from kdprune.data import Normaliser, Split, augmenter, labelled_subset, prepare
+from kdprune.data import Normaliser, Split, augmenter, labelled, prepare
 from kdprune.inference import evaluate, predict
 from kdprune.models import build_model
 from kdprune.params import FitParams, NetParams, Params, load_params
@@ -93,11 +93,6 @@ def load_data(p: Params, raw: Path, tmp: Path) -> Prepared:
     return Prepared(tmp, meta, norm, train_split, val, test)
 
 
-def labelled(p: Params, split: Split) -> Split:
-    """The rows whose hard labels the student may see (student.label_fraction), as a subset."""
-    return split.subset(torch.nonzero(labelled_subset(split.y, p.student.label_fraction, p.seed)).squeeze(1))
-
-
 def fit_as_stage(p: Params, model: nn.Module, data: Prepared, train_split: Split, loss: LossFn, cfg: FitParams,
                  desc: str, l1: float = 0.0) -> nn.Module:
     """fit as the stages call it (params' device, seed and augmentation); the model comes back on the CPU."""
@@ -129,8 +124,9 @@ def write_logits(p: Params, data: Prepared, model: nn.Module) -> None:
 
 def train_scratch(p: Params, data: Prepared) -> nn.Module:
     """As train_scratch: the student on the labelled fraction alone."""
-    return fit_as_stage(p, build(p, p.student, data), data, labelled(p, data.train), F.cross_entropy, p.student,
-                        "scratch", p.student.l1)
+    train_split = labelled(data.train, p.student.label_fraction, p.seed)
+    return fit_as_stage(p, build(p, p.student, data), data, train_split, F.cross_entropy, p.student, "scratch",
+                        p.student.l1)
 
 
 def train_distilled(p: Params, data: Prepared) -> nn.Module:
