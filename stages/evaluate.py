@@ -52,7 +52,9 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def registry_name(p) -> str:
-    return f"kdprune-{p.data.name}" if p.evaluate.registered_model == "auto" else p.evaluate.registered_model
+    from kdprune.registry import model_name
+
+    return model_name(p.evaluate.registered_model, p.data.name)
 
 
 if __name__ == "__main__":

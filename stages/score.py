@@ -22,14 +22,13 @@ def main(argv: list[str] | None = None) -> None:
         from kdprune.data import labelled
         from kdprune.training import resolve_device
 
-        _, norm, splits = recipes.load_data(args.data, "train", p.score.oracle_split)
-        splits = [labelled(s, p.student.label_fraction, p.seed) if name == "train" else s
-                  for name, s in zip(("train", p.score.oracle_split), splits)]
+        _, norm, (train, held) = recipes.load_data(args.data, "train", p.score.oracle_split)
+        train = labelled(train, p.student.label_fraction, p.seed)
+        held = train if p.score.oracle_split == "train" else held
         model, _ = load_model(args.student)
         device = resolve_device(p.device)
         model.to(device)
-        scores, truth = scoring.score_all(model, splits[0], norm, p.score, p.seed,
-                                          held=splits[-1] if p.score.oracle else None,
+        scores, truth = scoring.score_all(model, train, norm, p.score, p.seed, held=held if p.score.oracle else None,
                                           processes=workers.count(device, p.threads))
         with staged_dir(args.out) as out:
             scoring.save(out, scores, truth)

@@ -14,17 +14,15 @@ def main(argv: list[str] | None = None) -> None:
     args = stage.parser(__doc__, "data", "out", "plots").parse_args(argv)
     p = load_params(args.params)
     with stage.run("train_scratch", p, READS, inputs={"data": args.data}, outputs=[args.out, args.plots]) as run:
-        import torch
         import torch.nn.functional as F
 
         from kdprune import recipes
-        from kdprune.data import augmenter, labelled_subset
+        from kdprune.data import augmenter, labelled
         from kdprune.models import build_model
         from kdprune.training import fit, resolve_device
 
         meta, norm, (train, val) = recipes.load_data(args.data, "train", "val")
-        keep = labelled_subset(train.y, p.student.label_fraction, p.seed)
-        train = train.subset(torch.nonzero(keep).squeeze(1))
+        train = labelled(train, p.student.label_fraction, p.seed)
         run.log_epoch(0, {"labelled_samples": len(train)})
         spec = p.student.spec(meta["in_channels"], meta["image_size"], meta["num_classes"])
         model = build_model(spec)

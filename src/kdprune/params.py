@@ -277,9 +277,9 @@ def _split_checks(data: DataParams) -> list[str]:
     """A stratified split holds out ceil(fraction * samples) rows (scikit-learn's count) and needs one of
     each class among them: a smaller fraction would stop prepare with scikit-learn's traceback."""
     name, classes, errors = data.name, SHAPES[data.name][2], []
+    held_out = [("test_fraction", data.test_fraction)] if name == "digits" else []  # the others keep their own
     left = SAMPLES[name]
-    for key, fraction in [("test_fraction", data.test_fraction)] * (name == "digits") + [("val_fraction",
-                                                                                            data.val_fraction)]:
+    for key, fraction in held_out + [("val_fraction", data.val_fraction)]:
         held = math.ceil(fraction * left)
         if held < classes:
             errors.append(f"data.{key}: {fraction} of {name}'s {left} samples holds out {held}, fewer than its "

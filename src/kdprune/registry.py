@@ -14,6 +14,11 @@ TAGGED = ("accuracy", "accuracy_drop_vs_student", "params_vs_teacher", "params_v
           "macs_vs_student", "speedup_b256_vs_student")
 
 
+def model_name(setting: str, dataset: str) -> str:
+    """The registered model that evaluate.registered_model names: itself, or kdprune-<dataset> for `auto`."""
+    return f"kdprune-{dataset}" if setting == "auto" else setting
+
+
 def register(name: str, finetuned: str, metrics: dict[str, float], max_drop: float, description: str) -> str:
     """Register the fine-tuned model whose directory has fingerprint `finetuned`, linked to the active
     (summary) run that compares it, when its accuracy drop against the student is within `max_drop`; then move

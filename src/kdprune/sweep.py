@@ -159,10 +159,12 @@ def champions(runs: list[Any]) -> list[str]:
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
+    from kdprune.registry import model_name
     from kdprune.store import tracking_uri
 
     client = MlflowClient(tracking_uri())
-    names = sorted({_registered_name(r.data.params) for r in runs})
+    names = sorted({model_name(r.data.params.get("evaluate.registered_model", "auto"),
+                               r.data.params.get("data.name", "digits")) for r in runs})
     lines = []
     for name in names:
         try:
@@ -176,11 +178,6 @@ def champions(runs: list[Any]) -> list[str]:
                      f"non-zero params/teacher {float(size):.3f}, from summary run {v.run_id}")
     return lines
 
-
-def _registered_name(params: dict[str, str]) -> str:
-    """The registered model a summary run's evaluate registered into (stages/evaluate.py registry_name)."""
-    name = params.get("evaluate.registered_model", "auto")
-    return f"kdprune-{params.get('data.name', 'digits')}" if name == "auto" else name
 
 
 def log_report(experiment: str, n_runs: int, paths: list[Path]) -> None:
