@@ -60,3 +60,23 @@ def test_the_table_says_noisy_instead_of_a_confident_figure_and_what_sparsity_bu
     assert "1 (noisy)" in row and "2.00x ±0.00" in row
     assert "pruned: 80% of its weights are zero" in table and "30% of the student's" in table
     assert "runs no faster" in table
+
+
+def test_the_tradeoff_plot_labels_its_log_axes_in_plain_numbers(monkeypatch, tmp_path):
+    """matplotlib's own log-axis labels are mathtext (10^4, 3x10^0): half the plot's drawing time, and hard
+    to read; these are plain numbers, and a narrow range (latency) is labelled at its minor ticks."""
+    assert [report.short(v) for v in (0.5, 300, 1000, 1500, 2e7, 3e9)] == ["0.5", "300", "1k", "1.5k", "20M", "3G"]
+    figures = []
+    monkeypatch.setattr(report, "_save_figure", lambda fig, path: figures.append(fig))
+    results, _ = _results()
+    for name, r in results.items():
+        r["latency_ms_b256"] = {"teacher": 1.42, "pruned": 1.3}.get(name, 1.36)
+        r["latency_ms_b1"] = 0.1  # not the largest batch: not plotted
+    report.plot_tradeoff(results, tmp_path / "tradeoff.png")
+    (fig,) = figures
+    fig.canvas.draw()
+    labels = {ax.get_xlabel(): {t.get_text() for minor in (False, True) for t in ax.get_xticklabels(minor=minor)}
+              - {""} for ax in fig.axes}
+    assert set(labels) == {"parameters", "MACs", "latency at batch 256, ms"}
+    assert {"100", "1k"} <= labels["parameters"] and {"1k", "10k"} <= labels["MACs"]
+    assert labels["latency at batch 256, ms"] and all("$" not in s for s in set().union(*labels.values())), labels

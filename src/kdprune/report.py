@@ -101,6 +101,27 @@ def _save_figure(fig: Any, path: Path) -> None:
     write_atomic(path, buf.getvalue())
 
 
+def short(v: float) -> str:
+    """A tick label in plain text: 300, 1.5k, 20M."""
+    for size, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if v >= size:
+            return f"{v / size:g}{suffix}"
+    return f"{v:g}"
+
+
+def _plain_log_axis(axis: Any) -> None:
+    """Log-scale ticks labelled `short`, where matplotlib's default would typeset each label as mathtext
+    (10^4, 3x10^0): half the time of drawing the trade-off plot, and easier to read."""
+    from matplotlib.ticker import LogFormatter
+
+    class Short(LogFormatter):  # LogFormatter still picks which minor ticks get a label
+        def _num_to_string(self, x: float, vmin: float, vmax: float) -> str:
+            return short(x)
+
+    axis.set_major_formatter(Short())
+    axis.set_minor_formatter(Short(labelOnlyBase=False))
+
+
 def plot_tradeoff(models: dict[str, dict[str, Any]], path: Path) -> None:
     """Accuracy against params, MACs and latency at the largest batch, one point per model."""
     import matplotlib
@@ -108,15 +129,16 @@ def plot_tradeoff(models: dict[str, dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    lat = max((k for k in next(iter(models.values())) if k.startswith("latency_ms_b")),
-              key=lambda k: int(k.rsplit("b", 1)[1]))
+    batch = max(int(k.rsplit("b", 1)[1]) for k in next(iter(models.values())) if k.startswith("latency_ms_b"))
     fig, axes = plt.subplots(1, 3, figsize=(14, 4), sharey=True)
-    for ax, key in zip(axes, ["params", "macs", lat]):
+    costs = {"params": "parameters", "macs": "MACs", f"latency_ms_b{batch}": f"latency at batch {batch}, ms"}
+    for ax, (key, label) in zip(axes, costs.items()):
         for name, m in models.items():
             ax.scatter(m[key], m["accuracy"], s=40)
             ax.annotate(name, (m[key], m["accuracy"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
         ax.set_xscale("log")
-        ax.set_xlabel(key)
+        _plain_log_axis(ax.xaxis)
+        ax.set_xlabel(label)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("test accuracy")
     fig.suptitle("accuracy against cost")
@@ -130,14 +152,15 @@ def plot_confusion(matrices: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(matrices), figsize=(3.2 * len(matrices), 3.2), squeeze=False)
+    # one row of class labels for all: the panels share their classes
+    fig, axes = plt.subplots(1, len(matrices), figsize=(3.2 * len(matrices), 3.2), squeeze=False, sharey=True)
     for ax, (name, counts) in zip(axes[0], matrices.items()):
         ax.imshow(counts.numpy(), cmap="Blues")
         k = len(counts)
-        for i in range(k):
-            for j in range(k):
-                if counts[i, j] and i != j:  # only the mistakes: the diagonal is read off the colour
-                    ax.text(j, i, int(counts[i, j]), ha="center", va="center", fontsize=7, color="red")
+        for i, row in enumerate(counts.tolist()):
+            for j, n in enumerate(row):
+                if n and i != j:  # only the mistakes: the diagonal is read off the colour
+                    ax.text(j, i, n, ha="center", va="center", fontsize=7, color="red")
         ax.set_title(name, fontsize=9)
         ax.set_xlabel("predicted", fontsize=8)
         ax.set_xticks(range(k))
@@ -215,13 +238,19 @@ def plot_oracle(unit_scores: dict[str, dict[str, Any]], truth: dict[str, Any], p
     n = len(unit_scores)
     cols = min(4, n)
     rows = (n + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3 * rows), squeeze=False)
+    # every panel ranks the same units: shared axes, one set of rank labels per row and column
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3 * rows), squeeze=False, sharex=True, sharey=True)
     for ax, (method, scores) in zip(axes.flat, unit_scores.items()):
         s = rankdata(torch.cat([scores[k] for k in truth]).numpy())
         ax.scatter(t, s, s=6, alpha=0.6)
         ax.set_title(method, fontsize=9)
-        ax.set_xlabel("oracle rank", fontsize=8)
-    for ax in list(axes.flat)[n:]:
-        ax.axis("off")
+    for i in range(n, rows * cols):
+        axes.flat[i].axis("off")
+    for column in range(cols):
+        lowest = axes.flat[max(range(column, n, cols))]
+        lowest.xaxis.set_tick_params(labelbottom=True)
+        lowest.set_xlabel("oracle rank", fontsize=8)
+    for row in axes:
+        row[0].set_ylabel("criterion rank", fontsize=8)
     fig.suptitle("criterion rank vs true loss-change rank (per unit)")
     _save_figure(fig, path)
