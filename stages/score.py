@@ -22,9 +22,10 @@ def main(argv: list[str] | None = None) -> None:
         from kdprune.data import labelled
         from kdprune.training import resolve_device
 
-        _, norm, (train, held) = recipes.load_data(args.data, "train", p.score.oracle_split)
-        train = labelled(train, p.student.label_fraction, p.seed)
-        held = train if p.score.oracle_split == "train" else held
+        names = list(dict.fromkeys(["train", p.score.oracle_split]))  # each split read once
+        _, norm, splits = recipes.load_data(args.data, *names)
+        train = labelled(splits[0], p.student.label_fraction, p.seed)
+        held = train if p.score.oracle_split == "train" else splits[1]
         model, _ = load_model(args.student)
         device = resolve_device(p.device)
         model.to(device)

@@ -336,11 +336,14 @@ def test_scores_and_prune_rounds_use_only_the_train_labels_the_students_may_see(
                                                                                 monkeypatch):
     """With student.label_fraction < 1, every train sample whose label a loss reads downstream of the
     students (the criteria, the oracle on the train split, the re-scoring of a later prune round) is one
-    of the labelled rows. Recorded in a file: the score stage's pieces run in forked workers."""
-    from kdprune import rounds, scoring
+    of the labelled rows. Recorded in a file: the score stage's pieces run in forked workers. The train
+    split, the oracle's too here, is read from its file once."""
+    from kdprune import recipes, rounds, scoring
     from kdprune.data import labelled_subset
 
-    used = tmp_path / "rows.txt"
+    used, read = tmp_path / "rows.txt", []
+    monkeypatch.setattr(recipes, "load_split", lambda folder, name, real=recipes.load_split:
+                        read.append(name) or real(folder, name))
 
     def recording(real):
         def materialise(split, *args, **kwargs):
@@ -356,6 +359,7 @@ def test_scores_and_prune_rounds_use_only_the_train_labels_the_students_may_see(
                           score={"methods": ["taylor"], "oracle_split": "train"}, prune={"steps": 2})
     run_stage("score", params, **{**pipeline["paths"]["score"], "out": tmp_path / "scores",
                                   "agreement": tmp_path / "score.json", "plot": tmp_path / "score.png"})
+    assert read == ["train"]
     run_stage("prune", params, **{**pipeline["paths"]["prune"], "scores": tmp_path / "scores",
                                   "out": tmp_path / "pruned", "plot": tmp_path / "prune.png"})
     train = load_split(pipeline["root"] / "data/prepared", "train")
