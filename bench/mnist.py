@@ -4,9 +4,10 @@ Per seed: a temporary project directory with the MNIST files (copied from --raw)
 stages/ and weights/, and a params.yaml composed by `kdprune params preset=mnist seed=<s>
 [student.label_fraction=<f>] [-S overrides]`; then the command of every stage of dvc.yaml, in its
 order, verbatim (`python` is this interpreter), as a subprocess in that directory, with its own MLflow
-sqlite store there. Each stage's wall time, CPU time and peak resident memory (ru_maxrss of the stage
-process, what `/usr/bin/time -v` reports) are measured, and those of the MLflow tracking service the
-stages share; the models' test errors, parameters, MACs and latency come from the
+sqlite store there. Each stage's wall time is measured, and its CPU time and peak resident memory as
+the stage records them (KDPRUNE_TIMINGS) of the process that ran it, its workers included: a stage forked
+from the fork server runs in no process this script (or `/usr/bin/time -v`) started. Also the CPU time
+and peak memory of the MLflow tracking service the stages share, read from /proc; the models' test errors, parameters, MACs and latency come from the
 metrics/evaluate.json that evaluate writes. Prints a per-stage table, the pipeline time (the sum of
 the stages' wall times), the results table (mean ± sample std over --seeds), the distill gain per seed,
 and the acceptance checks. Nothing is written into the repo (no MLflow store, no DVC). Run from the
@@ -22,11 +23,14 @@ two or three times that when other work shares the cores:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shlex
 import shutil
+import socket
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
@@ -46,6 +50,7 @@ LABELS = {"teacher": "teacher", "student_scratch": "scratch student", "student":
           "pruned": "pruned", "finetuned": "fine-tuned"}
 TAIL_LINES = 30  # of a failed stage's output
 EXPERIMENT = "kdprune-bench"  # in each work dir's own MLflow store
+TIMINGS = "timings.jsonl"  # what each stage records of itself (KDPRUNE_TIMINGS), in the work dir
 # The project's acceptance on real data (the task that sized conf/preset/mnist.yaml)
 MAX_PIPELINE_S = 15 * 60
 MIN_TEACHER_ACCURACY = 0.992
@@ -59,8 +64,8 @@ GAIN_LABEL_FRACTION = 0.1  # the distill gain must be positive at this student.l
 class StageRun:
     name: str
     seconds: float  # wall time of the stage's process
-    cpu_seconds: float  # its user + system CPU time (and that of the children it waited for)
-    peak_mib: float  # its peak resident memory (ru_maxrss)
+    cpu_seconds: float  # the user + system CPU time of the process that ran it (and of the workers it waited for)
+    peak_mib: float  # that process's peak resident memory (ru_maxrss), or its workers' where higher
     load: float  # the machine's 1-minute load average as it ended: above ~2.5 on 2 cores, others were running
 
 
@@ -105,42 +110,45 @@ def child_env(work: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("DVC_") and k != "MLFLOW_RUN_ID"}
     return env | {"MLFLOW_TRACKING_URI": tracking_uri(work), "MLFLOW_EXPERIMENT_NAME": EXPERIMENT,
                   "KDPRUNE_SHARE": "0", "KDPRUNE_WARM_IDLE": "30",  # (its fork server reaped with each seed)
+                  "KDPRUNE_TIMINGS": str(work / TIMINGS),
                   "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"}
 
 
-def adopt_orphans() -> bool:
-    """Become the child subreaper (Linux): the MLflow tracking service a stage starts, in its own session,
-    outlives that stage and is then reparented here, so its peak memory can be read when it exits."""
-    import ctypes
-
+def service_usage(work: Path) -> StageRun | None:
+    """The CPU time and peak memory of this work dir's MLflow tracking service (kdprune.tracker, one per
+    store), read from /proc (Linux) before it is asked to stop: forked from a zygote, it is no child of
+    this script to reap. None when it has gone already."""
+    path = tracker.service_socket(tracking_uri(work), EXPERIMENT)
     try:
-        return ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0) == 0  # PR_SET_CHILD_SUBREAPER
-    except (OSError, AttributeError):
-        return False
+        with tracker.dial(path) as sock:  # the peer's pid: the service's own
+            pid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[0]
+        status = Path(f"/proc/{pid}/status").read_text()
+        stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    finally:
+        tracker.stop(tracking_uri(work), EXPERIMENT)
+    peak_kib = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:")))
+    cpu = (int(stat[11]) + int(stat[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime, in clock ticks
+    return StageRun("(tracking service)", float("nan"), cpu, peak_kib / 1024, os.getloadavg()[0])
 
 
-def reap_service(work: Path, timeout: float = 60.0) -> StageRun | None:
-    """Stop this work dir's tracking service (kdprune.tracker, one per store; it would exit after 30 s
-    idle anyway) and reap it, with any other orphan: their CPU time and peak memory, or None."""
-    tracker.stop(tracking_uri(work), EXPERIMENT)
-    cpu, peak, deadline, found = 0.0, 0.0, time.monotonic() + timeout, False
-    while time.monotonic() < deadline:
-        try:
-            pid, _, usage = os.wait4(-1, os.WNOHANG)
-        except ChildProcessError:
-            break  # no child left
-        if pid == 0:
-            time.sleep(0.2)
-            continue
-        found, cpu, peak = True, cpu + usage.ru_utime + usage.ru_stime, max(peak, usage.ru_maxrss / 1024)
-    return StageRun("(tracking service)", float("nan"), cpu, peak, os.getloadavg()[0]) if found else None
+def recorded_usage(work: Path, name: str) -> tuple[float, float] | None:
+    """(CPU seconds, peak MiB) as the stage recorded them, or None: validate opens no run and records
+    nothing (its figures are those of the process started for it)."""
+    with contextlib.suppress(FileNotFoundError):
+        for line in (work / TIMINGS).read_text().splitlines():
+            record = json.loads(line)
+            if record["stage"] == name:
+                return record["cpu"], record["peak_mib"]
+    return None
 
 
 def run_stage(name: str, cmd: str, work: Path, env: dict[str, str]) -> StageRun:
-    """One stage's command in the work dir, its output to logs/<stage>.log; wall time and peak RSS.
+    """One stage's command in the work dir, its output to logs/<stage>.log; wall time, CPU time, peak RSS.
 
-    os.wait4 gives this child's own rusage; getrusage(RUSAGE_CHILDREN) would give the maximum over
-    every child so far, so a stage lighter than an earlier one would show the earlier one's peak."""
+    os.wait4 gives this child's own rusage (getrusage(RUSAGE_CHILDREN) would give the maximum over
+    every child so far); the stage's own record replaces it where there is one."""
     argv = shlex.split(cmd)
     if argv[0] == "python":
         argv[0] = sys.executable
@@ -155,8 +163,8 @@ def run_stage(name: str, cmd: str, work: Path, env: dict[str, str]) -> StageRun:
     if proc.returncode != 0:
         raise StageFailed(f"stage {name} failed (exit code {proc.returncode}): {cmd}\n"
                           f"--- last {TAIL_LINES} lines of {log} ---\n{tail(log)}")
-    return StageRun(name, seconds, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024,  # ru_maxrss: KiB
-                    os.getloadavg()[0])
+    cpu, peak = recorded_usage(work, name) or (usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024)  # KiB
+    return StageRun(name, seconds, cpu, peak, os.getloadavg()[0])
 
 
 def tail(path: Path, n: int = TAIL_LINES) -> str:
@@ -185,7 +193,7 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict[str, Any]:
             results = json.load(f)
         ok = True
     finally:
-        service = reap_service(work)
+        service = service_usage(work)
         if args.keep or not ok:
             log(f"seed {seed}: work dir kept: {work}")
         else:
@@ -297,8 +305,6 @@ def main() -> None:
     if not (args.raw / "raw").is_dir():
         ap.error(f"--raw {args.raw}: no raw/ folder inside (place the four MNIST files in data/raw/MNIST/raw/, "
                  "or name the folder that holds raw/)")
-    if not adopt_orphans():
-        log("cannot become the child subreaper: the MLflow tracking service's memory is not measured")
     start = time.perf_counter()
     try:
         runs = [run_seed(s, args) for s in args.seeds]

@@ -235,7 +235,9 @@ def test_killing_dvc_ends_the_stage_marks_its_run_killed_and_writes_nothing(proj
 
 def test_a_forked_stage_writes_the_same_bytes_as_a_stage_in_its_own_process(project, tmp_path, monkeypatch):
     """kdprune.forkserver: train_teacher in its own process (the server off; then the run that starts the
-    server) and forked from the server writes the project's model, byte for byte."""
+    server) and forked from the server writes the project's model, byte for byte. Each run records the CPU
+    time and peak memory of the process that trained (KDPRUNE_TIMINGS, what bench/mnist.py reports): the
+    fork's own, never the few MiB of the process DVC started, which only waits for it."""
     from kdprune import forkserver, tracker
 
     root, env = clone(project, tmp_path / "c")
@@ -243,6 +245,7 @@ def test_a_forked_stage_writes_the_same_bytes_as_a_stage_in_its_own_process(proj
     monkeypatch.setenv("KDPRUNE_SERVICE_DIR", str(services))
     env["KDPRUNE_SERVICE_DIR"] = str(services)
     env["KDPRUNE_TRACKING"] = "off"  # the bytes are the same tracked or not (test_stages); no MLflow service here
+    env["KDPRUNE_TIMINGS"] = str(tmp_path / "timings.jsonl")
     made = []
     try:
         for mode in ("off", "on", "on"):
@@ -255,6 +258,9 @@ def test_a_forked_stage_writes_the_same_bytes_as_a_stage_in_its_own_process(proj
         shutil.rmtree(services, ignore_errors=True)
     assert [m[:2] for m in made] == [("off", False), ("on", False), ("on", True)]  # the last one forked
     assert all(m[2] == tree_bytes(project / "models/teacher") for m in made)
+    records = [json.loads(line) for line in (tmp_path / "timings.jsonl").read_text().splitlines()]
+    assert [r["stage"] for r in records] == ["train_teacher"] * 3
+    assert all(r["cpu"] > 0 and r["peak_mib"] > 100 for r in records), records  # torch alone holds more
 
 
 def _run_queue(root: Path, env: dict[str, str], jobs: int, experiments: int, timeout: float) -> str:

@@ -196,16 +196,23 @@ def cpu() -> str:
 
 def _record_timings(name: str, clock: dict[str, float]) -> None:
     """With KDPRUNE_TIMINGS=<file>: one JSON line of where this stage's seconds went (bench/pipeline.py):
-    `work` holds `tracking_wait`, the time it spent blocked on the helper; `close` is all tracking."""
+    `work` holds `tracking_wait`, the time it spent blocked on the helper; `close` is all tracking. Also
+    the CPU seconds and peak resident memory of the process that ran it, its workers included: a stage
+    forked from the fork server does its work in a process that `/usr/bin/time` on the stage's command
+    never sees (bench/mnist.py)."""
     target = os.environ.get("KDPRUNE_TIMINGS")
     if not target or "done" not in clock:
         return
     import json
+    import resource
 
     end = time.perf_counter()
+    me, workers = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     line = {"stage": name, "startup": procs.age() - (end - clock["entered"]),
             "torch_import": clock["torch"] - clock["entered"], "work": clock["done"] - clock["work"],
-            "close": end - clock["done"], "tracking_wait": clock["waited"]}
+            "close": end - clock["done"], "tracking_wait": clock["waited"],
+            "cpu": me.ru_utime + me.ru_stime + workers.ru_utime + workers.ru_stime,
+            "peak_mib": max(me.ru_maxrss, workers.ru_maxrss) / 1024}  # Linux: KiB
     with open(target, "a") as f:
         f.write(json.dumps(line) + "\n")
 
