@@ -45,9 +45,15 @@ def dvc_env(root: Path, uri: str | None = None) -> dict[str, str]:
     return env
 
 
+# What these tests check needs every stage, not every criterion or a second epoch (the tiny preset's
+# whole score stage runs end to end in test_stages' pipeline): the projects' tiny preset, leaner. The
+# oracle stays: `dvc plots show` draws its agreement with the criterion.
+LEAN = {"teacher": {"epochs": 1}, "student": {"epochs": 1}, "score": {"methods": ["taylor"]}}
+
+
 def make_project(root: Path) -> None:
-    """This repo's tracked files in a fresh git repo, on the tiny preset (conf/ too, so `dvc exp run -S`
-    composes the tiny pipeline), committed."""
+    """This repo's tracked files in a fresh git repo, on the tiny preset made `LEAN` (in conf/ too, so
+    `dvc exp run -S` composes the same pipeline), committed."""
     files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
                            text=True, check=True).stdout.split()
     for name in files:
@@ -57,7 +63,9 @@ def make_project(root: Path) -> None:
             shutil.copy2(REPO / name, root / name)
     config = root / "conf/config.yaml"
     config.write_text(config.read_text().replace("  - preset: digits", "  - preset: tiny"))
-    params = merge(yaml.safe_load((REPO / "params.yaml").read_text()), TINY)
+    preset = merge(TINY, LEAN)
+    (root / "conf/preset/tiny.yaml").write_text("# @package _global_\n" + yaml.safe_dump(preset, sort_keys=False))
+    params = merge(yaml.safe_load((REPO / "params.yaml").read_text()), preset)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = dvc_env(root)
     for cmd in (["git", "init", "-q"], ["git", "add", "-A"], [*GIT, "commit", "-qm", "init"]):
