@@ -20,6 +20,7 @@ pytestmark = pytest.mark.slow
 PROBE = '''\
 import os, sys, time
 before = sorted(m for m in sys.modules if m.startswith("kdprune"))
+preloaded = "sklearn" in sys.modules  # what the server imported ahead of the stages (its third later import)
 from kdprune import stage
 
 
@@ -28,7 +29,7 @@ def main():
     umask = os.umask(0)
     print("pid", os.getpid(), "for", os.environ.get("KDPRUNE_FORKED_FOR"), "umask", oct(umask),
           "nofile", resource.getrlimit(resource.RLIMIT_NOFILE)[0], "frozen", gc.get_freeze_count(),
-          "collecting", gc.isenabled(), "kdprune", before, flush=True)
+          "collecting", gc.isenabled(), "sklearn", preloaded, "kdprune", before, flush=True)
     print("cwd", os.getcwd(), "argv", sys.argv[1:], "X", os.environ.get("X"), "stdin", sys.stdin.read().strip())
     print("to stderr", file=sys.stderr)
     if sys.argv[1] == "sleep":
@@ -43,10 +44,12 @@ if __name__ == "__main__":
 
 @pytest.fixture
 def probe(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    """A stage-like script, and a service folder of this test's own, whose server is stopped at the end."""
+    """A stage-like script, and a service folder of this test's own, whose server is stopped at the end.
+    Its server imports torch alone (KDPRUNE_FORKSERVER=torch): the later stages' imports would be 4 s of
+    CPU for each of these servers, which run the probe alone."""
     monkeypatch.setenv("KDPRUNE_SERVICE_DIR", str(tmp_path / "svc"))
     monkeypatch.delenv(procs.FORKED_FOR, raising=False)
-    monkeypatch.delenv("KDPRUNE_FORKSERVER", raising=False)
+    monkeypatch.setenv("KDPRUNE_FORKSERVER", "torch")
     script = tmp_path / "probe.py"
     script.write_text(PROBE)
     (tmp_path / "work").mkdir()
@@ -98,6 +101,27 @@ def test_a_stage_runs_in_a_fork_with_its_own_argv_directory_environment_streams_
     assert "kdprune []" in second.stdout  # no kdprune module inherited: an edited one is imported afresh
     assert f"cwd {probe.parent / 'work'} argv ['4'] X hello stdin from stdin" in second.stdout
     assert second.stderr == "to stderr\n"
+
+
+def test_between_stages_a_server_imports_what_later_stages_need_unless_it_is_to_import_torch_alone(probe):
+    """The default server, idle, imports the later stages' libraries (scikit-learn among the first); one
+    started with KDPRUNE_FORKSERVER=torch, given half as long again, imports none. Forks report what they
+    inherited."""
+    def sklearn_within(mode: str, seconds: float) -> tuple[bool, float]:
+        start = time.monotonic()
+        assert run(probe, "0", KDPRUNE_FORKSERVER=mode).returncode == 0  # starts the server
+        while time.monotonic() - start < seconds:
+            forked = fields(run(probe, "0", KDPRUNE_FORKSERVER=mode).stdout)
+            assert forked["for"] != "None"
+            if forked["sklearn"] == "True":
+                return True, time.monotonic() - start
+            time.sleep(0.5)
+        return False, seconds
+
+    preloaded, took = sklearn_within("on", 120)
+    assert preloaded
+    forkserver.stop_all()
+    assert sklearn_within("torch", 1.5 * took) == (False, 1.5 * took)
 
 
 def test_a_fork_has_the_umask_of_the_process_it_stands_for(served):

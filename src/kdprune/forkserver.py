@@ -18,7 +18,9 @@ Only third-party packages are preloaded, and none that starts a thread at import
 which numpy and scipy start, is quiesced by its own fork handler); the server never initialises
 CUDA, sets no seed and no thread count (each stage does, first). It exits after KDPRUNE_WARM_IDLE
 seconds (300 by default) without a stage, and is not used once a package is installed or removed in its
-environment. KDPRUNE_FORKSERVER=off runs every stage in its own process.
+environment. KDPRUNE_FORKSERVER=off runs every stage in its own process; KDPRUNE_FORKSERVER=torch starts
+a server that imports torch alone (for one stage run by hand, or a server that is only probed: the later
+imports are seconds of CPU that no stage of theirs would use).
 """
 
 from __future__ import annotations
@@ -205,7 +207,7 @@ def serve(path: Path) -> None:
         with contextlib.suppress(ImportError), procs.collector_paused():
             __import__(name)
     children: set[int] = set()
-    later = list(LATER)
+    later = [] if os.environ.get("KDPRUNE_FORKSERVER") == "torch" else list(LATER)
     idle_since, retired = time.monotonic(), False
     try:
         while True:
