@@ -103,25 +103,30 @@ def test_a_stage_runs_in_a_fork_with_its_own_argv_directory_environment_streams_
     assert second.stderr == "to stderr\n"
 
 
-def test_between_stages_a_server_imports_what_later_stages_need_unless_it_is_to_import_torch_alone(probe):
+def test_between_stages_a_server_imports_what_later_stages_need_unless_it_is_to_import_torch_alone(
+        probe, monkeypatch):
     """The default server, idle, imports the later stages' libraries (scikit-learn among the first); one
-    started with KDPRUNE_FORKSERVER=torch, given half as long again, imports none. Forks report what they
-    inherited."""
-    def sklearn_within(mode: str, seconds: float) -> tuple[bool, float]:
-        start = time.monotonic()
-        assert run(probe, "0", KDPRUNE_FORKSERVER=mode).returncode == 0  # starts the server
-        while time.monotonic() - start < seconds:
-            forked = fields(run(probe, "0", KDPRUNE_FORKSERVER=mode).stdout)
-            assert forked["for"] != "None"
-            if forked["sklearn"] == "True":
-                return True, time.monotonic() - start
-            time.sleep(0.5)
-        return False, seconds
+    started earlier with KDPRUNE_FORKSERVER=torch, in a folder of its own, has imported none by then.
+    Forks report what they inherited."""
+    folders = {"torch": probe.parent / "svc-torch", "on": probe.parent / "svc"}
 
-    preloaded, took = sklearn_within("on", 120)
-    assert preloaded
-    forkserver.stop_all()
-    assert sklearn_within("torch", 1.5 * took) == (False, 1.5 * took)
+    def fork(mode: str) -> dict[str, str]:
+        out = run(probe, "0", KDPRUNE_FORKSERVER=mode, KDPRUNE_SERVICE_DIR=str(folders[mode]))
+        assert out.returncode == 0, out.stderr
+        return fields(out.stdout)
+
+    try:
+        for mode in folders:  # each run starts its server
+            fork(mode)
+        deadline = time.monotonic() + 120
+        while (forked := fork("on"))["sklearn"] != "True":
+            assert forked["for"] != "None" and time.monotonic() < deadline
+            time.sleep(0.3)
+        forked = fork("torch")
+        assert forked["for"] != "None" and forked["sklearn"] == "False"
+    finally:
+        monkeypatch.setenv("KDPRUNE_SERVICE_DIR", str(folders["torch"]))
+        forkserver.stop_all()
 
 
 def test_a_fork_has_the_umask_of_the_process_it_stands_for(served):
