@@ -190,6 +190,18 @@ def test_a_stage_choosing_other_kernels_gets_a_server_of_its_own(name, tmp_path,
     assert forkserver.server_path() != plain
 
 
+def test_a_torch_only_server_is_never_the_one_a_default_stage_finds(tmp_path, monkeypatch):
+    """A torch-only server left by a stage run by hand would otherwise serve the next `dvc repro` for
+    minutes, every stage importing what the default server preloads."""
+    monkeypatch.setenv("KDPRUNE_SERVICE_DIR", str(tmp_path))
+    monkeypatch.delenv("KDPRUNE_FORKSERVER", raising=False)
+    default = forkserver.server_path()
+    monkeypatch.setenv("KDPRUNE_FORKSERVER", "on")
+    assert forkserver.server_path() == default
+    monkeypatch.setenv("KDPRUNE_FORKSERVER", "torch")
+    assert forkserver.server_path() != default
+
+
 def test_a_package_installed_or_removed_since_a_warm_start_began_gets_a_new_one(tmp_path, monkeypatch):
     """The fork server and the zygote stay minutes between stages, holding the packages they imported: once
     an install or a removal has added or taken an entry (pip's and uv's `*.dist-info`) in the
@@ -226,6 +238,13 @@ def test_a_warm_idle_that_is_no_number_of_seconds_stops_the_stage_with_one_line(
     out = run(probe, "0", KDPRUNE_WARM_IDLE="5 min", KDPRUNE_FORKSERVER=server)
     assert (out.returncode, out.stdout, out.stderr) == (
         2, "", "error: KDPRUNE_WARM_IDLE: expected a number of seconds, got '5 min'\n")
+    assert not (probe.parent / "svc/fork").exists() or not list((probe.parent / "svc/fork").glob("*.sock"))
+
+
+def test_a_fork_server_mode_that_is_no_mode_stops_the_stage_with_one_line(probe):
+    out = run(probe, "0", KDPRUNE_FORKSERVER="Torch")
+    assert (out.returncode, out.stdout, out.stderr) == (
+        2, "", "error: KDPRUNE_FORKSERVER: expected one of on, torch, off, got 'Torch'\n")
     assert not (probe.parent / "svc/fork").exists() or not list((probe.parent / "svc/fork").glob("*.sock"))
 
 

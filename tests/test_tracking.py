@@ -322,13 +322,13 @@ def test_an_idle_service_retires_only_when_nobody_comes_and_leaves_nothing_to_wa
 def test_an_idle_server_exits_and_takes_its_socket_and_its_record_with_it(serve: str, mlflow_store: str,
                                                                          tmp_path: Path) -> None:
     """After its idle time without a stage (here half a second: KDPRUNE_WARM_IDLE for the warm starts,
-    the service's own IDLE) a fork server (importing torch alone: test_forkserver has the later imports),
-    a zygote or a tracking service retires: it exits, and its socket and the record of its start are gone."""
+    the service's own IDLE; the fork server's later imports first) a fork server, a zygote or a tracking
+    service retires: it exits, and its socket and the record of its start are gone."""
     path = tmp_path / "s.sock"
     path.with_suffix(".starting").write_text("a start on record")
     code = f"import sys; from pathlib import Path; from kdprune import forkserver, tracker, zygote; {serve}"
     server = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "KDPRUNE_WARM_IDLE": "0.5", "KDPRUNE_FORKSERVER": "torch"})
+                            env={**os.environ, "KDPRUNE_WARM_IDLE": "0.5"})
     assert server.returncode == 0, server.stderr
     assert not path.exists() and not path.with_suffix(".starting").exists()
 

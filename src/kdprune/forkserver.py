@@ -56,19 +56,29 @@ LATER = ("numpy", "yaml", "sklearn.model_selection", "sklearn.datasets", "torch.
 IMPORT_TIME_ENV = ("PYTHON", "OMP_", "MKL_", "OPENBLAS_", "LD_", "TORCH_", "PYTORCH_", "CUDA_", "ATEN_",
                    "ONEDNN_", "DNNL_", "KDPRUNE_SERVICE_DIR")
 HEADER = struct.Struct("!I")
+MODES = ("on", "torch", "off")  # KDPRUNE_FORKSERVER: a server (torch, then what later stages import), one
+# that imports torch alone, none
+
+
+def mode() -> str:
+    found = os.environ.get("KDPRUNE_FORKSERVER", "on")
+    if found not in MODES:
+        raise ValueError(f"KDPRUNE_FORKSERVER: expected one of {', '.join(MODES)}, got {found!r}")
+    return found
 
 
 def enabled() -> bool:
-    return (os.environ.get("KDPRUNE_FORKSERVER", "on") != "off" and hasattr(os, "fork")
-            and hasattr(socket, "send_fds") and not procs.forked())
+    return mode() != "off" and hasattr(os, "fork") and hasattr(socket, "send_fds") and not procs.forked()
 
 
 def server_path() -> Path:
     """The server of this interpreter, packages and import-time environment, and of this process's
     privileges and limits: a fork has the server's, so a stage under `setpriv`, `ulimit`, `taskset`,
-    `nice`, another cgroup or namespace gets a server started under the same."""
+    `nice`, another cgroup or namespace gets a server started under the same. A torch-only server
+    (KDPRUNE_FORKSERVER=torch) is another server: a pipeline never finds one that preloads nothing."""
     env = sorted((k, v) for k, v in os.environ.items() if k.startswith(IMPORT_TIME_ENV))
-    key = hashlib.sha256(json.dumps([sys.executable, sys.path[1:], env, process_state(), packages()]).encode()
+    key = hashlib.sha256(json.dumps([sys.executable, sys.path[1:], env, process_state(), packages(),
+                                     mode() == "torch"]).encode()
                          + Path(__file__).read_bytes()).hexdigest()[:20]
     folder = service_dir() / "fork"
     folder.mkdir(mode=0o700, exist_ok=True)
@@ -117,6 +127,7 @@ def hand_off() -> int | None:
     MLflow service reads it."""
     try:
         warm_idle()
+        mode()
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -207,7 +218,7 @@ def serve(path: Path) -> None:
         with contextlib.suppress(ImportError), procs.collector_paused():
             __import__(name)
     children: set[int] = set()
-    later = [] if os.environ.get("KDPRUNE_FORKSERVER") == "torch" else list(LATER)
+    later = [] if mode() == "torch" else list(LATER)
     idle_since, retired = time.monotonic(), False
     try:
         while True:
