@@ -4,11 +4,13 @@ Per seed: a temporary project directory with the MNIST files (copied from --raw)
 stages/ and weights/, and a params.yaml composed by `kdprune params preset=mnist seed=<s>
 [student.label_fraction=<f>] [-S overrides]`; then the command of every stage of dvc.yaml, in its
 order, verbatim (`python` is this interpreter), as a subprocess in that directory, with its own MLflow
-sqlite store there. Each stage's wall time is measured, and its CPU time and peak resident memory as
-the stage records them (KDPRUNE_TIMINGS) of the process that ran it, its workers included: a stage forked
-from the fork server runs in no process this script (or `/usr/bin/time -v`) started. Also the CPU time
-and peak memory of the MLflow tracking service the stages share, read from /proc; the models' test errors, parameters, MACs and latency come from the
-metrics/evaluate.json that evaluate writes. Prints a per-stage table, the pipeline time (the sum of
+sqlite store there, and its own fork server and MLflow service (a folder of services per seed, stopped
+after it: every seed starts cold, and no server of the user's is touched). Each stage's wall time is
+measured; its CPU time and peak resident memory are those it records (KDPRUNE_TIMINGS) of the process that
+ran it, its workers included, because a stage forked from the fork server runs in no process this script
+(or `/usr/bin/time -v`) started; validate, which records nothing, shows none. The fork server's and the
+MLflow service's CPU time and peak memory are read from /proc. The models' test errors, parameters, MACs
+and latency come from the metrics/evaluate.json that evaluate writes. Prints a per-stage table, the pipeline time (the sum of
 the stages' wall times), the results table (mean ± sample std over --seeds), the distill gain per seed,
 and the acceptance checks. Nothing is written into the repo (no MLflow store, no DVC). Run from the
 repo root; on an idle 2-core machine a seed takes about 8 minutes (7 with --label-fraction 0.1), and
@@ -25,6 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import shlex
 import shutil
@@ -41,7 +44,7 @@ from typing import Any
 
 import yaml
 
-from kdprune import cli, tracker
+from kdprune import cli, forkserver, tracker
 from kdprune.params import Params, load_params
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,8 +67,8 @@ GAIN_LABEL_FRACTION = 0.1  # the distill gain must be positive at this student.l
 class StageRun:
     name: str
     seconds: float  # wall time of the stage's process
-    cpu_seconds: float  # the user + system CPU time of the process that ran it (and of the workers it waited for)
-    peak_mib: float  # that process's peak resident memory (ru_maxrss), or its workers' where higher
+    cpu_seconds: float  # user + system CPU time of the process that ran it and its workers (NaN: unrecorded)
+    peak_mib: float  # that process's peak resident memory (ru_maxrss), or its workers' where higher (NaN: unrecorded)
     load: float  # the machine's 1-minute load average as it ended: above ~2.5 on 2 cores, others were running
 
 
@@ -109,33 +112,41 @@ def child_env(work: Path) -> dict[str, str]:
     under `dvc exp run` would share outputs through the repo's .dvc/tmp), this venv first on PATH."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("DVC_") and k != "MLFLOW_RUN_ID"}
     return env | {"MLFLOW_TRACKING_URI": tracking_uri(work), "MLFLOW_EXPERIMENT_NAME": EXPERIMENT,
-                  "KDPRUNE_SHARE": "0", "KDPRUNE_WARM_IDLE": "30",  # (its fork server reaped with each seed)
+                  "KDPRUNE_SHARE": "0",
                   "KDPRUNE_TIMINGS": str(work / TIMINGS),
                   "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"}
 
 
-def service_usage(work: Path) -> StageRun | None:
-    """The CPU time and peak memory of this work dir's MLflow tracking service (kdprune.tracker, one per
-    store), read from /proc (Linux) before it is asked to stop: forked from a zygote, it is no child of
-    this script to reap. None when it has gone already."""
-    path = tracker.service_socket(tracking_uri(work), EXPERIMENT)
+def helper_usage(path: Path, name: str) -> StageRun | None:
+    """The CPU time and peak memory of the process listening at `path` (the fork server, the MLflow
+    service), read from /proc (Linux) through the socket's peer: forked from a zygote or started by a
+    stage, neither is a child of this script to reap. None when none listens."""
     try:
-        with tracker.dial(path) as sock:  # the peer's pid: the service's own
+        with tracker.dial(path) as sock:  # the peer's pid: the listener's own (a bare connection is a probe)
             pid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[0]
         status = Path(f"/proc/{pid}/status").read_text()
         stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
         return None
-    finally:
-        tracker.stop(tracking_uri(work), EXPERIMENT)
-    peak_kib = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:")))
+    peak_kib = next((int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:")), None)
+    if peak_kib is None:  # exited meanwhile: a zombie has no memory left to read
+        return None
     cpu = (int(stat[11]) + int(stat[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime, in clock ticks
-    return StageRun("(tracking service)", float("nan"), cpu, peak_kib / 1024, os.getloadavg()[0])
+    return StageRun(name, math.nan, cpu, peak_kib / 1024, os.getloadavg()[0])
+
+
+def stop_helpers(work: Path) -> list[StageRun]:
+    """This seed's fork server and MLflow service, measured, then stopped with the zygote."""
+    found = [helper_usage(tracker.service_socket(tracking_uri(work), EXPERIMENT), "(MLflow tracking service)"),
+             *(helper_usage(path, "(fork server)") for path in sorted((tracker.service_dir() / "fork").glob("*.sock")))]
+    tracker.stop_all()
+    forkserver.stop_all()
+    return [h for h in found if h is not None]
 
 
 def recorded_usage(work: Path, name: str) -> tuple[float, float] | None:
     """(CPU seconds, peak MiB) as the stage recorded them, or None: validate opens no run and records
-    nothing (its figures are those of the process started for it)."""
+    nothing."""
     with contextlib.suppress(FileNotFoundError):
         for line in (work / TIMINGS).read_text().splitlines():
             record = json.loads(line)
@@ -145,10 +156,8 @@ def recorded_usage(work: Path, name: str) -> tuple[float, float] | None:
 
 
 def run_stage(name: str, cmd: str, work: Path, env: dict[str, str]) -> StageRun:
-    """One stage's command in the work dir, its output to logs/<stage>.log; wall time, CPU time, peak RSS.
-
-    os.wait4 gives this child's own rusage (getrusage(RUSAGE_CHILDREN) would give the maximum over
-    every child so far); the stage's own record replaces it where there is one."""
+    """One stage's command in the work dir, its output to logs/<stage>.log: its wall time, and the CPU
+    time and peak RSS it recorded (the process started here may only have waited for a fork)."""
     argv = shlex.split(cmd)
     if argv[0] == "python":
         argv[0] = sys.executable
@@ -156,15 +165,13 @@ def run_stage(name: str, cmd: str, work: Path, env: dict[str, str]) -> StageRun:
     log.parent.mkdir(exist_ok=True)
     with open(log, "wb") as out:
         start = time.perf_counter()
-        proc = subprocess.Popen(argv, cwd=work, env=env, stdout=out, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(proc.pid, 0)
+        proc = subprocess.run(argv, cwd=work, env=env, stdout=out, stderr=subprocess.STDOUT)
         seconds = time.perf_counter() - start
-    proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, so Popen must not wait again
     if proc.returncode != 0:
         raise StageFailed(f"stage {name} failed (exit code {proc.returncode}): {cmd}\n"
                           f"--- last {TAIL_LINES} lines of {log} ---\n{tail(log)}")
-    cpu, peak = recorded_usage(work, name) or (usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024)  # KiB
-    return StageRun(name, seconds, cpu, peak, os.getloadavg()[0])
+    cpu, mib = recorded_usage(work, name) or (math.nan, math.nan)
+    return StageRun(name, seconds, cpu, mib, os.getloadavg()[0])
 
 
 def tail(path: Path, n: int = TAIL_LINES) -> str:
@@ -173,9 +180,10 @@ def tail(path: Path, n: int = TAIL_LINES) -> str:
 
 
 def run_seed(seed: int, args: argparse.Namespace) -> dict[str, Any]:
-    """The whole pipeline for one seed in a fresh work dir: its stage runs, its tracking service's
-    footprint, and evaluate.json."""
+    """The whole pipeline for one seed in a fresh work dir, with services of its own: its stage runs,
+    the fork server's and MLflow service's footprints, and evaluate.json."""
     work = Path(tempfile.mkdtemp(prefix=f"kdprune-mnist-seed{seed}-"))
+    os.environ["KDPRUNE_SERVICE_DIR"] = str(work / "svc")  # the stages' (child_env) and stop_helpers'
     ok = False
     try:
         p = compose_params(work / "params.yaml", seed, args.label_fraction, args.overrides)
@@ -187,19 +195,18 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict[str, Any]:
         for name, cmd in stage_commands():
             stages.append(run_stage(name, cmd, work, env))
             s = stages[-1]
-            log(f"seed {seed}: {name} {s.seconds:.1f} s ({s.cpu_seconds:.1f} s CPU), {s.peak_mib:.0f} MiB, "
-                f"load {s.load:.1f}")
+            log(f"seed {seed}: {name} {s.seconds:.1f} s ({num(s.cpu_seconds, '.1f')} s CPU), "
+                f"{num(s.peak_mib, '.0f')} MiB, load {s.load:.1f}")
         with open(work / "metrics" / "evaluate.json") as f:
             results = json.load(f)
         ok = True
     finally:
-        service = service_usage(work)
+        helpers = stop_helpers(work)
         if args.keep or not ok:
             log(f"seed {seed}: work dir kept: {work}")
         else:
             shutil.rmtree(work, ignore_errors=True)
-            tracker.forget(tracking_uri(work), EXPERIMENT)  # its lock and log, left in the shared service dir
-    return {"seed": seed, "params": p, "stages": stages, "service": service, "results": results}
+    return {"seed": seed, "params": p, "stages": stages, "helpers": helpers, "results": results}
 
 
 def log(msg: str) -> None:
@@ -211,6 +218,15 @@ def mean_std(values: list[float], fmt: str = "{:.1f}") -> str:
     if len(values) == 1:
         return fmt.format(values[0])
     return f"{fmt.format(statistics.mean(values))} ± {fmt.format(statistics.stdev(values))}"
+
+
+def num(value: float, spec: str) -> str:
+    """A figure, or '-' where none was measured (NaN)."""
+    return "-" if math.isnan(value) else format(value, spec)
+
+
+def known(values: list[float]) -> list[float]:
+    return [v for v in values if not math.isnan(v)]
 
 
 def markdown(header: list[str], rows: list[list[object]]) -> str:
@@ -226,23 +242,28 @@ def stage_table(runs: list[dict[str, Any]]) -> str:
         secs, cpu, mib, load = ([getattr(r["stages"][i], k) for r in runs]
                                 for k in ("seconds", "cpu_seconds", "peak_mib", "load"))
         rows.append([name, f"{statistics.median(secs):.1f}", f"{min(secs):.1f}-{max(secs):.1f}",
-                     f"{statistics.median(cpu):.1f}", f"{statistics.median(mib):.0f}", f"{max(mib):.0f}",
-                     f"{statistics.median(load):.1f}"])
-    services = [r["service"] for r in runs if r["service"] is not None]
-    if services:  # beside the stages, not in the pipeline's time: its work is waited for inside them
-        rows.append(["(MLflow tracking service)", "-", "-", f"{statistics.median(s.cpu_seconds for s in services):.1f}",
-                     f"{statistics.median(s.peak_mib for s in services):.0f}",
-                     f"{max(s.peak_mib for s in services):.0f}", ""])
-    totals, cpus = [pipeline_seconds(r) for r in runs], [sum(s.cpu_seconds for s in r["stages"]) for r in runs]
+                     num(statistics.median(cpu), ".1f") if known(cpu) == cpu else "-",
+                     num(statistics.median(mib), ".0f") if known(mib) == mib else "-",
+                     num(max(known(mib), default=math.nan), ".0f"), f"{statistics.median(load):.1f}"])
+    for name in dict.fromkeys(h.name for r in runs for h in r["helpers"]):  # beside the stages, not in the
+        found = [h for r in runs for h in r["helpers"] if h.name == name]  # pipeline's time
+        rows.append([name, "-", "-", f"{statistics.median(h.cpu_seconds for h in found):.1f}",
+                     f"{statistics.median(h.peak_mib for h in found):.0f}", f"{max(h.peak_mib for h in found):.0f}", ""])
+    totals = [pipeline_seconds(r) for r in runs]
+    cpus = [math.fsum(known([s.cpu_seconds for s in r["stages"]])) for r in runs]
     rows.append(["**pipeline**", f"**{statistics.median(totals):.1f}**", f"{min(totals):.1f}-{max(totals):.1f}",
-                 f"{statistics.median(cpus):.1f}", "", f"{max(max(s.peak_mib for s in r['stages']) for r in runs):.0f}",
-                 ""])
+                 f"{statistics.median(cpus):.1f}", "", f"{max(peak(r) for r in runs):.0f}", ""])
     return markdown(["stage", "median s", "range s", "median CPU s", "median peak MiB", "max peak MiB",
                      "median load"], rows)
 
 
 def pipeline_seconds(run: dict[str, Any]) -> float:
     return sum(s.seconds for s in run["stages"])
+
+
+def peak(run: dict[str, Any]) -> float:
+    """The highest peak resident memory of any stage or helper of one seed, in MiB."""
+    return max(known([s.peak_mib for s in run["stages"] + run["helpers"]]), default=math.nan)
 
 
 def results_table(runs: list[dict[str, Any]]) -> str:
@@ -272,7 +293,7 @@ def checks(runs: list[dict[str, Any]]) -> list[str]:
     lines = []
     for r in runs:
         res, total = r["results"], pipeline_seconds(r)
-        peak = max(s.peak_mib for s in r["stages"] + ([r["service"]] if r["service"] else []))
+        top = peak(r)
         ft = res["finetuned"]
         items = [(total <= MAX_PIPELINE_S, f"pipeline {total:.0f} s <= {MAX_PIPELINE_S}"),
                  (res["teacher"]["accuracy"] >= MIN_TEACHER_ACCURACY,
@@ -281,7 +302,7 @@ def checks(runs: list[dict[str, Any]]) -> list[str]:
                   f"fine-tuned drop {100 * ft['accuracy_drop_vs_student']:+.2f} pt <= {100 * MAX_FINETUNE_DROP:.1f}"),
                  (ft["params_vs_teacher"] <= MAX_PARAMS_VS_TEACHER,
                   f"fine-tuned params 1/{1 / ft['params_vs_teacher']:.1f} of the teacher's <= 1/20"),
-                 (peak < MAX_RSS_MIB, f"peak RSS {peak:.0f} MiB < {MAX_RSS_MIB}")]
+                 (top < MAX_RSS_MIB, f"peak RSS {num(top, '.0f')} MiB < {MAX_RSS_MIB}")]
         gain = res["student"]["distill_gain"]
         if r["params"].student.label_fraction <= GAIN_LABEL_FRACTION:  # with every label KD need not win
             items.append((gain > 0, f"distill gain {100 * gain:+.2f} pt > 0"))
@@ -317,9 +338,10 @@ def main() -> None:
     print("\n".join(checks(runs)))
     print(json.dumps({"bench": "mnist", "seconds": round(time.perf_counter() - start, 1),
                       "seeds": [{"seed": r["seed"], "pipeline_s": round(pipeline_seconds(r), 1),
-                                 "stages": {s.name: {"s": round(s.seconds, 1), "cpu_s": round(s.cpu_seconds, 1),
-                                                    "peak_mib": round(s.peak_mib), "load": round(s.load, 1)}
-                                            for s in r["stages"]},
+                                 "stages": {s.name: {"s": round(s.seconds, 1),
+                                                    "cpu_s": None if math.isnan(s.cpu_seconds) else round(s.cpu_seconds, 1),
+                                                    "peak_mib": None if math.isnan(s.peak_mib) else round(s.peak_mib),
+                                                    "load": round(s.load, 1)} for s in r["stages"]},
                                  **{m: {k: r["results"][m][k] for k in ("accuracy", "errors", "params", "macs",
                                                                           "latency_ms_b256")} for m in MODELS}}
                                 for r in runs]}))
