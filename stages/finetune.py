@@ -17,12 +17,11 @@ def main(argv: list[str] | None = None) -> None:
     if p.finetune.distill:
         inputs |= {"soft_labels": args.soft_labels, "teacher": args.teacher}
     with stage.run("finetune", p, READS, inputs, outputs=[args.out, args.plots]) as run:
-        import torch
         import torch.nn.functional as F
 
         from kdprune import recipes, soft_labels
         from kdprune.checkpoints import load_model, load_tensors
-        from kdprune.data import augmenter, labelled_subset
+        from kdprune.data import augmenter, labelled
         from kdprune.pruning import apply_weight_masks, bake_weight_masks
         from kdprune.recipes import MASKS_FILE
         from kdprune.training import fit, resolve_device
@@ -36,8 +35,7 @@ def main(argv: list[str] | None = None) -> None:
             train, loss = soft_labels.attach(train, args.soft_labels, p.student.label_fraction, p.seed), \
                 soft_labels.loss(p.distill)
         else:
-            keep = labelled_subset(train.y, p.student.label_fraction, p.seed)
-            train, loss = train.subset(torch.nonzero(keep).squeeze(1)), F.cross_entropy
+            train, loss = labelled(train, p.student.label_fraction, p.seed), F.cross_entropy
         history = fit(model, train, val, norm, loss, p.finetune, p.seed, resolve_device(p.device), run.log_epoch,
                       augment=augmenter(p.augment.crop, p.augment.flip), desc="finetune")
         bake_weight_masks(model)
