@@ -10,11 +10,11 @@ measured; its CPU time and peak resident memory are those it records (KDPRUNE_TI
 ran it, its workers included, because a stage forked from the fork server runs in no process this script
 (or `/usr/bin/time -v`) started; validate, which records nothing, shows none. The fork server's and the
 MLflow service's CPU time and peak memory are read from /proc. The models' test errors, parameters, MACs
-and latency come from the metrics/evaluate.json that evaluate writes. Prints a per-stage table, the pipeline time (the sum of
-the stages' wall times), the results table (mean ± sample std over --seeds), the distill gain per seed,
-and the acceptance checks. Nothing is written into the repo (no MLflow store, no DVC). Run from the
-repo root; on an idle 2-core machine a seed takes about 8 minutes (7 with --label-fraction 0.1), and
-two or three times that when other work shares the cores:
+and latency come from the metrics/evaluate.json that evaluate writes. Prints a per-stage table, the
+pipeline time (the sum of the stages' wall times), the results table (mean ± sample std over --seeds), the
+distill gain per seed, and the acceptance checks. Nothing is written into the repo (no MLflow store, no
+DVC). Run from the repo root; on an idle 2-core machine a seed takes about 8 minutes (7 with
+--label-fraction 0.1), and two or three times that when other work shares the cores:
 
     .venv/bin/python bench/mnist.py                                    # seed 0, every label
     .venv/bin/python bench/mnist.py --seeds 0 1 2
@@ -229,6 +229,11 @@ def known(values: list[float]) -> list[float]:
     return [v for v in values if not math.isnan(v)]
 
 
+def rounded(value: float, digits: int | None) -> float | None:
+    """For the JSON line: None where nothing was measured (NaN is no JSON)."""
+    return None if math.isnan(value) else round(value, digits)
+
+
 def markdown(header: list[str], rows: list[list[object]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     return "\n".join(lines + ["| " + " | ".join(map(str, r)) + " |" for r in rows])
@@ -242,13 +247,14 @@ def stage_table(runs: list[dict[str, Any]]) -> str:
         secs, cpu, mib, load = ([getattr(r["stages"][i], k) for r in runs]
                                 for k in ("seconds", "cpu_seconds", "peak_mib", "load"))
         rows.append([name, f"{statistics.median(secs):.1f}", f"{min(secs):.1f}-{max(secs):.1f}",
-                     num(statistics.median(cpu), ".1f") if known(cpu) == cpu else "-",
-                     num(statistics.median(mib), ".0f") if known(mib) == mib else "-",
+                     f"{statistics.median(cpu):.1f}" if known(cpu) == cpu else "-",
+                     f"{statistics.median(mib):.0f}" if known(mib) == mib else "-",
                      num(max(known(mib), default=math.nan), ".0f"), f"{statistics.median(load):.1f}"])
     for name in dict.fromkeys(h.name for r in runs for h in r["helpers"]):  # beside the stages, not in the
         found = [h for r in runs for h in r["helpers"] if h.name == name]  # pipeline's time
         rows.append([name, "-", "-", f"{statistics.median(h.cpu_seconds for h in found):.1f}",
-                     f"{statistics.median(h.peak_mib for h in found):.0f}", f"{max(h.peak_mib for h in found):.0f}", ""])
+                     f"{statistics.median(h.peak_mib for h in found):.0f}",
+                     f"{max(h.peak_mib for h in found):.0f}", ""])
     totals = [pipeline_seconds(r) for r in runs]
     cpus = [math.fsum(known([s.cpu_seconds for s in r["stages"]])) for r in runs]
     rows.append(["**pipeline**", f"**{statistics.median(totals):.1f}**", f"{min(totals):.1f}-{max(totals):.1f}",
@@ -338,10 +344,9 @@ def main() -> None:
     print("\n".join(checks(runs)))
     print(json.dumps({"bench": "mnist", "seconds": round(time.perf_counter() - start, 1),
                       "seeds": [{"seed": r["seed"], "pipeline_s": round(pipeline_seconds(r), 1),
-                                 "stages": {s.name: {"s": round(s.seconds, 1),
-                                                    "cpu_s": None if math.isnan(s.cpu_seconds) else round(s.cpu_seconds, 1),
-                                                    "peak_mib": None if math.isnan(s.peak_mib) else round(s.peak_mib),
-                                                    "load": round(s.load, 1)} for s in r["stages"]},
+                                 "stages": {s.name: {"s": round(s.seconds, 1), "cpu_s": rounded(s.cpu_seconds, 1),
+                                                    "peak_mib": rounded(s.peak_mib, None), "load": round(s.load, 1)}
+                                            for s in r["stages"]},
                                  **{m: {k: r["results"][m][k] for k in ("accuracy", "errors", "params", "macs",
                                                                           "latency_ms_b256")} for m in MODELS}}
                                 for r in runs]}))

@@ -179,7 +179,6 @@ def champions(runs: list[Any]) -> list[str]:
     return lines
 
 
-
 def log_report(experiment: str, n_runs: int, paths: list[Path]) -> None:
     """The report as an MLflow run of its own (kind `report`)."""
     import mlflow
