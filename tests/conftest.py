@@ -156,6 +156,18 @@ def mlflow_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[st
 
 
 @pytest.fixture
+def services() -> Iterator[Path]:
+    """A folder of the test's own for its services (KDPRUNE_SERVICE_DIR), removed after it. Short, as
+    tmp_path need not be: a socket's path has at most 107 bytes, and tmp_path's grows with the user's name
+    and pytest's count of its runs."""
+    import shutil
+
+    folder = Path(tempfile.mkdtemp(prefix="kdp-"))
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture
 def untracked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """No MLflow run (KDPRUNE_TRACKING=off), tmp_path as the working directory: for a test of what a stage
     writes, which then starts no tracking service (seconds of MLflow's import and a new store each)."""

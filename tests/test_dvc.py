@@ -12,7 +12,6 @@ import shlex
 import shutil
 import signal
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 
@@ -241,7 +240,8 @@ def test_killing_dvc_ends_the_stage_marks_its_run_killed_and_writes_nothing(proj
         (root / "models/teacher/model.pt").read_bytes() == (project / "models/teacher/model.pt").read_bytes()
 
 
-def test_a_forked_stage_writes_the_same_bytes_as_a_stage_in_its_own_process(project, tmp_path, monkeypatch):
+def test_a_forked_stage_writes_the_same_bytes_as_a_stage_in_its_own_process(project, tmp_path, services,
+                                                                           monkeypatch):
     """kdprune.forkserver: train_teacher in its own process (the server off; then the run that starts the
     server) and forked from the server writes the project's model, byte for byte. Each run records the CPU
     time and peak memory of the process that trained (KDPRUNE_TIMINGS, what bench/mnist.py reports): the
@@ -249,7 +249,6 @@ def test_a_forked_stage_writes_the_same_bytes_as_a_stage_in_its_own_process(proj
     from kdprune import forkserver, tracker
 
     root, env = clone(project, tmp_path / "c")
-    services = Path(tempfile.mkdtemp(prefix="kdp-"))  # short: a socket's path has at most 107 bytes
     monkeypatch.setenv("KDPRUNE_SERVICE_DIR", str(services))
     env["KDPRUNE_SERVICE_DIR"] = str(services)
     env["KDPRUNE_TRACKING"] = "off"  # the bytes are the same tracked or not (test_stages); no MLflow service here
@@ -263,7 +262,6 @@ def test_a_forked_stage_writes_the_same_bytes_as_a_stage_in_its_own_process(proj
     finally:
         forkserver.stop_all()
         tracker.stop_all()
-        shutil.rmtree(services, ignore_errors=True)
     assert [m[:2] for m in made] == [("off", False), ("on", False), ("on", True)]  # the last one forked
     assert all(m[2] == tree_bytes(project / "models/teacher") for m in made)
     records = [json.loads(line) for line in (tmp_path / "timings.jsonl").read_text().splitlines()]

@@ -15,7 +15,7 @@ from typing import Any, Iterator
 
 import pytest
 
-from kdprune import forkserver, procs
+from kdprune import forkserver, procs, tracker
 
 pytestmark = pytest.mark.slow
 
@@ -45,11 +45,11 @@ if __name__ == "__main__":
 
 
 @pytest.fixture
-def probe(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+def probe(tmp_path: Path, services: Path, monkeypatch: pytest.MonkeyPatch):
     """A stage-like script, and a service folder of this test's own, whose server is stopped at the end.
     Its server imports torch alone (KDPRUNE_FORKSERVER=torch): the later stages' imports would be 4 s of
     CPU for each of these servers, which run the probe alone."""
-    monkeypatch.setenv("KDPRUNE_SERVICE_DIR", str(tmp_path / "svc"))
+    monkeypatch.setenv("KDPRUNE_SERVICE_DIR", str(services))
     monkeypatch.delenv(procs.FORKED_FOR, raising=False)
     monkeypatch.setenv("KDPRUNE_FORKSERVER", "torch")
     script = tmp_path / "probe.py"
@@ -57,7 +57,7 @@ def probe(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     (tmp_path / "work").mkdir()
     yield script
     with pytest.MonkeyPatch.context() as mp:  # this test's own server, whichever folder the test ended on
-        mp.setenv("KDPRUNE_SERVICE_DIR", str(tmp_path / "svc"))
+        mp.setenv("KDPRUNE_SERVICE_DIR", str(services))
         forkserver.stop_all()
 
 
@@ -90,9 +90,9 @@ def fields(out: str) -> dict[str, str]:
     return dict(zip(first[::2], first[1::2]))
 
 
-def test_a_stage_runs_in_a_fork_with_its_own_argv_directory_environment_streams_and_status(probe):
+def test_a_stage_runs_in_a_fork_with_its_own_argv_directory_environment_streams_and_status(probe, services):
     first = run(probe, "3")
-    assert list((probe.parent / "svc/fork").glob("*.sock")), "the first stage started no server"
+    assert list((services / "fork").glob("*.sock")), "the first stage started no server"
     assert first.returncode == 3 and fields(first.stdout)["for"] != "None"  # handed to the server it started
     assert first.stderr == "to stderr\n"
 
@@ -106,13 +106,11 @@ def test_a_stage_runs_in_a_fork_with_its_own_argv_directory_environment_streams_
 
 
 def test_between_stages_a_server_imports_what_later_stages_need_unless_it_is_to_import_torch_alone(
-        probe, monkeypatch):
+        probe, services, monkeypatch):
     """The default server, idle, imports the later stages' libraries (scikit-learn among the first); one
     started earlier with KDPRUNE_FORKSERVER=torch, in a folder of its own, has imported none by then.
     Forks report what they inherited."""
-    # the torch-only server's folder short: a socket's path has at most 107 bytes, and probe.parent's
-    # under xdist leaves it 2 to spare
-    folders = {"torch": Path(tempfile.mkdtemp(prefix="kdp-")), "on": probe.parent / "svc"}
+    folders = {"torch": Path(tempfile.mkdtemp(prefix="kdp-")), "on": services}
 
     def fork(mode: str) -> dict[str, str]:
         out = run(probe, "0", KDPRUNE_FORKSERVER=mode, KDPRUNE_SERVICE_DIR=str(folders[mode]))
@@ -156,7 +154,7 @@ def test_a_fork_collects_its_own_garbage_but_never_scans_what_the_server_importe
     assert own["for"] == "None" and own["collecting"] == "True" and own["frozen"] == "0"
 
 
-def test_a_stage_with_other_limits_or_privileges_is_not_forked_from_a_server_without_them(probe):
+def test_a_stage_with_other_limits_or_privileges_is_not_forked_from_a_server_without_them(probe, services):
     """A fork has the server's rlimits, capabilities, cgroup: a stage run under `ulimit -n 512` (or
     setpriv, taskset, nice) gets a server started under the same, never one started without."""
     import resource
@@ -167,21 +165,21 @@ def test_a_stage_with_other_limits_or_privileges_is_not_forked_from_a_server_wit
         resource.setrlimit(resource.RLIMIT_NOFILE, (512, hard))
 
     run(probe, "0")
-    assert len(list((probe.parent / "svc/fork").glob("*.sock"))) == 1
+    assert len(list((services / "fork").glob("*.sock"))) == 1
     limited = run(probe, "0", preexec=lower)
     assert fields(limited.stdout)["nofile"] == "512"
-    assert len(list((probe.parent / "svc/fork").glob("*.sock"))) == 2  # a server of its own, started now
+    assert len(list((services / "fork").glob("*.sock"))) == 2  # a server of its own, started now
     again = run(probe, "0", preexec=lower)
     assert fields(again.stdout)["for"] != "None" and fields(again.stdout)["nofile"] == "512"
 
 
 @pytest.mark.parametrize("name", ["ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_CBWR", "OMP_NUM_THREADS"])
-def test_a_stage_choosing_other_kernels_gets_a_server_of_its_own(name, tmp_path, monkeypatch):
+def test_a_stage_choosing_other_kernels_gets_a_server_of_its_own(name, services, monkeypatch):
     """torch's vector kernels, oneDNN's, MKL's and the thread pools are chosen once per process from these
     variables (the first three each changed the teacher's bytes on an AVX2 machine): a fork of a server
     started without the stage's value could compute with the server's. Any other variable is the fork's
     own and keeps the server."""
-    monkeypatch.setenv("KDPRUNE_SERVICE_DIR", str(tmp_path))
+    monkeypatch.setenv("KDPRUNE_SERVICE_DIR", str(services))
     monkeypatch.delenv(name, raising=False)
     plain = forkserver.server_path()
     monkeypatch.setenv("KDPRUNE_SOMETHING_ELSE", "1")
@@ -190,10 +188,10 @@ def test_a_stage_choosing_other_kernels_gets_a_server_of_its_own(name, tmp_path,
     assert forkserver.server_path() != plain
 
 
-def test_a_torch_only_server_is_never_the_one_a_default_stage_finds(tmp_path, monkeypatch):
+def test_a_torch_only_server_is_never_the_one_a_default_stage_finds(services, monkeypatch):
     """A torch-only server left by a stage run by hand would otherwise serve the next `dvc repro` for
     minutes, every stage importing what the default server preloads."""
-    monkeypatch.setenv("KDPRUNE_SERVICE_DIR", str(tmp_path))
+    monkeypatch.setenv("KDPRUNE_SERVICE_DIR", str(services))
     monkeypatch.delenv("KDPRUNE_FORKSERVER", raising=False)
     default = forkserver.server_path()
     monkeypatch.setenv("KDPRUNE_FORKSERVER", "on")
@@ -202,7 +200,7 @@ def test_a_torch_only_server_is_never_the_one_a_default_stage_finds(tmp_path, mo
     assert forkserver.server_path() != default
 
 
-def test_a_package_installed_or_removed_since_a_warm_start_began_gets_a_new_one(tmp_path, monkeypatch):
+def test_a_package_installed_or_removed_since_a_warm_start_began_gets_a_new_one(tmp_path, services, monkeypatch):
     """The fork server and the zygote stay minutes between stages, holding the packages they imported: once
     an install or a removal has added or taken an entry (pip's and uv's `*.dist-info`) in the
     interpreter's site-packages, a stage is served by a new one, never by one holding the old packages."""
@@ -210,7 +208,7 @@ def test_a_package_installed_or_removed_since_a_warm_start_began_gets_a_new_one(
 
     from kdprune import zygote
 
-    monkeypatch.setenv("KDPRUNE_SERVICE_DIR", str(tmp_path / "svc"))
+    monkeypatch.setenv("KDPRUNE_SERVICE_DIR", str(services))
     site = tmp_path / "site-packages"
     site.mkdir()
     paths = {**sysconfig.get_paths(), "purelib": str(site), "platlib": str(site)}
@@ -233,19 +231,50 @@ def test_a_package_installed_or_removed_since_a_warm_start_began_gets_a_new_one(
 
 
 @pytest.mark.parametrize("server", ["on", "off"])
-def test_a_warm_idle_that_is_no_number_of_seconds_stops_the_stage_with_one_line(probe, server):
+def test_a_warm_idle_that_is_no_number_of_seconds_stops_the_stage_with_one_line(probe, services, server):
     """With the fork server off too: the zygote of the stage's MLflow service reads it."""
     out = run(probe, "0", KDPRUNE_WARM_IDLE="5 min", KDPRUNE_FORKSERVER=server)
     assert (out.returncode, out.stdout, out.stderr) == (
         2, "", "error: KDPRUNE_WARM_IDLE: expected a number of seconds, got '5 min'\n")
-    assert not (probe.parent / "svc/fork").exists() or not list((probe.parent / "svc/fork").glob("*.sock"))
+    assert not (services / "fork").exists() or not list((services / "fork").glob("*.sock"))
 
 
-def test_a_fork_server_mode_that_is_no_mode_stops_the_stage_with_one_line(probe):
+def test_a_fork_server_mode_that_is_no_mode_stops_the_stage_with_one_line(probe, services):
     out = run(probe, "0", KDPRUNE_FORKSERVER="Torch")
     assert (out.returncode, out.stdout, out.stderr) == (
         2, "", "error: KDPRUNE_FORKSERVER: expected one of on, torch, off, got 'Torch'\n")
-    assert not (probe.parent / "svc/fork").exists() or not list((probe.parent / "svc/fork").glob("*.sock"))
+    assert not (services / "fork").exists() or not list((services / "fork").glob("*.sock"))
+
+
+def test_a_service_folder_too_long_for_its_sockets_stops_the_stage_with_one_line(probe, services, monkeypatch):
+    """Linux binds a Unix socket to a path of at most 107 bytes: in the longest folder that fits, a stage
+    is forked from a server listening at exactly 107; one byte more stops the stage before any work, with
+    the server off too (its MLflow service listens there), where each stage waited for a server that
+    could not start and then ran on its own."""
+    room = tracker.SOCKET_PATH - tracker.SOCKET_NAME - len(os.fsencode(services)) - 1
+    longest, too_long = services / ("x" * room), services / ("x" * (room + 1))
+    try:
+        fits = run(probe, "0", KDPRUNE_SERVICE_DIR=str(longest))
+        assert fits.returncode == 0 and fields(fits.stdout)["for"] != "None", fits.stderr
+        assert [len(os.fsencode(sock)) for sock in (longest / "fork").glob("*.sock")] == [107]
+    finally:
+        monkeypatch.setenv("KDPRUNE_SERVICE_DIR", str(longest))
+        forkserver.stop_all()
+    for server in ("on", "off"):
+        out = run(probe, "0", KDPRUNE_SERVICE_DIR=str(too_long), KDPRUNE_FORKSERVER=server)
+        assert (out.returncode, out.stdout, out.stderr) == (2, "", f"error: KDPRUNE_SERVICE_DIR: {too_long} is too "
+                                                            "long for the sockets in it (at most 76 bytes as an "
+                                                            "absolute path, got 77)\n")
+    assert not too_long.exists()
+
+
+def test_a_relative_service_folder_is_the_one_in_the_folder_it_was_named_from(services, monkeypatch):
+    """The fork server and the MLflow service run in their own folder: a relative path is made absolute
+    where the stage was started (a server bound it under its own, and no stage ever found it)."""
+    monkeypatch.chdir(services)
+    monkeypatch.setenv("KDPRUNE_SERVICE_DIR", "svc")
+    assert tracker.service_dir() == services / "svc" and (services / "svc").is_dir()
+    assert forkserver.server_path().parent == services / "svc/fork"
 
 
 def test_the_server_off_runs_every_stage_in_its_own_process(served):
@@ -293,17 +322,17 @@ def test_a_signal_to_the_stage_process_ends_its_fork(served, tmp_path, signum, s
     assert "error: interrupted; no output written" in err.read_text()
 
 
-def test_a_stopped_server_removes_its_socket_and_the_next_stage_starts_another(probe):
+def test_a_stopped_server_removes_its_socket_and_the_next_stage_starts_another(probe, services):
     first = run(probe, "0")
     assert len(forkserver.stop_all()) == 1  # and it waited until the server was gone
-    assert not list((probe.parent / "svc/fork").glob("*.sock"))
+    assert not list((services / "fork").glob("*.sock"))
     again = run(probe, "0")
     assert again.returncode == 0 and fields(again.stdout)["for"] != "None"
     assert fields(again.stdout)["pid"] != fields(first.stdout)["pid"]
-    assert len(list((probe.parent / "svc/fork").glob("*.sock"))) == 1
+    assert len(list((services / "fork").glob("*.sock"))) == 1
 
 
-def test_ctrl_c_while_a_new_server_imports_torch_ends_the_stage(probe, tmp_path):
+def test_ctrl_c_while_a_new_server_imports_torch_ends_the_stage(probe, services, tmp_path):
     """The first stage waits for the server it started to import torch (seconds): a Ctrl-C then ends it
     as one during the stage does, and nothing runs on (a fork, if the server made one, ends too)."""
     out, err = tmp_path / "out", tmp_path / "err"
@@ -311,7 +340,7 @@ def test_ctrl_c_while_a_new_server_imports_torch_ends_the_stage(probe, tmp_path)
         client = subprocess.Popen([sys.executable, str(probe), "sleep"], cwd=probe.parent / "work", stdout=o,
                                   stderr=e, stdin=subprocess.DEVNULL, preexec_fn=_as_a_terminal_would)
         deadline = time.monotonic() + 60
-        while not list((probe.parent / "svc/fork").glob("*.sock")):
+        while not list((services / "fork").glob("*.sock")):
             assert client.poll() is None and time.monotonic() < deadline
             time.sleep(0.01)
         client.send_signal(signal.SIGINT)

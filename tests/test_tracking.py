@@ -348,14 +348,14 @@ def test_a_stopped_service_leaves_no_record_that_would_hold_up_the_next(mlflow_s
 
 
 def test_a_new_sqlite_store_starts_from_an_empty_template_and_gets_its_own_locations(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, services: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """MLflow's schema migrations run once per MLflow version (the template); every new store is a copy,
     whose experiments MLflow and kdprune then create with that store's own artifact locations."""
     import mlflow
 
     from kdprune import store, tracker
 
-    monkeypatch.setenv("KDPRUNE_SERVICE_DIR", str(tmp_path / "svc"))
+    monkeypatch.setenv("KDPRUNE_SERVICE_DIR", str(services))
     monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
     for name in ("one", "two"):
         (tmp_path / name).mkdir()
@@ -375,7 +375,7 @@ def test_a_new_sqlite_store_starts_from_an_empty_template_and_gets_its_own_locat
 
 
 def test_the_next_store_gets_a_service_forked_from_the_zygote_the_first_left_behind(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, services: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A second store's service costs a fork, not MLflow's import: it is a child of the zygote the first
     service left behind, with its own store, working directory and umask (the caller's); stopping every
     service stops the zygote too."""
@@ -383,13 +383,13 @@ def test_the_next_store_gets_a_service_forked_from_the_zygote_the_first_left_beh
 
     from kdprune import procs, tracker, zygote
 
-    monkeypatch.setenv("KDPRUNE_SERVICE_DIR", str(tmp_path / "svc"))
+    monkeypatch.setenv("KDPRUNE_SERVICE_DIR", str(services))
     monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
     params = write_params(tmp_path / "params.yaml")
     uris = {name: f"sqlite:///{tmp_path / name / 'mlflow.db'}" for name in ("one", "two")}
     envs = {name: tracker._service_env(uri, "kdprune") for name, uri in uris.items()}
     assert zygote.socket_path(envs["one"]) == zygote.socket_path(envs["two"])  # one zygote for both
-    services = {}
+    pids = {}
     try:
         for name, uri in uris.items():
             (tmp_path / name).mkdir()
@@ -400,17 +400,17 @@ def test_the_next_store_gets_a_service_forked_from_the_zygote_the_first_left_beh
                 run_stage("prepare", params, **stage_paths(tmp_path / name)["prepare"])
             finally:
                 os.umask(umask)
-            services[name] = int(tracker.service_socket(uri, "kdprune").with_suffix(".starting").read_text()
+            pids[name] = int(tracker.service_socket(uri, "kdprune").with_suffix(".starting").read_text()
                                  .split(":")[1])
             if name == "one":
                 wait_until(lambda: zygote.socket_path(envs["one"]).exists(), 60, "the zygote listening")
         parent = {n: int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-                  for n, pid in services.items()}
+                  for n, pid in pids.items()}
         assert Path(f"/proc/{parent['two']}/comm").read_text().strip() == "kdprune-zygote"
         assert Path(f"/proc/{parent['one']}/comm").read_text().strip() != "kdprune-zygote"  # started itself
-        status = Path(f"/proc/{services['two']}/status").read_text()
+        status = Path(f"/proc/{pids['two']}/status").read_text()
         assert "Umask:\t0027" in status
-        assert os.readlink(f"/proc/{services['two']}/cwd") == str(tmp_path / "svc")
+        assert os.readlink(f"/proc/{pids['two']}/cwd") == str(services)
         for name, uri in uris.items():
             (run,) = mlflow.MlflowClient(uri).search_runs(
                 [mlflow.MlflowClient(uri).get_experiment_by_name("kdprune").experiment_id])
@@ -419,7 +419,7 @@ def test_the_next_store_gets_a_service_forked_from_the_zygote_the_first_left_beh
     finally:
         tracker.stop_all()
     wait_until(lambda: not procs.alive(forked_from), 30, "the zygote gone")
-    assert not list((tmp_path / "svc").glob("*.sock"))
+    assert not list(services.glob("*.sock"))
 
 
 def staged_leftovers(*outputs: Path) -> list[str]:

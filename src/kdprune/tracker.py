@@ -40,9 +40,22 @@ LOGS_MODELS = {"log_model"}  # ops that call MLflow's Model.log, which must not 
 _STARTED: list[subprocess.Popen] = []
 
 
+# The longest name a socket has under service_dir() (the fork server's: fork/<20 hex digits>.sock), and the
+# longest path Linux binds a Unix socket to (sun_path's 108 bytes, less the terminating zero)
+SOCKET_NAME = len("/fork/") + 20 + len(".sock")
+SOCKET_PATH = 107
+
+
 def service_dir() -> Path:
-    """Short (a socket path has at most 107 bytes) and private to this user."""
-    path = Path(os.environ.get("KDPRUNE_SERVICE_DIR") or f"/tmp/kdprune-{os.getuid()}")
+    """Where the services listen: $KDPRUNE_SERVICE_DIR (made absolute: a fork server and a queued
+    experiment's copy have other working folders), or a folder private to this user in /tmp. One too long
+    for the sockets in it is an error naming it: a socket bound to a longer path fails, and every stage
+    would wait for a service that can never start."""
+    raw = os.environ.get("KDPRUNE_SERVICE_DIR") or f"/tmp/kdprune-{os.getuid()}"
+    path = Path(raw).absolute()
+    if len(os.fsencode(path)) + SOCKET_NAME > SOCKET_PATH:
+        raise TrackingError(f"KDPRUNE_SERVICE_DIR: {raw} is too long for the sockets in it (at most "
+                            f"{SOCKET_PATH - SOCKET_NAME} bytes as an absolute path, got {len(os.fsencode(path))})")
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
     return path
 
@@ -243,6 +256,8 @@ def start_service(path: Path, module: str, env: dict[str, str], timeout: float,
     and returns None at once; whoever comes next waits for that process (its identity is kept beside
     the socket) rather than starting a second one, and starts its own if that one ends unheard."""
     from filelock import FileLock
+
+    env = {**env, "KDPRUNE_SERVICE_DIR": str(service_dir())}  # absolute: a service runs in a folder of its own
 
     def spawn() -> tuple[subprocess.Popen | None, str]:
         from kdprune import zygote
