@@ -206,19 +206,34 @@ def test_cifar10_through_torchvision_channels_first(tmp_path: Path, monkeypatch:
 
 
 @pytest.mark.parametrize("name", ["mnist", "fashion_mnist", "cifar10"])
-def test_absent_dataset_offline_names_folder_and_files(name: str, tmp_path: Path) -> None:
+def test_absent_dataset_offline_names_folder_and_files(name: str, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found before torchvision is imported (seconds, and torch's compiler with it): one file missing of
+    the set is enough. A set of damaged files is the same error, from torchvision."""
     raw, out = tmp_path / "raw", tmp_path / "out"
     raw.mkdir()
+    monkeypatch.setitem(sys.modules, "torchvision.datasets", None)  # an import of it fails
+    names = CIFAR_FILES if name == "cifar10" else IDX_FILES
     with pytest.raises(DataError) as info:
         data.prepare(name, raw, out, 0.15, 0.2, 0, download=False)
     message = str(info.value)
     assert "\n" not in message
     assert str(raw / FOLDERS[name]) in message
-    for f in (CIFAR_FILES if name == "cifar10" else IDX_FILES):
+    for f in names:
         assert f in message
     assert "download is false" in message
     assert not out.exists()
     assert list(raw.iterdir()) == []  # nothing fetched or half-written
+    (raw / FOLDERS[name]).mkdir(parents=True)
+    for f in names[1:]:
+        (raw / FOLDERS[name] / f).write_bytes(b"")
+    with pytest.raises(DataError, match="download is false"):
+        data.prepare(name, raw, out, 0.15, 0.2, 0, download=False)
+    monkeypatch.undo()  # every file there, each empty: torchvision finds them damaged
+    (raw / FOLDERS[name] / names[0]).write_bytes(b"")
+    with pytest.raises(DataError, match="download is false"):
+        data.prepare(name, raw, out, 0.15, 0.2, 0, download=False)
+    assert not out.exists()
 
 
 def test_failed_download_is_a_data_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -41,16 +41,20 @@ def _digits(raw_dir: Path, download: bool) -> Source:
 
 def _torchvision(cls_name: str, folder: str, files: list[str]) -> Callable[[Path, bool], Source]:
     def read(raw_dir: Path, download: bool) -> Source:
+        where = raw_dir / folder
+
+        def absent(why: str) -> DataError:
+            return DataError(f"{cls_name} is not under {where} ({why}): place {', '.join(files)} in {where}/")
+
+        if not download and not all((where / f).is_file() for f in files):
+            raise absent("data.download is false")  # at once: torchvision's import alone takes seconds
         import torchvision.datasets as tvd
 
         cls = getattr(tvd, cls_name)
         try:
             train, test = (cls(str(raw_dir), train=t, download=download) for t in (True, False))
-        except Exception as e:  # torchvision raises RuntimeError when absent, URLError when offline
-            where = raw_dir / folder
-            why = f"download failed: {type(e).__name__}" if download else "data.download is false"
-            raise DataError(f"{cls_name} is not under {where} ({why}): "
-                            f"place {', '.join(files)} in {where}/") from e
+        except Exception as e:  # torchvision raises RuntimeError when absent or damaged, URLError when offline
+            raise absent(f"download failed: {type(e).__name__}" if download else "data.download is false") from e
         return Source(*_arrays(train), 255.0, _arrays(test))
     return read
 
