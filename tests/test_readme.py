@@ -80,7 +80,10 @@ def _make_targets() -> set[str]:
     return {t for line in re.findall(r"^([\w .%/-]+):(?!=)", text, re.M) for t in line.split()}
 
 
-@pytest.mark.parametrize("command", COMMANDS)
+# a command answered by `--help` in a process of its own (0.5-5 s each, MLflow's the longest) is slow;
+# a make target is read from the Makefile
+@pytest.mark.parametrize("command", [c if c.startswith("make ") else pytest.param(c, marks=pytest.mark.slow)
+                                     for c in COMMANDS])
 def test_every_readme_command_exists_with_the_flags_it_uses(command):
     words = shlex.split(command)
     words = words[1:] if words[0] == "eval" else words
