@@ -205,6 +205,21 @@ def test_cifar10_through_torchvision_channels_first(tmp_path: Path, monkeypatch:
 # ---------------------------------------------------------------- offline and absent
 
 
+@pytest.mark.parametrize("name", ["mnist", "fashion_mnist"])
+def test_mnist_like_in_torchvisions_older_processed_layout_prepares_offline(name: str, tmp_path: Path) -> None:
+    """torchvision still reads <Class>/processed/{training,test}.pt first (weights-only tensors): an offline
+    copy in that layout, with no raw files, is a dataset, not an absent one."""
+    raw, out = tmp_path / "raw", tmp_path / "out"
+    written = write_mnist_like(tmp_path / "idx", FOLDERS[name])
+    processed = raw / FOLDERS[name].replace("/raw", "/processed")
+    processed.mkdir(parents=True)
+    for split, file in (("train", "training.pt"), ("test", "test.pt")):
+        torch.save(tuple(torch.from_numpy(a) for a in written[split]), processed / file)
+    meta = data.prepare(name, raw, out, 0.2, 0.3, 0, download=False)
+    assert meta["counts"] == {"train": 48, "val": 12, "test": 20}
+    np.testing.assert_array_equal(load_pt(out / "test.pt")[1], written["test"][1])
+
+
 @pytest.mark.parametrize("name", ["mnist", "fashion_mnist", "cifar10"])
 def test_absent_dataset_offline_names_folder_and_files(name: str, tmp_path: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:

@@ -252,6 +252,8 @@ def test_a_service_folder_too_long_for_its_sockets_stops_the_stage_with_one_line
     the server off too (its MLflow service listens there), where each stage waited for a server that
     could not start and then ran on its own."""
     room = tracker.SOCKET_PATH - tracker.SOCKET_NAME - len(os.fsencode(services)) - 1
+    if room < 1:
+        pytest.skip(f"the temporary folder {services} leaves no room below the limit")
     longest, too_long = services / ("x" * room), services / ("x" * (room + 1))
     try:
         fits = run(probe, "0", KDPRUNE_SERVICE_DIR=str(longest))
@@ -266,6 +268,18 @@ def test_a_service_folder_too_long_for_its_sockets_stops_the_stage_with_one_line
                                                             "long for the sockets in it (at most 76 bytes as an "
                                                             "absolute path, got 77)\n")
     assert not too_long.exists()
+
+
+def test_a_service_folder_that_cannot_be_made_stops_a_stage_that_needs_it_with_one_line(probe, services):
+    """A stage to be forked needs it for its server's socket (it stopped with a traceback); one run in its
+    own process that tracks nothing needs none, and runs."""
+    (services / "a file").write_text("")
+    folder = services / "a file/svc"
+    out = run(probe, "0", KDPRUNE_SERVICE_DIR=str(folder))
+    assert (out.returncode, out.stdout, out.stderr) == (
+        2, "", f"error: KDPRUNE_SERVICE_DIR: {folder}: Not a directory\n")
+    alone = run(probe, "0", KDPRUNE_SERVICE_DIR=str(folder), KDPRUNE_FORKSERVER="off")
+    assert alone.returncode == 0 and fields(alone.stdout)["for"] == "None", alone.stderr
 
 
 def test_a_relative_service_folder_is_the_one_in_the_folder_it_was_named_from(services, monkeypatch):

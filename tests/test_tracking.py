@@ -422,6 +422,31 @@ def test_the_next_store_gets_a_service_forked_from_the_zygote_the_first_left_beh
     assert not list(services.glob("*.sock"))
 
 
+def test_a_relative_service_folder_is_where_the_services_listen_and_leave_their_zygote(
+        tmp_path: Path, services: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """KDPRUNE_SERVICE_DIR=svc names the folder under the stage's working folder, for the services too,
+    which run in a folder of their own: the zygote an MLflow service leaves is where the next stage's
+    start looks for it."""
+    from kdprune import tracker, zygote
+
+    monkeypatch.chdir(services)
+    monkeypatch.setenv("KDPRUNE_SERVICE_DIR", "svc")
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    try:
+        connection = tracker.start()
+        connection.call("ready")
+        connection.close(wait=True)
+        assert tracker.service_socket(uri, "kdprune").parent == services / "svc"
+        as_started = {**tracker._service_env(uri, "kdprune"), "KDPRUNE_SERVICE_DIR": str(services / "svc")}
+        found = wait_until(lambda: zygote.socket_path(as_started).exists() and zygote.socket_path(as_started), 60,
+                           "the zygote listening")
+        assert found.parent == services / "svc"
+    finally:
+        tracker.stop_all()
+
+
 def staged_leftovers(*outputs: Path) -> list[str]:
     """`.<name>.<pid>.*` siblings of the outputs: a stage's staged directories and temporary files."""
     return sorted(p.name for out in outputs if out.parent.exists() for p in out.parent.glob(f".{out.name}.*"))

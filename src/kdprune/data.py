@@ -39,14 +39,18 @@ def _digits(raw_dir: Path, download: bool) -> Source:
     return Source(d.images.astype(np.uint8)[:, None], d.target.astype(np.int64), 16.0, None)
 
 
-def _torchvision(cls_name: str, folder: str, files: list[str]) -> Callable[[Path, bool], Source]:
+def _torchvision(cls_name: str, folder: str, files: list[str],
+                 older: tuple[str, ...] = ()) -> Callable[[Path, bool], Source]:
+    """A torchvision dataset's reader: `files` in `folder` (the layout named to a user who has none), or
+    `older`, a layout torchvision still reads first, under the raw folder."""
     def read(raw_dir: Path, download: bool) -> Source:
         where = raw_dir / folder
 
         def absent(why: str) -> DataError:
             return DataError(f"{cls_name} is not under {where} ({why}): place {', '.join(files)} in {where}/")
 
-        if not download and not all((where / f).is_file() for f in files):
+        layouts = [[where / f for f in files]] + ([[raw_dir / f for f in older]] if older else [])
+        if not download and not any(all(path.is_file() for path in layout) for layout in layouts):
             raise absent("data.download is false")  # at once: torchvision's import alone takes seconds
         import torchvision.datasets as tvd
 
@@ -66,10 +70,16 @@ def _arrays(ds: Any) -> tuple[np.ndarray, np.ndarray]:
 
 
 _IDX = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
+
+
+def _processed(name: str) -> tuple[str, ...]:  # torchvision's older MNIST layout: tensors it loads weights-only
+    return f"{name}/processed/training.pt", f"{name}/processed/test.pt"
+
+
 SOURCES: dict[str, Callable[[Path, bool], Source]] = {
     "digits": _digits,
-    "mnist": _torchvision("MNIST", "MNIST/raw", _IDX),
-    "fashion_mnist": _torchvision("FashionMNIST", "FashionMNIST/raw", _IDX),
+    "mnist": _torchvision("MNIST", "MNIST/raw", _IDX, _processed("MNIST")),
+    "fashion_mnist": _torchvision("FashionMNIST", "FashionMNIST/raw", _IDX, _processed("FashionMNIST")),
     "cifar10": _torchvision("CIFAR10", "cifar-10-batches-py",
                             [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"]),
 }

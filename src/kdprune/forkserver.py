@@ -126,11 +126,12 @@ def hand_off() -> int | None:
     status. None: run it here (the fork server is off, or did not start or fork). A KDPRUNE_WARM_IDLE
     that is no number of seconds, a KDPRUNE_FORKSERVER that is no mode or a KDPRUNE_SERVICE_DIR too long
     for a socket stops the stage with one line (status 2), with the server off too: the zygote of its
-    MLflow service reads the first, the service listens in the last."""
+    MLflow service reads the first, the service listens in the last. The folder is made for a server
+    here, and otherwise by a stage that tracks (one that does not needs none)."""
     try:
         warm_idle()
         mode()
-        service_dir()
+        service_dir(make=enabled())
     except (ValueError, TrackingError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -46,17 +46,23 @@ SOCKET_NAME = len("/fork/") + 20 + len(".sock")
 SOCKET_PATH = 107
 
 
-def service_dir() -> Path:
+def service_dir(make: bool = True) -> Path:
     """Where the services listen: $KDPRUNE_SERVICE_DIR (made absolute: a fork server and a queued
-    experiment's copy have other working folders), or a folder private to this user in /tmp. One too long
-    for the sockets in it is an error naming it: a socket bound to a longer path fails, and every stage
-    would wait for a service that can never start."""
+    experiment's copy have other working folders), or a folder private to this user in /tmp; made unless
+    `make` is false. One too long for the sockets in it, or that cannot be made, is an error naming it: a
+    socket bound to a longer path fails, and every stage would wait for a service that can never start."""
     raw = os.environ.get("KDPRUNE_SERVICE_DIR") or f"/tmp/kdprune-{os.getuid()}"
     path = Path(raw).absolute()
-    if len(os.fsencode(path)) + SOCKET_NAME > SOCKET_PATH:
-        raise TrackingError(f"KDPRUNE_SERVICE_DIR: {raw} is too long for the sockets in it (at most "
-                            f"{SOCKET_PATH - SOCKET_NAME} bytes as an absolute path, got {len(os.fsencode(path))})")
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    size = len(os.fsencode(path))
+    if size + SOCKET_NAME > SOCKET_PATH:
+        shown = raw if str(path) == raw else f"{raw} ({path})"
+        raise TrackingError(f"KDPRUNE_SERVICE_DIR: {shown} is too long for the sockets in it (at most "
+                            f"{SOCKET_PATH - SOCKET_NAME} bytes as an absolute path, got {size})")
+    if make:
+        try:
+            path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as e:
+            raise TrackingError(f"KDPRUNE_SERVICE_DIR: {path}: {e.strerror or e}") from None
     return path
 
 
