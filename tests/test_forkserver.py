@@ -239,6 +239,21 @@ def test_a_warm_idle_that_is_no_number_of_seconds_stops_the_stage_with_one_line(
     assert not (services / "fork").exists() or not list((services / "fork").glob("*.sock"))
 
 
+@pytest.mark.parametrize("name, value, message", [
+    ("KDPRUNE_TRACKING", "false", "KDPRUNE_TRACKING: expected on or off, got 'false'"),
+    ("KDPRUNE_SHARE", "off", "KDPRUNE_SHARE: expected 1 or 0, got 'off'"),
+    ("KDPRUNE_TIMINGS", "no/such/folder/t.jsonl", "KDPRUNE_TIMINGS: no/such/folder/t.jsonl: expected a file in an "
+                                                  "existing folder"),
+])
+def test_a_switch_or_a_timings_file_that_cannot_be_stops_the_stage_with_one_line(probe, services, name, value,
+                                                                                   message):
+    """Each value the stage does not know is named before any work: `KDPRUNE_TRACKING=false` left tracking
+    on, `KDPRUNE_SHARE=off` sharing, and a timings file in no folder failed the stage after its work."""
+    out = run(probe, "0", **{name: value})
+    assert (out.returncode, out.stdout, out.stderr) == (2, "", f"error: {message}\n")
+    assert not (services / "fork").exists() or not list((services / "fork").glob("*.sock"))
+
+
 def test_a_fork_server_mode_that_is_no_mode_stops_the_stage_with_one_line(probe, services):
     out = run(probe, "0", KDPRUNE_FORKSERVER="Torch")
     assert (out.returncode, out.stdout, out.stderr) == (

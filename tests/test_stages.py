@@ -411,3 +411,14 @@ def test_a_wrong_shaped_teacher_stops_validate_naming_the_file_and_the_tensor(pi
     assert str(e.value).startswith("weights/wrong.pt: tensor 'features.0.0.weight' has shape (4, 1, 3, 3), "
                                    "the architecture needs (8, 1, 3, 3)")
     assert not (tmp_path / "ok").exists()
+
+
+def test_timings_that_cannot_be_written_are_a_warning_after_the_stage_not_its_error(tmp_path, monkeypatch, capsys):
+    """KDPRUNE_TIMINGS is written last, after the outputs and the run's end (or the stage's own failure,
+    which an error here would hide): a file that cannot be opened then is a warning naming it."""
+    from kdprune import stage
+
+    monkeypatch.setenv("KDPRUNE_TIMINGS", str(tmp_path))  # a folder, not a file
+    stage._record_timings("prepare", dict.fromkeys(("entered", "torch", "work", "done", "waited"), 0.0))
+    assert capsys.readouterr().err == (f"warning: KDPRUNE_TIMINGS: {tmp_path}: Is a directory; this stage's "
+                                       "timings not recorded\n")

@@ -41,7 +41,6 @@ from pathlib import Path
 from typing import Any
 
 from kdprune import procs
-from kdprune.errors import TrackingError
 from kdprune.tracker import (ServiceDown, await_ready, dial, prestart, retire, service_dir, start_service,
                              wait_gone, warm_idle, withdraw)
 
@@ -123,18 +122,8 @@ def process_state() -> list[Any]:
 
 def hand_off() -> int | None:
     """Run this process's script in a fork of the server (started first when none listens): its exit
-    status. None: run it here (the fork server is off, or did not start or fork). A KDPRUNE_WARM_IDLE
-    that is no number of seconds, a KDPRUNE_FORKSERVER that is no mode or a KDPRUNE_SERVICE_DIR too long
-    for a socket stops the stage with one line (status 2), with the server off too: the zygote of its
-    MLflow service reads the first, the service listens in the last. The folder is made for a server
-    here, and otherwise by a stage that tracks (one that does not needs none)."""
-    try:
-        warm_idle()
-        mode()
-        service_dir(make=enabled())
-    except (ValueError, TrackingError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    status. None: run it here (the fork server is off, or did not start or fork). The environment is
+    checked first (stage.check_environment)."""
     if not enabled():
         return None
     try:

@@ -47,6 +47,11 @@ def guard(main: Callable[[], Any]) -> None:
     if getattr(main, "__module__", None) == "__main__" and not {"-h", "--help"} & set(sys.argv[1:]):
         from kdprune import forkserver  # (a request for help is answered here: no server to start for it)
 
+        try:
+            check_environment()
+        except (ValueError, TrackingError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
         status = forkserver.hand_off()
         if status is not None:
             raise SystemExit(status)
@@ -68,6 +73,30 @@ def guard(main: Callable[[], Any]) -> None:
     except KeyboardInterrupt:
         print("error: interrupted; no output written", file=sys.stderr)
         raise SystemExit(130) from None
+
+
+# The variables that switch something off, with their values (the default first): any other value stops
+# the stage (`KDPRUNE_TRACKING=false` had left tracking on, unsaid)
+SWITCHES = {"KDPRUNE_TRACKING": ("on", "off"), "KDPRUNE_SHARE": ("1", "0")}
+
+
+def check_environment() -> None:
+    """The variables a stage reads, before any work, a bad value raising ValueError (or TrackingError)
+    naming its variable: the switches, the fork server's and the warm starts' (the zygote of the MLflow
+    service reads KDPRUNE_WARM_IDLE, so with the fork server off too), and where the services listen (made
+    now for a fork server; a stage run on its own makes it when it tracks) and the timings go."""
+    from kdprune import forkserver, tracker
+
+    for name, values in SWITCHES.items():
+        found = os.environ.get(name) or values[0]
+        if found not in values:
+            raise ValueError(f"{name}: expected {' or '.join(values)}, got {found!r}")
+    tracker.warm_idle()
+    forkserver.mode()
+    tracker.service_dir(make=forkserver.enabled())
+    timings = os.environ.get("KDPRUNE_TIMINGS")
+    if timings and (Path(timings).is_dir() or not Path(timings).absolute().parent.is_dir()):
+        raise ValueError(f"KDPRUNE_TIMINGS: {timings}: expected a file in an existing folder")
 
 
 def _terminate(signum: int, frame: Any) -> None:
@@ -213,8 +242,12 @@ def _record_timings(name: str, clock: dict[str, float]) -> None:
             "close": end - clock["done"], "tracking_wait": clock["waited"],
             "cpu": me.ru_utime + me.ru_stime + workers.ru_utime + workers.ru_stime,
             "peak_mib": max(me.ru_maxrss, workers.ru_maxrss) / 1024}  # Linux: KiB
-    with open(target, "a") as f:
-        f.write(json.dumps(line) + "\n")
+    try:
+        with open(target, "a") as f:
+            f.write(json.dumps(line) + "\n")
+    except OSError as e:  # after the stage's own end, whose error (if any) is the one to report
+        print(f"warning: KDPRUNE_TIMINGS: {target}: {e.strerror or e}; this stage's timings not recorded",
+              file=sys.stderr)
 
 
 def _finish(tracker: Any, status: str, output: str | None, tags: dict[str, str]) -> bool:
