@@ -164,6 +164,18 @@ def test_write_atomic_leaves_no_partial_file(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["f.json"]
 
 
+def test_write_atomic_names_the_file_it_could_not_write_never_its_temporary(tmp_path):
+    (tmp_path / "a folder").mkdir()
+    with pytest.raises(IsADirectoryError) as e:  # the rename fails
+        write_atomic(tmp_path / "a folder", "x")
+    assert e.value.filename == str(tmp_path / "a folder")
+    long = tmp_path / ("n" * 240 + ".json")  # a name the file may have, its temporary's longer one not
+    with pytest.raises(OSError) as e:
+        write_atomic(long, "x")
+    assert e.value.filename == str(long)
+    assert [p.name for p in tmp_path.iterdir()] == ["a folder"] and not list((tmp_path / "a folder").iterdir())
+
+
 def test_no_code_runs_from_data_anywhere():
     """No eval/exec, no unsafe YAML, no pickle loading, no torch.load without weights_only."""
     banned = re.compile(r"(?<![.\w])(eval|exec)\(|yaml\.(unsafe_)?load(_all)?\(|yaml\.(Unsafe|Full)?Loader|"

@@ -106,10 +106,57 @@ def test_the_command_prints_one_row_per_setting_and_writes_three_files(sweep_sto
 
 
 def test_an_empty_experiment_is_a_clear_error(mlflow_store, capsys):
+    from kdprune import store
+
+    store.ensure_experiment()  # the store, with the pipeline's experiment and not this one
     with pytest.raises(SystemExit) as e:
         cli.main(["report", "--experiment", "nothing-here"])
     assert e.value.code == 2
     assert "has no experiment 'nothing-here'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", [["report"], ["doctor"]])
+def test_a_store_that_is_not_there_or_cannot_be_opened_is_one_line_naming_it(command, tmp_path, monkeypatch,
+                                                                              capsys):
+    """A mistyped sqlite path is no new, empty store (MLflow made one, folders and all), and a store of a
+    kind MLflow cannot open no traceback."""
+    db = tmp_path / "no/such/mlflow.db"
+    for uri, message in ((f"sqlite:///{db}", f"sqlite:///{db}: no store at {db} (a stage that tracks makes it)"),
+                         ("bogus://x", "MLflow tracking store bogus://x: ")):
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        with pytest.raises(SystemExit) as e:
+            cli.main([*command, *(["--out", str(tmp_path / "reports")] if command == ["report"] else [])])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and len(err.splitlines()) == 1 and err.startswith(f"kdprune: error: {message}"), err
+    assert not (tmp_path / "no").exists() and not (tmp_path / "reports").exists()
+
+
+def test_a_report_that_cannot_be_written_is_found_before_the_store_is_read_and_leaves_the_old_one(
+        sweep_store, tmp_path, capsys):
+    out = tmp_path / "reports"
+    cli.main(["report", "--out", str(out)])
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    (out / "pareto.png").unlink()
+    (out / "pareto.png").mkdir()
+    with pytest.raises(SystemExit) as e:
+        cli.main(["report", "--out", str(out)])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (f"kdprune: error: {out / 'pareto.png'}: a folder, where the "
+                                                        "report writes a file")
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == {
+        k: v for k, v in before.items() if k != "pareto.png"}
+
+
+def test_the_logged_report_is_a_run_of_the_experiment_it_reports_on(sweep_store, tmp_path, monkeypatch):
+    import mlflow
+
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "elsewhere")  # what the stages would log into
+    cli.main(["report", "--experiment", "kdprune", "--out", str(tmp_path / "reports"), "--log"])
+    client = mlflow.MlflowClient(sweep_store)
+    assert client.get_experiment_by_name("elsewhere") is None
+    (logged,) = client.search_runs([client.get_experiment_by_name("kdprune").experiment_id],
+                                   "tags.`pipeline.kind` = 'report'")
+    assert logged.data.params["experiment"] == "kdprune"
 
 
 def test_a_single_run_has_n_1_and_no_spread(mlflow_store, tmp_path, capsys):

@@ -15,6 +15,7 @@ from kdprune.errors import ParamsError, TrackingError
 def report(args: argparse.Namespace) -> None:
     from kdprune import sweep
 
+    sweep.check_out(args.out)  # in seconds, not after the store's
     runs = sweep.summary_runs(args.experiment)
     if not runs:
         raise TrackingError(f"experiment {args.experiment!r} has no finished summary run yet")
@@ -33,6 +34,7 @@ def doctor(args: argparse.Namespace) -> None:
     from kdprune import runs, store
 
     store.configure()
+    store.check_exists(store.tracking_uri())
     with contextlib.redirect_stdout(io.StringIO()):  # MLflow prints "View run ... at ..." per run closed on a server
         closed = runs.reconcile(store.ensure_experiment())
     print("\n".join(closed) if closed else f"no run left open in {store.tracking_uri()}")

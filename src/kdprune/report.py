@@ -92,13 +92,18 @@ def _sparsity_notes(models: dict[str, dict[str, Any]]) -> list[str]:
     return notes
 
 
-def _save_figure(fig: Any, path: Path) -> None:
+def figure_png(fig: Any) -> bytes:
+    """The figure as PNG bytes, and closed (no Software tag: the same figure gives the same bytes)."""
     import matplotlib.pyplot as plt
 
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight", metadata={"Software": None})
     plt.close(fig)
-    write_atomic(path, buf.getvalue())
+    return buf.getvalue()
+
+
+def _save_figure(fig: Any, path: Path) -> None:
+    write_atomic(path, figure_png(fig))
 
 
 def short(v: float) -> str:

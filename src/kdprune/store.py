@@ -65,6 +65,14 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
         raise TrackingError(f"MLflow tracking server {uri} is not answering ({reason})") from e
 
 
+def check_exists(uri: str) -> None:
+    """For a command that reads a store and never makes one (kdprune report, doctor): a sqlite file that
+    is not there is a mistyped path, which MLflow would quietly make into an empty store."""
+    db = _sqlite_file(uri) if is_sqlite(uri) else None
+    if db is not None and not db.is_file():
+        raise TrackingError(f"{uri}: no store at {db} (a stage that tracks makes it)")
+
+
 def _sqlite_dir(uri: str) -> Path:
     """The directory of a sqlite store's database file: its lock and, by default, its artifacts go there."""
     db = _sqlite_file(uri)
@@ -161,7 +169,7 @@ def ensure_experiment() -> str:
     except TrackingError:
         raise
     except Exception as e:
-        raise TrackingError(f"MLflow tracking store {uri}: {_first_line(e)}") from e
+        raise TrackingError(f"MLflow tracking store {uri}: {first_line(e)}") from e
 
 
 _DOWN: set[str] = set()  # stores that used up their retries: later calls try once, until one succeeds
@@ -180,12 +188,12 @@ def call(fn: Callable[..., T], *args: Any, what: str = "call", **kwargs: Any) ->
         except Exception as e:  # noqa: BLE001 - mlflow wraps connection failures in several types
             if not _unreachable(e):
                 if isinstance(e, OSError):  # a full or read-only disk under the artifact store
-                    raise TrackingError(f"MLflow {what} at {tracking_uri()}: {_first_line(e)}") from e
+                    raise TrackingError(f"MLflow {what} at {tracking_uri()}: {first_line(e)}") from e
                 raise
             if delay is None:
                 _DOWN.add(uri)
                 raise TrackingError(f"MLflow tracking server {uri} stopped answering during {what} "
-                                    f"({_first_line(e)})") from e
+                                    f"({first_line(e)})") from e
             time.sleep(delay)
     raise AssertionError("unreachable")
 
@@ -196,6 +204,6 @@ def _unreachable(e: BaseException) -> bool:
                                    "ConnectTimeout", "ReadTimeout", "RemoteDisconnected", "database is locked"))
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__

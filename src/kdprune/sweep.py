@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import statistics
 from pathlib import Path
@@ -22,24 +23,30 @@ def summary_runs(experiment: str) -> list[Any]:
     from mlflow import MlflowClient
 
     from kdprune.errors import TrackingError
-    from kdprune.store import check_reachable, configure, tracking_uri
+    from kdprune.store import check_exists, check_reachable, configure, first_line, tracking_uri
 
     configure()
 
     uri = tracking_uri()
     check_reachable(uri)
-    client = MlflowClient(uri)
-    exp = client.get_experiment_by_name(experiment)
-    if exp is None:
-        raise TrackingError(f"{uri} has no experiment {experiment!r}: run the pipeline first")
-    runs, token = [], None
-    while True:
-        page = client.search_runs([exp.experiment_id], "tags.`pipeline.kind` = 'summary' and "
-                                  "attributes.status = 'FINISHED'", max_results=1000, page_token=token)
-        runs += list(page)
-        token = page.token
-        if not token:
-            return runs
+    check_exists(uri)
+    try:
+        client = MlflowClient(uri)
+        exp = client.get_experiment_by_name(experiment)
+        if exp is None:
+            raise TrackingError(f"{uri} has no experiment {experiment!r}: run the pipeline first")
+        runs, token = [], None
+        while True:
+            page = client.search_runs([exp.experiment_id], "tags.`pipeline.kind` = 'summary' and "
+                                      "attributes.status = 'FINISHED'", max_results=1000, page_token=token)
+            runs += list(page)
+            token = page.token
+            if not token:
+                return runs
+    except TrackingError:
+        raise
+    except Exception as e:  # a store MLflow cannot open: a scheme it does not know, a driver not installed
+        raise TrackingError(f"MLflow tracking store {uri}: {first_line(e)}") from e
 
 
 def group(runs: list[Any], metrics: tuple[str, ...] = HEADLINE) -> list[dict[str, Any]]:
@@ -112,14 +119,14 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
             if not any(c2 <= c and a2 >= a and (c2, a2) != (c, a) for c2, a2 in points)]
 
 
-def plot_pareto(rows: list[dict[str, Any]], path: Path) -> None:
-    """Accuracy against params, MACs and latency; error bars are one std over seeds; front marked."""
+def plot_pareto(rows: list[dict[str, Any]]) -> bytes:
+    """Accuracy against params, MACs and latency, as a PNG; error bars are one std over seeds; front marked."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from kdprune.report import _save_figure
+    from kdprune.report import figure_png
 
     swept = [k for k in rows[0] if not k.endswith((".mean", ".std")) and k not in ("n", "seeds")]
     fig, axes = plt.subplots(1, len(COSTS), figsize=(5 * len(COSTS), 4.2), sharey=True)
@@ -143,15 +150,29 @@ def plot_pareto(rows: list[dict[str, Any]], path: Path) -> None:
     axes[0].set_ylabel("test accuracy")
     axes[0].legend(fontsize=8)
     fig.suptitle("fine-tuned models of the sweep: accuracy against cost (mean ± std over seeds)")
-    _save_figure(fig, path)
+    return figure_png(fig)
+
+
+REPORT = ("sweep.md", "sweep.csv", "pareto.png")
+
+
+def check_out(out: Path) -> None:
+    """Before the store is read: `out` is a folder, or not there yet, and none of the report's files in it
+    a folder (an OSError naming the path)."""
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, "not a folder", str(out))
+    for name in REPORT:
+        if (out / name).is_dir():
+            raise IsADirectoryError(errno.EISDIR, "a folder, where the report writes a file", str(out / name))
 
 
 def write_report(rows: list[dict[str, Any]], out: Path) -> list[Path]:
-    paths = [out / "sweep.md", out / "sweep.csv", out / "pareto.png"]
-    write_atomic(paths[0], table(rows))
-    write_atomic(paths[1], to_csv(rows))
-    plot_pareto(rows, paths[2])
-    return paths
+    """The table, the CSV and the Pareto plot, all made before the first is written (each atomically)."""
+    made = dict(zip((out / name for name in REPORT), (table(rows), to_csv(rows), plot_pareto(rows))))
+    check_out(out)
+    for path, data in made.items():
+        write_atomic(path, data)
+    return list(made)
 
 
 def champions(runs: list[Any]) -> list[str]:
@@ -180,13 +201,20 @@ def champions(runs: list[Any]) -> list[str]:
 
 
 def log_report(experiment: str, n_runs: int, paths: list[Path]) -> None:
-    """The report as an MLflow run of its own (kind `report`)."""
+    """The report as an MLflow run of its own (kind `report`), in the experiment it reports on."""
     import mlflow
 
-    from kdprune.store import ensure_experiment
+    from kdprune.errors import TrackingError
+    from kdprune.store import first_line, tracking_uri
 
-    with mlflow.start_run(experiment_id=ensure_experiment(), run_name=f"report of {n_runs} summary runs",
-                          tags={"pipeline.kind": "report"}):
-        mlflow.log_params({"experiment": experiment, "runs": n_runs})
-        for p in paths:
-            mlflow.log_artifact(str(p))
+    uri = tracking_uri()
+    try:
+        mlflow.set_tracking_uri(uri)
+        exp = mlflow.MlflowClient(uri).get_experiment_by_name(experiment)  # there: its runs were just read
+        with mlflow.start_run(experiment_id=exp.experiment_id, run_name=f"report of {n_runs} summary runs",
+                              tags={"pipeline.kind": "report"}):
+            mlflow.log_params({"experiment": experiment, "runs": n_runs})
+            for p in paths:
+                mlflow.log_artifact(str(p))
+    except Exception as e:  # the store, or its artifact store, that took the query but not the run
+        raise TrackingError(f"MLflow tracking store {uri}: {first_line(e)}") from e
