@@ -30,6 +30,7 @@ from distill_labels import ROOT, json_line, markdown  # the sibling script: benc
 from kdprune import recipes
 from kdprune.checkpoints import load_model
 from kdprune.data import batches
+from kdprune.errors import CheckpointError, DataError
 from kdprune.measure import Spread, Timing, count_macs, latency_table, speedup
 from kdprune.models import count_params
 from kdprune.recipes import ONNX_FILE
@@ -99,9 +100,22 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=5, help="untimed calls of each runner first")
     ap.add_argument("--device", default="cpu", help="where eager PyTorch runs (ONNX Runtime: always the CPU)")
     args = ap.parse_args()
+    for option, least in (("threads", 1), ("batch_sizes", 1), ("rounds", 1), ("warmup", 0)):
+        values = getattr(args, option)
+        if min(values if isinstance(values, list) else [values]) < least:
+            ap.error(f"--{option.replace('_', '-')}: expected whole numbers of at least {least}, got {values}")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as e:
+        ap.error(f"--device {args.device}: {str(e).splitlines()[0]}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        ap.error(f"--device {args.device}: no CUDA device on this machine")
     start = time.perf_counter()
-    x = inputs_of(args.data)
-    models = {n: load_model(args.models / n)[0] for n in MODELS}
+    try:
+        x = inputs_of(args.data)
+        models = {n: load_model(args.models / n)[0] for n in MODELS}
+    except (CheckpointError, DataError, OSError) as e:  # no `dvc repro` yet, or another folder named
+        raise SystemExit(f"error: {e}") from None
     macs = {n: count_macs(m, x) for n, m in models.items()}
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads available; {args.rounds} rounds, "
           f"eager PyTorch on {args.device}, ONNX Runtime on the CPU\n\n{model_table(models, macs)}\n")

@@ -97,6 +97,8 @@ def main() -> None:
     ap.add_argument("--warm", action="store_true",
                     help="also time a rerun after each forced repro, with its fork server and zygote kept")
     args = ap.parse_args()
+    if args.repeats < 1:
+        ap.error(f"--repeats: expected at least 1, got {args.repeats}")
     work = Path(tempfile.mkdtemp(prefix="kdprune-bench-"))
     timings = work / "timings.jsonl"
     os.environ["KDPRUNE_SERVICE_DIR"] = str(work / "svc")  # this bench's own tracking service and fork server

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import gc
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -11,6 +13,7 @@ from torch import nn
 from kdprune.export import export_onnx
 from kdprune.measure import (MIN_ROUNDS, NOISY_IQR, Ratio, Timing, batch_of, count_macs, latency_table, speedup,
                              time_rounds, torch_runner)
+from tests.conftest import REPO
 
 
 def mlp() -> nn.Sequential:
@@ -129,3 +132,19 @@ def test_latency_table_times_both_runtimes_at_every_batch_size(tmp_path):
 def test_batch_of_repeats_real_rows():
     example = torch.arange(3.0).view(3, 1)
     assert batch_of(example, 5).flatten().tolist() == [0.0, 1.0, 2.0, 0.0, 1.0]
+
+
+@pytest.mark.slow  # a process of its own for each: torch's import
+@pytest.mark.parametrize("args, message", [
+    (["--rounds", "0"], "latency.py: error: --rounds: expected whole numbers of at least 1, got 0"),
+    (["--threads", "1", "0"], "latency.py: error: --threads: expected whole numbers of at least 1, got [1, 0]"),
+    (["--device", "cuda:0" if not torch.cuda.is_available() else "bogus"], "latency.py: error: --device "),
+    (["--models", "absent", "--rounds", "1"], "error: absent/teacher/spec.json: cannot read JSON"),
+])
+def test_the_latency_bench_refuses_what_it_cannot_time_with_one_line_before_any_work(args, message, tmp_path):
+    """A count that times nothing (or crashed torch after the models were loaded), a device there is none
+    of, or a folder with no models: one line at the end, exit 2 for an option (argparse's), no traceback."""
+    out = subprocess.run([sys.executable, str(REPO / "bench/latency.py"), *args], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode != 0 and out.stdout == "" and "Traceback" not in out.stderr, out.stderr
+    assert out.stderr.splitlines()[-1].startswith(message), out.stderr
