@@ -139,11 +139,12 @@ def test_batch_of_repeats_real_rows():
     (["--rounds", "0"], "latency.py: error: --rounds: expected whole numbers of at least 1, got 0"),
     (["--threads", "1", "0"], "latency.py: error: --threads: expected whole numbers of at least 1, got [1, 0]"),
     (["--device", "cuda:0" if not torch.cuda.is_available() else "bogus"], "latency.py: error: --device "),
-    (["--models", "absent", "--rounds", "1"], "error: absent/teacher/spec.json: cannot read JSON"),
+    (["--data", "absent", "--models", "absent", "--rounds", "1"], "error: absent/meta.json: cannot read JSON"),
 ])
 def test_the_latency_bench_refuses_what_it_cannot_time_with_one_line_before_any_work(args, message, tmp_path):
     """A count that times nothing (or crashed torch after the models were loaded), a device there is none
-    of, or a folder with no models: one line at the end, exit 2 for an option (argparse's), no traceback."""
+    of, or folders with no data or models (no `dvc repro` yet): one line at the end, exit 2 for an option
+    (argparse's), no traceback."""
     out = subprocess.run([sys.executable, str(REPO / "bench/latency.py"), *args], cwd=tmp_path, capture_output=True,
                          text=True, timeout=120)
     assert out.returncode != 0 and out.stdout == "" and "Traceback" not in out.stderr, out.stderr
