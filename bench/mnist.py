@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import json
 import math
 import os
@@ -332,6 +333,9 @@ def main() -> None:
     if not (args.raw / "raw").is_dir():
         ap.error(f"--raw {args.raw}: no raw/ folder inside (place the four MNIST files in data/raw/MNIST/raw/, "
                  "or name the folder that holds raw/)")
+    with tempfile.TemporaryDirectory(prefix="kdprune-mnist-params-") as tmp, \
+            contextlib.redirect_stdout(io.StringIO()):  # a bad -S stops here, before any seed's work dir
+        compose_params(Path(tmp) / "params.yaml", args.seeds[0], args.label_fraction, args.overrides)
     start = time.perf_counter()
     try:
         runs = [run_seed(s, args) for s in args.seeds]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import os
 import subprocess
 import sys
 
@@ -149,3 +150,15 @@ def test_the_latency_bench_refuses_what_it_cannot_time_with_one_line_before_any_
                          text=True, timeout=120)
     assert out.returncode != 0 and out.stdout == "" and "Traceback" not in out.stderr, out.stderr
     assert out.stderr.splitlines()[-1].startswith(message), out.stderr
+
+
+@pytest.mark.slow
+def test_the_mnist_bench_refuses_a_bad_override_before_any_seed(tmp_path):
+    """One line naming the override, and no seed's work dir made (or kept) for it."""
+    (tmp_path / "MNIST/raw").mkdir(parents=True)
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    out = subprocess.run([sys.executable, str(REPO / "bench/mnist.py"), "--raw", str(tmp_path / "MNIST"), "-S",
+                          "nosuch.key=1"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and out.stdout == "", out.stderr
+    assert len(out.stderr.splitlines()) == 1 and "nosuch" in out.stderr, out.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["MNIST"]
