@@ -19,6 +19,7 @@ defaults (digits models: about 2 minutes on two busy CPU cores; `--threads 1 --b
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -115,7 +116,8 @@ def main() -> None:
         x = inputs_of(args.data)
         models = {n: load_model(args.models / n)[0] for n in MODELS}
     except (CheckpointError, DataError, OSError) as e:  # no `dvc repro` yet, or another folder named
-        raise SystemExit(f"error: {e}") from None
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     macs = {n: count_macs(m, x) for n, m in models.items()}
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads available; {args.rounds} rounds, "
           f"eager PyTorch on {args.device}, ONNX Runtime on the CPU\n\n{model_table(models, macs)}\n")
