@@ -164,16 +164,19 @@ def test_write_atomic_leaves_no_partial_file(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["f.json"]
 
 
-def test_write_atomic_names_the_file_it_could_not_write_never_its_temporary(tmp_path):
+def test_write_atomic_writes_any_name_a_file_may_have_and_names_the_file_it_could_not_write(tmp_path):
     (tmp_path / "a folder").mkdir()
     with pytest.raises(IsADirectoryError) as e:  # the rename fails
         write_atomic(tmp_path / "a folder", "x")
     assert e.value.filename == str(tmp_path / "a folder")
-    long = tmp_path / ("n" * 240 + ".json")  # a name the file may have, its temporary's longer one not
+    too_long = tmp_path / ("n" * 251 + ".json")  # 256 bytes: no file may have that name
     with pytest.raises(OSError) as e:
-        write_atomic(long, "x")
-    assert e.value.filename == str(long)
+        write_atomic(too_long, "x")
+    assert e.value.filename == str(too_long)
     assert [p.name for p in tmp_path.iterdir()] == ["a folder"] and not list((tmp_path / "a folder").iterdir())
+    longest = tmp_path / ("n" * 250 + ".json")  # 255 bytes: a file may, its temporary too
+    write_atomic(longest, "x")
+    assert longest.read_text() == "x" and sorted(p.name for p in tmp_path.iterdir()) == ["a folder", longest.name]
 
 
 def test_no_code_runs_from_data_anywhere():

@@ -131,20 +131,36 @@ def test_a_store_that_is_not_there_or_cannot_be_opened_is_one_line_naming_it(com
     assert not (tmp_path / "no").exists() and not (tmp_path / "reports").exists()
 
 
+def test_a_store_that_is_there_is_found_in_every_form_sqlalchemy_reads(tmp_path, monkeypatch):
+    from kdprune import store
+
+    (tmp_path / "my db.db").write_bytes(b"")
+    monkeypatch.chdir(tmp_path)
+    for uri in ("sqlite:///my%20db.db", f"sqlite:///{tmp_path}/my%20db.db?timeout=30", "sqlite+pysqlite:///my db.db",
+                "sqlite://", "sqlite:///:memory:", "sqlite:///file:elsewhere.db?mode=ro&uri=true"):
+        store.check_exists(uri)  # no error: there, in memory, or SQLite's own URI form
+    with pytest.raises(Exception, match="no store at"):
+        store.check_exists("sqlite:///my%20other.db")
+
+
 def test_a_report_that_cannot_be_written_is_found_before_the_store_is_read_and_leaves_the_old_one(
-        sweep_store, tmp_path, capsys):
+        sweep_store, tmp_path, capsys, monkeypatch):
     out = tmp_path / "reports"
     cli.main(["report", "--out", str(out)])
-    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.name != "pareto.png"}
+    summary_run({**BASE, "prune.amount": 0.3, "seed": 0}, _metrics(0.99, 20000))  # a report now would differ
     (out / "pareto.png").unlink()
     (out / "pareto.png").mkdir()
-    with pytest.raises(SystemExit) as e:
-        cli.main(["report", "--out", str(out)])
-    assert e.value.code == 2
-    assert capsys.readouterr().err.splitlines()[-1] == (f"kdprune: error: {out / 'pareto.png'}: a folder, where the "
-                                                        "report writes a file")
-    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == {
-        k: v for k, v in before.items() if k != "pareto.png"}
+    read = []
+    monkeypatch.setattr(sweep, "summary_runs", lambda *args: read.append(args) or [])
+    (tmp_path / "a file").write_text("")
+    for where, culprit, why in ((out, out / "pareto.png", "a folder, where the report writes a file"),
+                                (tmp_path / "a file/reports", tmp_path / "a file", "not a folder")):
+        with pytest.raises(SystemExit) as e:
+            cli.main(["report", "--out", str(where)])
+        assert e.value.code == 2 and read == []
+        assert capsys.readouterr().err.splitlines()[-1] == f"kdprune: error: {culprit}: {why}"
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
 
 
 def test_the_logged_report_is_a_run_of_the_experiment_it_reports_on(sweep_store, tmp_path, monkeypatch):

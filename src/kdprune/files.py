@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import os
@@ -16,6 +17,13 @@ from kdprune.errors import CheckpointError
 # mkstemp/mkdtemp create private (0600/0700) entries; outputs get the modes a plain open() would give.
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
+# A temporary sibling is `.<name>.<pid>.<random>.tmp` (or `.old`), with at most this much of the name: a
+# name may have 255 bytes, and the pid, the random part and the suffix then still fit
+_STEM = 200
+
+
+def _sibling(path: Path) -> str:
+    return f".{path.name[:_STEM]}.{os.getpid()}."
 
 
 def write_atomic(path: str | Path, data: bytes | str) -> None:
@@ -25,7 +33,7 @@ def write_atomic(path: str | Path, data: bytes | str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale(path)
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_sibling(path), suffix=".tmp")
     except OSError as e:
         raise type(e)(e.errno, e.strerror, str(path)) from None
     try:
@@ -83,13 +91,13 @@ def staged_dir(out: str | Path) -> Iterator[Path]:
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         remove_stale(out)
-        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.{os.getpid()}.", suffix=".tmp"))
+        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=_sibling(out), suffix=".tmp"))
     except OSError as e:  # a read-only folder, a file where a folder should be: name the output, not a temp name
         raise OSError(e.errno, f"cannot write here ({e.strerror})", str(out)) from e
     try:
         tmp.chmod(0o777 & ~_UMASK)
         yield tmp
-        old = out.with_name(f".{out.name}.{os.getpid()}.old")
+        old = out.with_name(f"{_sibling(out)}old")
         if out.exists():
             os.replace(out, old)
         os.replace(tmp, out)
@@ -100,8 +108,9 @@ def staged_dir(out: str | Path) -> Iterator[Path]:
 
 def remove_stale(out: Path) -> None:
     """Delete `.<name>.<pid>.*` siblings of `out` whose process is gone."""
-    for entry in out.parent.glob(f".{out.name}.*"):
-        parts = entry.name[len(out.name) + 2:].split(".")
+    stem = out.name[:_STEM]
+    for entry in out.parent.glob(f".{glob.escape(stem)}.*"):
+        parts = entry.name[len(stem) + 2:].split(".")
         if len(parts) >= 2 and parts[0].isdigit() and entry.suffix in (".tmp", ".old") and not _alive(int(parts[0])):
             if entry.is_dir():
                 shutil.rmtree(entry, ignore_errors=True)

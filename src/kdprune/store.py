@@ -67,9 +67,17 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
 
 def check_exists(uri: str) -> None:
     """For a command that reads a store and never makes one (kdprune report, doctor): a sqlite file that
-    is not there is a mistyped path, which MLflow would quietly make into an empty store."""
-    db = _sqlite_file(uri) if is_sqlite(uri) else None
-    if db is not None and not db.is_file():
+    is not there is a mistyped path, which MLflow would quietly make into an empty store. The file as
+    SQLAlchemy reads the URI (percent-escapes decoded); SQLite's own `file:` URIs are left to it."""
+    if not is_sqlite(uri):
+        return
+    from sqlalchemy.engine import make_url
+
+    url = make_url(uri)
+    if url.database in (None, "", ":memory:") or url.query.get("uri"):
+        return
+    db = Path(url.database).absolute()
+    if not db.is_file():
         raise TrackingError(f"{uri}: no store at {db} (a stage that tracks makes it)")
 
 

@@ -159,8 +159,9 @@ REPORT = ("sweep.md", "sweep.csv", "pareto.png")
 def check_out(out: Path) -> None:
     """Before the store is read: `out` is a folder, or not there yet, and none of the report's files in it
     a folder (an OSError naming the path)."""
-    if out.exists() and not out.is_dir():
-        raise NotADirectoryError(errno.ENOTDIR, "not a folder", str(out))
+    found = next((folder for folder in (out, *out.absolute().parents) if folder.exists()), None)
+    if found is not None and not found.is_dir():  # `out`, or a file where one of its folders would be
+        raise NotADirectoryError(errno.ENOTDIR, "not a folder", str(found))
     for name in REPORT:
         if (out / name).is_dir():
             raise IsADirectoryError(errno.EISDIR, "a folder, where the report writes a file", str(out / name))
@@ -210,11 +211,15 @@ def log_report(experiment: str, n_runs: int, paths: list[Path]) -> None:
     uri = tracking_uri()
     try:
         mlflow.set_tracking_uri(uri)
-        exp = mlflow.MlflowClient(uri).get_experiment_by_name(experiment)  # there: its runs were just read
+        exp = mlflow.MlflowClient(uri).get_experiment_by_name(experiment)
+        if exp is None:  # its runs were read moments ago
+            raise TrackingError(f"{uri} has no experiment {experiment!r} any more: the report is not logged")
         with mlflow.start_run(experiment_id=exp.experiment_id, run_name=f"report of {n_runs} summary runs",
                               tags={"pipeline.kind": "report"}):
             mlflow.log_params({"experiment": experiment, "runs": n_runs})
             for p in paths:
                 mlflow.log_artifact(str(p))
+    except TrackingError:
+        raise
     except Exception as e:  # the store, or its artifact store, that took the query but not the run
         raise TrackingError(f"MLflow tracking store {uri}: {first_line(e)}") from e
