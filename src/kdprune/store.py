@@ -8,7 +8,7 @@ import os
 import re
 import time
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Iterator, TypeVar
 
 from kdprune.errors import TrackingError
 from kdprune.files import write_atomic
@@ -158,26 +158,33 @@ def ensure_experiment() -> str:
     if is_sqlite(uri):
         # Seconds of imports and ORM set-up: done before the lock, so only the database work is serialised.
         import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
+    with named_errors(uri), _store_lock(uri):
+        if is_sqlite(uri):
+            _from_template(uri)
+        exp = mlflow.get_experiment_by_name(name)
+        if exp is not None:
+            if exp.tags.get("mlflow.experimentKind") != "custom_model_development":
+                mlflow.MlflowClient().set_experiment_tag(exp.experiment_id, "mlflow.experimentKind",
+                                                         "custom_model_development")
+            return exp.experiment_id
+        location = (_sqlite_dir(uri) / "mlartifacts").as_uri() if is_sqlite(uri) else None
+        try:
+            return mlflow.create_experiment(name, artifact_location=location,
+                                            tags={"mlflow.experimentKind": "custom_model_development"})
+        except mlflow.exceptions.MlflowException:  # another process won the race on a server
+            return mlflow.get_experiment_by_name(name).experiment_id
+
+
+@contextlib.contextmanager
+def named_errors(uri: str) -> Iterator[None]:
+    """Any error of the store's (a scheme MLflow does not know, a driver not installed, an artifact store
+    that refuses a file) as one TrackingError line naming it; a TrackingError as it is."""
     try:
-        with _store_lock(uri):
-            if is_sqlite(uri):
-                _from_template(uri)
-            exp = mlflow.get_experiment_by_name(name)
-            if exp is not None:
-                if exp.tags.get("mlflow.experimentKind") != "custom_model_development":
-                    mlflow.MlflowClient().set_experiment_tag(exp.experiment_id, "mlflow.experimentKind",
-                                                             "custom_model_development")
-                return exp.experiment_id
-            location = (_sqlite_dir(uri) / "mlartifacts").as_uri() if is_sqlite(uri) else None
-            try:
-                return mlflow.create_experiment(name, artifact_location=location,
-                                                tags={"mlflow.experimentKind": "custom_model_development"})
-            except mlflow.exceptions.MlflowException:  # another process won the race on a server
-                return mlflow.get_experiment_by_name(name).experiment_id
+        yield
     except TrackingError:
         raise
     except Exception as e:
-        raise TrackingError(f"MLflow tracking store {uri}: {first_line(e)}") from e
+        raise TrackingError(f"MLflow tracking store {uri}: {_first_line(e)}") from e
 
 
 _DOWN: set[str] = set()  # stores that used up their retries: later calls try once, until one succeeds
@@ -196,12 +203,12 @@ def call(fn: Callable[..., T], *args: Any, what: str = "call", **kwargs: Any) ->
         except Exception as e:  # noqa: BLE001 - mlflow wraps connection failures in several types
             if not _unreachable(e):
                 if isinstance(e, OSError):  # a full or read-only disk under the artifact store
-                    raise TrackingError(f"MLflow {what} at {tracking_uri()}: {first_line(e)}") from e
+                    raise TrackingError(f"MLflow {what} at {tracking_uri()}: {_first_line(e)}") from e
                 raise
             if delay is None:
                 _DOWN.add(uri)
                 raise TrackingError(f"MLflow tracking server {uri} stopped answering during {what} "
-                                    f"({first_line(e)})") from e
+                                    f"({_first_line(e)})") from e
             time.sleep(delay)
     raise AssertionError("unreachable")
 
@@ -212,6 +219,6 @@ def _unreachable(e: BaseException) -> bool:
                                    "ConnectTimeout", "ReadTimeout", "RemoteDisconnected", "database is locked"))
 
 
-def first_line(e: BaseException) -> str:
+def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__

@@ -23,14 +23,14 @@ def summary_runs(experiment: str) -> list[Any]:
     from mlflow import MlflowClient
 
     from kdprune.errors import TrackingError
-    from kdprune.store import check_exists, check_reachable, configure, first_line, tracking_uri
+    from kdprune.store import check_exists, check_reachable, configure, named_errors, tracking_uri
 
     configure()
 
     uri = tracking_uri()
     check_reachable(uri)
     check_exists(uri)
-    try:
+    with named_errors(uri):
         client = MlflowClient(uri)
         exp = client.get_experiment_by_name(experiment)
         if exp is None:
@@ -43,10 +43,6 @@ def summary_runs(experiment: str) -> list[Any]:
             token = page.token
             if not token:
                 return runs
-    except TrackingError:
-        raise
-    except Exception as e:  # a store MLflow cannot open: a scheme it does not know, a driver not installed
-        raise TrackingError(f"MLflow tracking store {uri}: {first_line(e)}") from e
 
 
 def group(runs: list[Any], metrics: tuple[str, ...] = HEADLINE) -> list[dict[str, Any]]:
@@ -206,10 +202,10 @@ def log_report(experiment: str, n_runs: int, paths: list[Path]) -> None:
     import mlflow
 
     from kdprune.errors import TrackingError
-    from kdprune.store import first_line, tracking_uri
+    from kdprune.store import named_errors, tracking_uri
 
     uri = tracking_uri()
-    try:
+    with named_errors(uri):  # the store, or its artifact store, that took the query but not the run
         mlflow.set_tracking_uri(uri)
         exp = mlflow.MlflowClient(uri).get_experiment_by_name(experiment)
         if exp is None:  # its runs were read moments ago
@@ -219,7 +215,3 @@ def log_report(experiment: str, n_runs: int, paths: list[Path]) -> None:
             mlflow.log_params({"experiment": experiment, "runs": n_runs})
             for p in paths:
                 mlflow.log_artifact(str(p))
-    except TrackingError:
-        raise
-    except Exception as e:  # the store, or its artifact store, that took the query but not the run
-        raise TrackingError(f"MLflow tracking store {uri}: {first_line(e)}") from e
