@@ -4,11 +4,9 @@ process to DVC (argv, directory, environment, streams, exit status, signals), an
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -110,7 +108,7 @@ def test_between_stages_a_server_imports_what_later_stages_need_unless_it_is_to_
     """The default server, idle, imports the later stages' libraries (scikit-learn among the first); one
     started earlier with KDPRUNE_FORKSERVER=torch, in a folder of its own, has imported none by then.
     Forks report what they inherited."""
-    folders = {"torch": Path(tempfile.mkdtemp(prefix="kdp-")), "on": services}
+    folders = {"torch": services / "torch", "on": services}
 
     def fork(mode: str) -> dict[str, str]:
         out = run(probe, "0", KDPRUNE_FORKSERVER=mode, KDPRUNE_SERVICE_DIR=str(folders[mode]))
@@ -129,7 +127,6 @@ def test_between_stages_a_server_imports_what_later_stages_need_unless_it_is_to_
     finally:
         monkeypatch.setenv("KDPRUNE_SERVICE_DIR", str(folders["torch"]))
         forkserver.stop_all()
-        shutil.rmtree(folders["torch"], ignore_errors=True)
 
 
 def test_a_fork_has_the_umask_of_the_process_it_stands_for(served):
