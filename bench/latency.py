@@ -99,7 +99,8 @@ def main() -> None:
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64, 256, 1024])
     ap.add_argument("--rounds", type=int, default=30, help="interleaved timing rounds")
     ap.add_argument("--warmup", type=int, default=5, help="untimed calls of each runner first")
-    ap.add_argument("--device", default="cpu", help="where eager PyTorch runs (ONNX Runtime: always the CPU)")
+    ap.add_argument("--device", default="cpu",
+                    help="where eager PyTorch runs: cpu, cuda or cuda:<index> (ONNX Runtime: always the CPU)")
     args = ap.parse_args()
     for option, least in (("threads", 1), ("batch_sizes", 1), ("rounds", 1), ("warmup", 0)):
         values = getattr(args, option)
@@ -109,8 +110,11 @@ def main() -> None:
         device = torch.device(args.device)
     except RuntimeError as e:
         ap.error(f"--device {args.device}: {str(e).splitlines()[0]}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        ap.error(f"--device {args.device}: no CUDA device on this machine")
+    if device.type not in ("cpu", "cuda"):
+        ap.error(f"--device {args.device}: expected cpu, cuda or cuda:<index>")
+    if device.type == "cuda" and (index := device.index or 0) >= torch.cuda.device_count():
+        ap.error(f"--device {args.device}: this machine has no CUDA device {index} "
+                 f"({torch.cuda.device_count()} found)")
     start = time.perf_counter()
     try:
         x = inputs_of(args.data)

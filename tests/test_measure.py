@@ -135,15 +135,21 @@ def test_batch_of_repeats_real_rows():
     assert batch_of(example, 5).flatten().tolist() == [0.0, 1.0, 2.0, 0.0, 1.0]
 
 
+NOTHING = ["--data", "absent", "--models", "absent"]  # a check that misses fails on the data, not after timing
+
+
 @pytest.mark.parametrize("args, message", [
     (["--rounds", "0"], "latency.py: error: --rounds: expected whole numbers of at least 1, got 0"),
-    (["--device", "cuda:0" if not torch.cuda.is_available() else "bogus"], "latency.py: error: --device "),
+    (["--device", "bogus", *NOTHING], "latency.py: error: --device bogus: "),
+    (["--device", "meta", *NOTHING], "latency.py: error: --device meta: expected cpu, cuda or cuda:<index>"),
+    (["--device", f"cuda:{torch.cuda.device_count()}", *NOTHING], "latency.py: error: --device cuda:"),
     (["--data", "absent", "--models", "absent", "--rounds", "1"], "error: absent/meta.json: cannot read JSON"),
 ])
 def test_the_latency_bench_refuses_what_it_cannot_time_with_one_line_before_any_work(args, message, tmp_path,
                                                                                       monkeypatch, capsys):
-    """A count that times nothing (it crashed torch after every model was loaded), a device there is none
-    of, or folders with no data or models (no `dvc repro` yet): one line, exit 2, no traceback. Its main()
+    """A count that times nothing (it crashed torch after every model was loaded), a device that is not a
+    CPU or GPU (meta passed, to fail after the models were loaded) or one there is none of (a cuda:<index>
+    past the last GPU passed where there are GPUs), or folders with no data or models (no `dvc repro` yet): one line, exit 2, no traceback. Its main()
     here: its imports are this process's already."""
     monkeypatch.syspath_prepend(str(REPO / "bench"))
     monkeypatch.setattr(sys, "argv", ["latency.py", *args])
