@@ -112,7 +112,7 @@ def test_recomputing_prepare_alone_leaves_everything_after_it_up_to_date(project
 
 def test_editing_a_tracking_message_reruns_no_stage(project, tmp_path):
     root, env = clone(project, tmp_path / "c")
-    for module in ("runs", "tracker", "store", "stage", "files", "errors", "progress"):
+    for module in ("runs", "tracker", "store", "stage", "files", "errors", "progress", "switches"):
         path = root / f"src/kdprune/{module}.py"
         path.write_text(path.read_text() + "\n# an edited message\n")
     assert RAN.findall(sh(["dvc", "repro"], root, env).stdout) == []

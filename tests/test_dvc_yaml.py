@@ -14,7 +14,7 @@ PKG = REPO / "src/kdprune"
 # Modules that track, lock, print, write files or run processes: they never decide an output's bytes,
 # so a stage does not depend on them (editing a log message must not retrain a teacher).
 INFRA = {"errors", "files", "forkserver", "procs", "progress", "registry", "runs", "sharing", "stage", "store",
-         "summary", "tracker", "zygote"}
+         "summary", "switches", "tracker", "zygote"}
 TOOLS = {"cli", "sweep"}  # the `kdprune` command: no stage imports them
 
 

@@ -13,7 +13,8 @@ from typing import Any, Iterator
 
 import pytest
 
-from kdprune import forkserver, procs, tracker
+from kdprune import forkserver, procs, stage, tracker
+from kdprune.switches import SWITCHES, switch
 
 pytestmark = pytest.mark.slow
 
@@ -197,6 +198,20 @@ def test_a_torch_only_server_is_never_the_one_a_default_stage_finds(services, mo
     assert forkserver.server_path() != default
 
 
+def test_an_empty_switch_is_its_default(services, monkeypatch):
+    """`KDPRUNE_FORKSERVER= dvc repro` means the default, as an empty KDPRUNE_TRACKING or KDPRUNE_SHARE
+    does: it had stopped every stage (`expected one of on, torch, off, got ''`)."""
+    monkeypatch.setenv("KDPRUNE_SERVICE_DIR", str(services))
+    monkeypatch.delenv("KDPRUNE_FORKSERVER", raising=False)
+    default = forkserver.server_path()
+    for name in SWITCHES:
+        monkeypatch.setenv(name, "")
+    stage.check_environment()
+    assert forkserver.enabled() and forkserver.server_path() == default
+    assert {name: switch(name) for name in SWITCHES} == {
+        "KDPRUNE_TRACKING": "on", "KDPRUNE_SHARE": "1", "KDPRUNE_FORKSERVER": "on"}
+
+
 def test_a_package_installed_or_removed_since_a_warm_start_began_gets_a_new_one(tmp_path, services, monkeypatch):
     """The fork server and the zygote stay minutes between stages, holding the packages they imported: once
     an install or a removal has added or taken an entry (pip's and uv's `*.dist-info`) in the
@@ -254,7 +269,7 @@ def test_a_switch_or_a_timings_file_that_cannot_be_stops_the_stage_with_one_line
 def test_a_fork_server_mode_that_is_no_mode_stops_the_stage_with_one_line(probe, services):
     out = run(probe, "0", KDPRUNE_FORKSERVER="Torch")
     assert (out.returncode, out.stdout, out.stderr) == (
-        2, "", "error: KDPRUNE_FORKSERVER: expected one of on, torch, off, got 'Torch'\n")
+        2, "", "error: KDPRUNE_FORKSERVER: expected on, torch or off, got 'Torch'\n")
     assert not (services / "fork").exists() or not list((services / "fork").glob("*.sock"))
 
 

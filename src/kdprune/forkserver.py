@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from kdprune import procs
+from kdprune.switches import switch
 from kdprune.tracker import (ServiceDown, await_ready, dial, prestart, retire, service_dir, start_service,
                              wait_gone, warm_idle, withdraw)
 
@@ -56,19 +57,8 @@ LATER = ("numpy", "yaml", "sklearn.model_selection", "sklearn.datasets", "torch.
 IMPORT_TIME_ENV = ("PYTHON", "OMP_", "MKL_", "OPENBLAS_", "LD_", "TORCH_", "PYTORCH_", "CUDA_", "ATEN_",
                    "ONEDNN_", "DNNL_", "KDPRUNE_SERVICE_DIR")
 HEADER = struct.Struct("!I")
-MODES = ("on", "torch", "off")  # KDPRUNE_FORKSERVER: a server (torch, then what later stages import), one
-# that imports torch alone, none
-
-
-def mode() -> str:
-    found = os.environ.get("KDPRUNE_FORKSERVER", "on")
-    if found not in MODES:
-        raise ValueError(f"KDPRUNE_FORKSERVER: expected one of {', '.join(MODES)}, got {found!r}")
-    return found
-
-
 def enabled() -> bool:
-    return mode() != "off" and hasattr(os, "fork") and hasattr(socket, "send_fds") and not procs.forked()
+    return switch("KDPRUNE_FORKSERVER") != "off" and hasattr(os, "fork") and hasattr(socket, "send_fds") and not procs.forked()
 
 
 def server_path() -> Path:
@@ -78,7 +68,7 @@ def server_path() -> Path:
     (KDPRUNE_FORKSERVER=torch) is another server: a pipeline never finds one that preloads nothing."""
     env = sorted((k, v) for k, v in os.environ.items() if k.startswith(IMPORT_TIME_ENV))
     key = hashlib.sha256(json.dumps([sys.executable, sys.path[1:], env, process_state(), packages(),
-                                     mode() == "torch"]).encode()
+                                     switch("KDPRUNE_FORKSERVER") == "torch"]).encode()
                          + Path(__file__).read_bytes()).hexdigest()[:20]
     folder = service_dir() / "fork"
     folder.mkdir(mode=0o700, exist_ok=True)
@@ -211,7 +201,7 @@ def serve(path: Path) -> None:
         with contextlib.suppress(ImportError), procs.collector_paused():
             __import__(name)
     children: set[int] = set()
-    later = [] if mode() == "torch" else list(LATER)
+    later = [] if switch("KDPRUNE_FORKSERVER") == "torch" else list(LATER)
     idle_since, retired = time.monotonic(), False
     try:
         while True:

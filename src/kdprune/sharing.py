@@ -20,11 +20,12 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 from kdprune import manifest
 from kdprune.files import staged_dir, write_atomic, write_json
 from kdprune.params import Params, section
+from kdprune.switches import switch
 
 KEEP = 1800.0  # seconds an entry waits for a sibling that was blocked on its lock
 
@@ -39,7 +40,7 @@ def store_dir() -> Path:
 @contextlib.contextmanager
 def once(stage: str, p: Params, reads: tuple[str, ...], inputs: dict[str, Path], outputs: list[Path]) -> Iterator[None]:
     """Around a stage's work: restore a sibling's outputs (raising stage.Reused), or compute and leave them."""
-    if not os.environ.get("DVC_EXP_NAME") or os.environ.get("KDPRUNE_SHARE", "1") == "0":
+    if not os.environ.get("DVC_EXP_NAME") or switch("KDPRUNE_SHARE") == "0":
         yield
         return
     from filelock import FileLock

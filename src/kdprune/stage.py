@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterator
 from kdprune import manifest, procs
 from kdprune.errors import CheckpointError, DataError, ParamsError, TrackingError
 from kdprune.params import Params, flatten, section
+from kdprune.switches import SWITCHES, switch
 
 EXPECTED = (ParamsError, CheckpointError, DataError, TrackingError)
 
@@ -75,11 +76,6 @@ def guard(main: Callable[[], Any]) -> None:
         raise SystemExit(130) from None
 
 
-# The variables that switch something off, with their values (the default first): any other value stops
-# the stage (`KDPRUNE_TRACKING=false` had left tracking on, unsaid)
-SWITCHES = {"KDPRUNE_TRACKING": ("on", "off"), "KDPRUNE_SHARE": ("1", "0")}
-
-
 def check_environment() -> None:
     """The variables a stage reads, before any work, a bad value raising ValueError (or TrackingError)
     naming its variable: the switches, the fork server's and the warm starts' (the zygote of the MLflow
@@ -87,12 +83,9 @@ def check_environment() -> None:
     now for a fork server; a stage run on its own makes it when it tracks) and the timings go."""
     from kdprune import forkserver, tracker
 
-    for name, values in SWITCHES.items():
-        found = os.environ.get(name) or values[0]
-        if found not in values:
-            raise ValueError(f"{name}: expected {' or '.join(values)}, got {found!r}")
+    for name in SWITCHES:
+        switch(name)
     tracker.warm_idle()
-    forkserver.mode()
     tracker.service_dir(make=forkserver.enabled())
     timings = os.environ.get("KDPRUNE_TIMINGS")
     if timings and (Path(timings).is_dir() or not Path(timings).absolute().parent.is_dir()):
@@ -173,7 +166,7 @@ def run(name: str, p: Params, reads: tuple[str, ...], inputs: dict[str, Path | s
     health check), any other failure of the helper stops the stage at its next message."""
     from kdprune import sharing, store, tracker as tracking
 
-    if os.environ.get("KDPRUNE_TRACKING", "on") != "off":
+    if switch("KDPRUNE_TRACKING") != "off":
         store.check_reachable(store.tracking_uri())
     tracker, clock, finished = tracking.start(), {"entered": time.perf_counter()}, False
     # The summary stage (evaluate) is never shared: it measures latency, whose figures are no function of

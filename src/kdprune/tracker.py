@@ -29,6 +29,7 @@ from typing import Any, Iterator
 from kdprune import procs
 from kdprune.errors import TrackingError
 from kdprune.files import write_atomic
+from kdprune.switches import switch
 
 IDLE = 30.0  # seconds without a connected stage after which the service (of one store) exits
 WARM_IDLE = 300.0  # the warm starts' (the fork server's, the zygote's): an edit-and-rerun loop's pause
@@ -185,7 +186,7 @@ class Offline:
 
 def start() -> Tracker | Offline:
     """This stage's connection to the service of its store, or none when KDPRUNE_TRACKING=off."""
-    if os.environ.get("KDPRUNE_TRACKING", "on") == "off":
+    if switch("KDPRUNE_TRACKING") == "off":
         return Offline()
     from kdprune import store
 
@@ -198,7 +199,7 @@ def prestart() -> Path | None:
     overlap torch's, or the stage's own run, instead of the first tracked stage waiting for them. A
     service that fails to start is reported by the first stage that connects. Returns where it will
     listen (for await_ready); None when one listens already or tracking is off."""
-    if os.environ.get("KDPRUNE_TRACKING", "on") == "off":
+    if switch("KDPRUNE_TRACKING") == "off":
         return None
     from kdprune import store
 
