@@ -28,6 +28,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
+from urllib.parse import quote
 
 import pytest
 import yaml
@@ -320,6 +321,12 @@ def test_a_run_logged_through_the_server_is_in_postgres_and_its_artifact_in_the_
         cur.execute("SELECT value FROM latest_metrics WHERE run_uuid = %s AND key = 'finetuned.accuracy'",
                     (run_id,))
         assert cur.fetchall() == [(0.875,)]
+    # and read straight from the database, as a stage pointed at it reads, by the URI MLflow's docs write:
+    # postgresql://, which SQLAlchemy 2.1 reads as psycopg 3 (it had failed: "No module named 'psycopg'")
+    cfg, pg = stack.config(), stack.config()["postgres"]
+    direct = MlflowClient(f"postgresql://{quote(pg['user'])}:{quote(pg['password'], safe='')}@127.0.0.1:"
+                          f"{cfg['ports']['postgres']}/{pg['database']}")
+    assert direct.get_run(run_id).data.metrics == {"finetuned.accuracy": 0.875}
 
     bucket = stack.config()["buckets"]["mlflow"]
     found = [k for k in keys(stack, bucket) if k.endswith(f"{run_id}/artifacts/reports/note.txt")]
