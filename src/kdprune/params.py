@@ -32,8 +32,28 @@ SHAPES: dict[str, tuple[int, int, int]] = {"digits": (1, 8, 10), "mnist": (1, 28
 # sets' own train split
 SAMPLES: dict[str, int] = {"digits": 1797, "mnist": 60_000, "fashion_mnist": 60_000, "cifar10": 50_000}
 WEIGHTS_DIR = "weights"  # a user's own teacher state_dict lives here: train_teacher depends on the folder
-_BAD = object()
-_REGISTRY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,255}")  # a value that failed its check (None is a legitimate value: teacher.weights)
+_BAD = object()  # a value that failed its check (None is a legitimate value: teacher.weights)
+_REGISTRY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,255}")
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader (plain data only: no tag can construct an object) with two changes: `1e-3` is a
+    number, as DVC's reader, Hydra and `dvc exp run -S` take it (PyYAML's YAML 1.1 wants `1.0e-3`, and
+    `lr: 1e-3` was refused as text), and a key given twice is an error (the last one had won, unsaid, in a
+    stage run by hand; `dvc repro` refuses such a file)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(  # YAML 1.2's floats that 1.1 reads as text
+    r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"), list("-+0123456789."))
 
 
 def _in(lo: float, hi: float, lo_open: bool = False, hi_open: bool = False, unique: bool = False) -> Any:
@@ -158,8 +178,14 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     """Read and validate the whole of params.yaml; raise ParamsError listing every problem, one per line."""
     path = Path(path)
     try:
-        with path.open() as f:
-            raw = yaml.safe_load(f)  # plain data only: no tag can construct an object
+        with path.open("rb") as f:  # bytes: a file that is not UTF-8 is a YAMLError naming the byte
+            loader = _Loader(f)
+            try:
+                raw = loader.get_single_data()
+            finally:
+                loader.dispose()
+    except yaml.reader.ReaderError as e:
+        raise ParamsError(f"{path}: cannot read: not UTF-8 text (byte {e.position}: {e.reason})") from e
     except (OSError, yaml.YAMLError) as e:
         mark = getattr(e, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
@@ -305,17 +331,18 @@ def _under_weights_dir(path: str) -> bool:
 
 def _arch_checks(name: str, net: NetParams, dataset: str) -> list[str]:
     errors = []
-    if net.arch not in OWN_ARCHS and (net.channels or net.hidden):
-        errors.append(f"{name}.channels: {net.arch} is torchvision's: its shape comes from {name}.width; "
-                      f"channels and hidden must be [], got {net.channels!r} and {net.hidden!r}")
+    for key, value in (("channels", net.channels), ("hidden", net.hidden)):
+        if net.arch not in OWN_ARCHS and value:
+            errors.append(f"{name}.{key}: {net.arch} is torchvision's: its shape comes from {name}.width; "
+                          f"must be [], got {value!r}")
     if net.arch == "mlp" and net.channels:
         errors.append(f"{name}.channels: an mlp has no conv layers, must be [], got {net.channels!r}")
     if net.arch in ("cnn", "resnet") and not net.channels:
         errors.append(f"{name}.channels: a {net.arch} needs at least one conv stage")
-    size, depth = SHAPES[dataset][1], len(net.channels)
-    if net.arch in ("cnn", "resnet") and depth and size >> (depth - (net.arch == "resnet")) < 1:
-        errors.append(f"{name}.channels: {depth} downsampling stages shrink {dataset}'s {size}x{size} "
-                      f"images below one pixel")
+    size, depth = SHAPES[dataset][1], len(net.channels)  # a cnn halves its image per stage, flooring (a
+    if net.arch == "cnn" and size >> depth < 1:  # resnet's padded stride-2 convs keep at least one pixel)
+        errors.append(f"{name}.channels: {depth} pooling stages shrink {dataset}'s {size}x{size} images below "
+                      f"one pixel")
     return errors
 
 
