@@ -1,6 +1,6 @@
 """prune: remove the student's least important units (structured) or zero its weights (unstructured)."""
 
-from kdprune import stage
+from kdprune import manifest, stage
 from kdprune.files import staged_dir
 from kdprune.params import load_params
 
@@ -13,6 +13,8 @@ def main(argv: list[str] | None = None) -> None:
     p = load_params(args.params)
     inputs = {"data": args.data, "student": args.student, "scores": args.scores}
     with stage.run("prune", p, READS, inputs, outputs=[args.out, args.plot]) as run:
+        for role in ("student", "data"):  # scores rank the units of one student, measured on one data
+            manifest.check_made_from(args.scores, role, inputs[role], run.inputs[role])
         from kdprune import rounds as work
         from kdprune import recipes
         from kdprune.checkpoints import load_model

@@ -222,6 +222,19 @@ def test_soft_labels_from_another_teacher_are_refused_naming_both(pipeline, tmp_
     assert not (tmp_path / "student").exists()
 
 
+def test_scores_of_another_student_are_refused_naming_both(pipeline, tmp_path, mlflow_store):
+    """Prune ranks the units by the scores' numbers: another student's (the control's, same shape) had
+    pruned this one by them, unsaid."""
+    root = pipeline["root"]
+    paths = {**pipeline["paths"]["prune"], "out": tmp_path / "pruned", "plot": tmp_path / "prune.png",
+             "student": root / "models/student_scratch"}
+    with pytest.raises(CheckpointError) as e:
+        run_stage("prune", pipeline["params"], **paths)
+    assert str(root / "artifacts/scores/manifest.json") in str(e.value)
+    assert "made from another student than " + str(root / "models/student_scratch") in str(e.value)
+    assert not (tmp_path / "pruned").exists() and not (tmp_path / "prune.png").exists()
+
+
 def test_a_swapped_split_and_logits_from_elsewhere_are_refused_naming_the_file(pipeline, tmp_path, mlflow_store):
     root = pipeline["root"]
     data, soft = tmp_path / "prepared", tmp_path / "soft_labels"
