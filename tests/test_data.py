@@ -23,6 +23,7 @@ from tests.conftest import REPO, stage_env, tree_bytes, write_params
 IDX_FILES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
 CIFAR_FILES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"]
 FOLDERS = {"mnist": "MNIST/raw", "fashion_mnist": "FashionMNIST/raw", "cifar10": "cifar-10-batches-py"}
+CLASSES = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST", "cifar10": "CIFAR10"}  # torchvision's
 
 
 # ---------------------------------------------------------------- helpers
@@ -224,7 +225,8 @@ def test_mnist_like_in_torchvisions_older_processed_layout_prepares_offline(name
 def test_absent_dataset_offline_names_folder_and_files(name: str, tmp_path: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """Found before torchvision is imported (seconds, and torch's compiler with it): one file missing of
-    the set is enough. A set of damaged files is the same error, from torchvision."""
+    the set is enough. A set whose files are all there but damaged is another error, from torchvision's
+    reason: it had been called absent, the files named as the ones to place there."""
     raw, out = tmp_path / "raw", tmp_path / "out"
     raw.mkdir()
     monkeypatch.setitem(sys.modules, "torchvision.datasets", None)  # an import of it fails
@@ -244,20 +246,27 @@ def test_absent_dataset_offline_names_folder_and_files(name: str, tmp_path: Path
         (raw / FOLDERS[name] / f).write_bytes(b"")
     with pytest.raises(DataError, match="download is false"):
         data.prepare(name, raw, out, 0.15, 0.2, 0, download=False)
-    monkeypatch.undo()  # every file there, each empty: torchvision finds them damaged
+    monkeypatch.undo()  # every file there, each cut short: torchvision cannot read them, online or not
     (raw / FOLDERS[name] / names[0]).write_bytes(b"")
-    with pytest.raises(DataError, match="download is false"):
-        data.prepare(name, raw, out, 0.15, 0.2, 0, download=False)
+    import torchvision.datasets as tvd
+
+    monkeypatch.setattr(tvd.CIFAR10, "download", offline)  # it fetches afresh what fails its checksum
+    for download in (False, True):
+        with pytest.raises(DataError) as info:
+            data.prepare(name, raw, out, 0.15, 0.2, 0, download=download)
+        assert str(info.value).startswith(f"{CLASSES[name]} in {raw / FOLDERS[name]} cannot be read (")
+        assert str(info.value).endswith(f"): a file there is damaged or cut short; replace {', '.join(names)}")
     assert not out.exists()
 
 
-def test_failed_download_is_a_data_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def offline(self: Any) -> None:
     from urllib.error import URLError
 
-    import torchvision.datasets as tvd
+    raise URLError("no network")
 
-    def offline(self: Any) -> None:
-        raise URLError("no network")
+
+def test_failed_download_is_a_data_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torchvision.datasets as tvd
 
     monkeypatch.setattr(tvd.CIFAR10, "download", offline)
     with pytest.raises(DataError, match=r"download failed: URLError.*cifar-10-batches-py/$"):

@@ -50,7 +50,8 @@ def _torchvision(cls_name: str, folder: str, files: list[str],
             return DataError(f"{cls_name} is not under {where} ({why}): place {', '.join(files)} in {where}/")
 
         layouts = [[where / f for f in files]] + ([[raw_dir / f for f in older]] if older else [])
-        if not download and not any(all(path.is_file() for path in layout) for layout in layouts):
+        present = next((layout for layout in layouts if all(path.is_file() for path in layout)), None)
+        if not download and present is None:
             raise absent("data.download is false")  # at once: torchvision's import alone takes seconds
         import torchvision.datasets as tvd
 
@@ -58,7 +59,11 @@ def _torchvision(cls_name: str, folder: str, files: list[str],
         try:
             train, test = (cls(str(raw_dir), train=t, download=download) for t in (True, False))
         except Exception as e:  # torchvision raises RuntimeError when absent or damaged, URLError when offline
-            raise absent(f"download failed: {type(e).__name__}" if download else "data.download is false") from e
+            why = f"{type(e).__name__}: {str(e).splitlines()[0]}" if str(e).strip() else type(e).__name__
+            if present is not None:  # every file there, and torchvision cannot read them
+                raise DataError(f"{cls_name} in {present[0].parent} cannot be read ({why}): a file there is "
+                                f"damaged or cut short; replace {', '.join(p.name for p in present)}") from e
+            raise absent(f"download failed: {why}") from e
         return Source(*_arrays(train), 255.0, _arrays(test))
     return read
 
