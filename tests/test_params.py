@@ -386,13 +386,26 @@ def test_bad_params_stop_the_validate_process_with_one_line_per_problem(
     ("weights/absent.pt", "weights/absent.pt: no such file"),
     ("weights/student.pt", "weights/student.pt: tensor 'features.0.0.weight' has shape (4, 1, 3, 3), "
                            "the architecture needs (8, 1, 3, 3)"),
+    ("weights/nan.pt", "weights/nan.pt: tensor 'features.0.0.weight' holds NaN or infinite values"),
+    ("weights/sparse.pt", "weights/sparse.pt: tensor 'features.0.0.weight' is a torch.sparse_coo torch.float32 "
+                          "tensor, the architecture needs a dense torch.float32 one"),
+    ("weights/meta.pt", "weights/meta.pt: tensor 'features.0.0.weight' is a meta torch.strided torch.float32 "
+                        "tensor, the architecture needs a dense torch.float32 one"),
 ])
+@pytest.mark.filterwarnings("ignore:Validating sparse tensor invariants")  # torch's, loading the sparse one
 def test_validate_refuses_teacher_weights_that_do_not_fit(weights: str, message: str, tmp_path: Path,
                                                           capsys: pytest.CaptureFixture[str],
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    student = build_model(load_params(write_params(tmp_path / "p.yaml")).student.spec(*SHAPES["digits"]))
+    """What does not fit, and what fits in shape but would break train_teacher (a sparse or meta tensor:
+    a traceback) or poison every model after it (NaN: the pipeline finished with NaN models, unsaid)."""
+    p = load_params(write_params(tmp_path / "p.yaml"))
+    student, teacher = (build_model(net.spec(*SHAPES["digits"])).state_dict() for net in (p.student, p.teacher))
     (tmp_path / "weights").mkdir()
-    torch.save(student.state_dict(), tmp_path / "weights/student.pt")
+    torch.save(student, tmp_path / "weights/student.pt")
+    first = "features.0.0.weight"
+    for name, tensor in (("nan", teacher[first].clone().fill_(float("nan"))), ("sparse", teacher[first].to_sparse()),
+                         ("meta", teacher[first].to("meta"))):
+        torch.save({**teacher, first: tensor}, tmp_path / f"weights/{name}.pt")
     params = write_params(tmp_path / "params.yaml", teacher={"weights": weights})
     load_params(params)  # the params themselves are fine: the file is what validate refuses
     monkeypatch.chdir(tmp_path)

@@ -50,8 +50,10 @@ def _shape(t: Any) -> str:
 
 
 def check_state_dict(model: nn.Module, state: Any, path: str | Path) -> None:
-    """Refuse tensors that do not fit `model`, naming the first that is missing or of another shape
-    (in the architecture's order), then the first the architecture has no place for."""
+    """Refuse tensors that do not fit `model`, naming the first that is missing, of another shape, not a
+    plain dense tensor of the parameter's kind (a sparse or meta tensor failed load_state_dict with a
+    traceback), or holding NaN or infinity (a diverged teacher made a pipeline of NaN models, unsaid), in
+    the architecture's order; then the first the architecture has no place for."""
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: holds a {type(state).__name__}, not a state_dict")
     expected = model.state_dict()
@@ -62,6 +64,12 @@ def check_state_dict(model: nn.Module, state: Any, path: str | Path) -> None:
         if not isinstance(got, torch.Tensor) or got.shape != want.shape:
             raise CheckpointError(f"{path}: tensor '{name}' has shape {_shape(got)}, "
                                   f"the architecture needs {_shape(want)}")
+        if got.layout != torch.strided or got.is_meta or got.is_complex() \
+                or got.is_floating_point() != want.is_floating_point():
+            raise CheckpointError(f"{path}: tensor '{name}' is a {'meta ' if got.is_meta else ''}{got.layout} "
+                                  f"{got.dtype} tensor, the architecture needs a dense {want.dtype} one")
+        if got.is_floating_point() and not bool(torch.isfinite(got).all()):
+            raise CheckpointError(f"{path}: tensor '{name}' holds NaN or infinite values")
     for name in state:
         if name not in expected:
             raise CheckpointError(f"{path}: tensor '{name}' is unexpected, the architecture has no such tensor")
