@@ -7,7 +7,7 @@ test split; latency in eager PyTorch and ONNX Runtime, in interleaved rounds, wi
 from __future__ import annotations
 
 from kdprune import stage
-from kdprune.params import flatten, load_params
+from kdprune.params import load_params
 
 MODELS = ("teacher", "student_scratch", "student", "pruned", "finetuned")
 READS = ("params.yaml",)  # the summary run carries every param
@@ -18,7 +18,8 @@ def main(argv: list[str] | None = None) -> None:
                         "confusion").parse_args(argv)
     p = load_params(args.params)
     dirs = {name: getattr(args, name) for name in MODELS}
-    outputs = [args.headline, args.metrics, args.per_class, args.report, args.plot, args.confusion]
+    outputs = {path: "file" for path in (args.headline, args.metrics, args.per_class, args.report, args.plot,
+                                         args.confusion)}
     with stage.run("evaluate", p, (), {"data": args.data, **dirs}, outputs, kind="summary",
                    title=stage.label(p)) as run:
         from kdprune import comparison, recipes, report

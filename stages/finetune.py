@@ -16,7 +16,7 @@ def main(argv: list[str] | None = None) -> None:
     inputs = {"data": args.data, "pruned": args.pruned}
     if p.finetune.distill:
         inputs |= {"soft_labels": args.soft_labels, "teacher": args.teacher}
-    with stage.run("finetune", p, READS, inputs, outputs=[args.out, args.plots]) as run:
+    with stage.run("finetune", p, READS, inputs, outputs={args.out: "folder", args.plots: "file"}) as run:
         import torch.nn.functional as F
 
         from kdprune import recipes, soft_labels

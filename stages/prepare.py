@@ -10,7 +10,7 @@ READS = ("seed", "threads", "data")
 def main(argv: list[str] | None = None) -> None:
     args = stage.parser(__doc__, "raw", "out").parse_args(argv)
     p = load_params(args.params)
-    with stage.run("prepare", p, READS, inputs={}, outputs=[args.out]) as run:
+    with stage.run("prepare", p, READS, inputs={}, outputs={args.out: "folder"}) as run:
         from kdprune.data import prepare
 
         with staged_dir(args.out) as out:

@@ -12,7 +12,7 @@ def main(argv: list[str] | None = None) -> None:
     args = stage.parser(__doc__, "data", "student", "scores", "out", "plot").parse_args(argv)
     p = load_params(args.params)
     inputs = {"data": args.data, "student": args.student, "scores": args.scores}
-    with stage.run("prune", p, READS, inputs, outputs=[args.out, args.plot]) as run:
+    with stage.run("prune", p, READS, inputs, outputs={args.out: "folder", args.plot: "file"}) as run:
         for role in ("student", "data"):  # scores rank the units of one student, measured on one data
             manifest.check_made_from(args.scores, role, inputs[role], run.inputs[role])
         from kdprune import rounds as work

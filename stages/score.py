@@ -16,7 +16,8 @@ def main(argv: list[str] | None = None) -> None:
     args = stage.parser(__doc__, "data", "student", "out", "agreement", "plot").parse_args(argv)
     p = load_params(args.params)
     inputs = {"data": args.data, "student": args.student}
-    with stage.run("score", p, READS, inputs, outputs=[args.out, args.agreement, args.plot]) as run:
+    outputs = {args.out: "folder", args.agreement: "file", args.plot: "file"}
+    with stage.run("score", p, READS, inputs, outputs) as run:
         from kdprune import recipes, scoring, workers
         from kdprune.checkpoints import load_model
         from kdprune.data import labelled

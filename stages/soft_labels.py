@@ -14,7 +14,7 @@ def main(argv: list[str] | None = None) -> None:
     args = stage.parser(__doc__, "data", "teacher", "out").parse_args(argv)
     p = load_params(args.params)
     inputs = {"data": args.data, "teacher": args.teacher}
-    with stage.run("soft_labels", p, READS, inputs, outputs=[args.out]) as run:
+    with stage.run("soft_labels", p, READS, inputs, outputs={args.out: "folder"}) as run:
         from kdprune import recipes, soft_labels
         from kdprune.checkpoints import load_model
         from kdprune.inference import predict

@@ -13,7 +13,8 @@ READS = ("seed", "threads", "device", "augment", "student")
 def main(argv: list[str] | None = None) -> None:
     args = stage.parser(__doc__, "data", "out", "plots").parse_args(argv)
     p = load_params(args.params)
-    with stage.run("train_scratch", p, READS, inputs={"data": args.data}, outputs=[args.out, args.plots]) as run:
+    outputs = {args.out: "folder", args.plots: "file"}
+    with stage.run("train_scratch", p, READS, inputs={"data": args.data}, outputs=outputs) as run:
         import torch.nn.functional as F
 
         from kdprune import recipes

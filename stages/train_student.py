@@ -11,7 +11,7 @@ def main(argv: list[str] | None = None) -> None:
     args = stage.parser(__doc__, "data", "soft_labels", "teacher", "out", "plots").parse_args(argv)
     p = load_params(args.params)
     inputs = {"data": args.data, "soft_labels": args.soft_labels, "teacher": args.teacher}
-    with stage.run("train_student", p, READS, inputs, outputs=[args.out, args.plots]) as run:
+    with stage.run("train_student", p, READS, inputs, outputs={args.out: "folder", args.plots: "file"}) as run:
         from kdprune import recipes, soft_labels
         from kdprune.data import UNLABELLED, augmenter
         from kdprune.models import build_model

@@ -11,7 +11,7 @@ def main(argv: list[str] | None = None) -> None:
     args = stage.parser(__doc__, "data", "out", "plots").parse_args(argv)
     p = load_params(args.params)
     inputs = {"data": args.data} | ({"weights": p.teacher.weights} if p.teacher.weights else {})
-    with stage.run("train_teacher", p, READS, inputs, outputs=[args.out, args.plots]) as run:
+    with stage.run("train_teacher", p, READS, inputs, outputs={args.out: "folder", args.plots: "file"}) as run:
         import torch.nn.functional as F
 
         from kdprune import recipes, teacher

@@ -14,7 +14,7 @@ import torch
 
 from kdprune.checkpoints import check_state_dict, load_model, load_tensors, save_model
 from kdprune.errors import CheckpointError
-from kdprune.files import staged_dir, write_atomic
+from kdprune.files import check_writable, staged_dir, write_atomic
 from kdprune.models import build_model, remove_units
 from tests.conftest import REPO
 from tests.test_models import SPECS, half, tiny
@@ -177,6 +177,35 @@ def test_write_atomic_writes_any_name_a_file_may_have_and_names_the_file_it_coul
     longest = tmp_path / ("n" * 250 + ".json")  # 255 bytes: a file may, its temporary too
     write_atomic(longest, "x")
     assert longest.read_text() == "x" and sorted(p.name for p in tmp_path.iterdir()) == ["a folder", longest.name]
+
+
+@pytest.mark.parametrize("kind", ["file", "folder"])
+def test_check_writable_refuses_what_would_fail_or_replace_the_wrong_thing_and_nothing_else(tmp_path, kind):
+    """What a stage's outputs are checked by before its work. Refused: a path under a file (either writer
+    fails), a folder where a file goes (write_atomic fails), a file where a folder goes (staged_dir would
+    replace it: `--out params.yaml` by mistake). Accepted, and then written: a new path, in new folders
+    too, and one that holds an output of its kind."""
+    def write(path):
+        if kind == "file":
+            write_atomic(path, "x")
+        else:
+            with staged_dir(path) as out:
+                (out / "f").write_text("x")
+
+    (tmp_path / "a_file").write_text("keep")
+    (tmp_path / "a_folder").mkdir()
+    refused = {tmp_path / "a_file" / "out": f"{tmp_path / 'a_file'} is not a folder",
+               tmp_path / "a_file" / "deeper" / "out": f"{tmp_path / 'a_file'} is not a folder",
+               tmp_path / ("a_folder" if kind == "file" else "a_file"):
+                   f"a {'folder' if kind == 'file' else 'file'} is where this stage writes a {kind}"}
+    for path, why in refused.items():
+        with pytest.raises(OSError) as e:
+            check_writable(path, kind)
+        assert (e.value.filename, e.value.strerror) == (str(path), f"cannot write here ({why})")
+    assert (tmp_path / "a_file").read_text() == "keep"
+    for path in (tmp_path / "new", tmp_path / "new_folder" / "deeper" / "new", tmp_path / "new"):
+        check_writable(path, kind)  # the last: over the output the first write made
+        write(path)
 
 
 def test_no_code_runs_from_data_anywhere():

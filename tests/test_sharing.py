@@ -172,12 +172,12 @@ def test_the_summary_stage_is_never_shared_it_measures_and_owns_its_execution_s_
     out = workspace["root"] / "report.md"
     ran = []
     for _ in range(2):
-        with stage.run("evaluate", p, (), {"data": workspace["data"]}, [out], kind="summary"):
+        with stage.run("evaluate", p, (), {"data": workspace["data"]}, {out: "file"}, kind="summary"):
             ran.append("evaluate")
             out.write_text(f"measured {len(ran)}")
     assert ran == ["evaluate", "evaluate"] and out.read_text() == "measured 2"
-    with stage.run("train_teacher", p, READS, {"data": workspace["data"]}, [out]):
+    with stage.run("train_teacher", p, READS, {"data": workspace["data"]}, {out: "file"}):
         out.write_text("computed")
     with pytest.raises(Reused):
-        with stage.run("train_teacher", p, READS, {"data": workspace["data"]}, [out]):
+        with stage.run("train_teacher", p, READS, {"data": workspace["data"]}, {out: "file"}):
             pytest.fail("computed again")

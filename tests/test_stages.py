@@ -235,6 +235,22 @@ def test_scores_of_another_student_are_refused_naming_both(pipeline, tmp_path, m
     assert not (tmp_path / "pruned").exists() and not (tmp_path / "prune.png").exists()
 
 
+def test_an_output_that_cannot_be_written_stops_the_stage_before_its_work(pipeline, tmp_path, untracked,
+                                                                        monkeypatch):
+    """A stage run by hand with a folder given for its curve, or its model under a file, trained every
+    epoch and then failed (`Is a directory`)."""
+    from kdprune import training
+
+    monkeypatch.setattr(training, "fit", lambda *a, **k: pytest.fail("trained"))
+    (tmp_path / "plots").mkdir()
+    (tmp_path / "a_file").write_text("")
+    for bad in ({"plots": tmp_path / "plots"}, {"out": tmp_path / "a_file" / "scratch"}):
+        paths = {**pipeline["paths"]["train_scratch"], "out": tmp_path / "scratch", "plots": tmp_path / "c.csv", **bad}
+        with pytest.raises(OSError, match="cannot write here"):
+            run_stage("train_scratch", pipeline["params"], **paths)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "plots"] and not any((tmp_path / "plots").iterdir())
+
+
 def test_a_swapped_split_and_logits_from_elsewhere_are_refused_naming_the_file(pipeline, tmp_path, mlflow_store):
     root = pipeline["root"]
     data, soft = tmp_path / "prepared", tmp_path / "soft_labels"

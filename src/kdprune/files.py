@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import hashlib
 import json
@@ -104,6 +105,26 @@ def staged_dir(out: str | Path) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_writable(path: str | Path, kind: str) -> None:
+    """That write_atomic (`kind` "file") or staged_dir ("folder") could put `path` in place, checked before a
+    stage's work: no file where a folder must be made above it, a folder there that may be written in, and
+    nothing of the other kind at `path` itself. An OSError naming `path` otherwise."""
+    path = Path(path)
+    if kind not in ("file", "folder"):
+        raise ValueError(f"kind: expected file or folder, got {kind!r}")
+    if path.exists() and path.is_dir() != (kind == "folder"):
+        found = "folder" if path.is_dir() else "file"
+        raise OSError(errno.EISDIR if found == "folder" else errno.ENOTDIR,
+                      f"cannot write here (a {found} is where this stage writes a {kind})", str(path))
+    above = path.absolute().parent
+    while not above.exists() and not above.is_symlink():
+        above = above.parent
+    if not above.is_dir():
+        raise OSError(errno.ENOTDIR, f"cannot write here ({above} is not a folder)", str(path))
+    if not os.access(above, os.W_OK | os.X_OK):
+        raise OSError(errno.EACCES, f"cannot write here ({above}: Permission denied)", str(path))
 
 
 def remove_stale(out: Path) -> None:

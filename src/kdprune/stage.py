@@ -157,22 +157,27 @@ class Run:
 
 
 @contextlib.contextmanager
-def run(name: str, p: Params, reads: tuple[str, ...], inputs: dict[str, Path | str], outputs: list[Path],
-        kind: str = "stage", title: str | None = None) -> Iterator[Run]:
-    """Check the inputs against their manifests, have the helper open the MLflow run while torch is
-    imported (threads and seed set from params), and close the run FINISHED, FAILED or KILLED.
+def run(name: str, p: Params, reads: tuple[str, ...], inputs: dict[str, Path | str],
+        outputs: dict[Path, str], kind: str = "stage", title: str | None = None) -> Iterator[Run]:
+    """Check that the outputs ({path: "file" or "folder"}) can be written where they go (a stage run by hand
+    learned of a folder given for a file after its work), check the inputs against their manifests, have
+    the helper open the MLflow run while torch is imported (threads and seed set from params), and close
+    the run FINISHED, FAILED or KILLED.
 
     The stage does not wait for the run to exist: a server that is down is found first (a one-second
     health check), any other failure of the helper stops the stage at its next message."""
     from kdprune import sharing, store, tracker as tracking
+    from kdprune.files import check_writable
 
+    for path, what in outputs.items():
+        check_writable(path, what)
     if switch("KDPRUNE_TRACKING") != "off":
         store.check_reachable(store.tracking_uri())
     tracker, clock, finished = tracking.start(), {"entered": time.perf_counter()}, False
     # The summary stage (evaluate) is never shared: it measures latency, whose figures are no function of
     # its inputs, and it owns its pipeline execution's summary run and registration (nor does DVC's
     # run-cache serve it: its measured outputs are uncached).
-    shared = sharing.once(name, p, reads, inputs, outputs) if kind != "summary" else contextlib.nullcontext()
+    shared = sharing.once(name, p, reads, inputs, list(outputs)) if kind != "summary" else contextlib.nullcontext()
     try:
         with shared:
             fingerprints = {role: manifest.fingerprint(path) for role, path in inputs.items()}
