@@ -14,7 +14,6 @@ import copy
 import io
 import warnings
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import onnx
