@@ -12,18 +12,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdprune.data import Normaliser, Split
+from kdprune.errors import ParamsError
 from kdprune.params import FitParams
 from kdprune.training import fit, layout
 
 
-def _fit_once(device: str = "cpu", on_epoch=None) -> tuple[nn.Module, list[dict[str, float]]]:
+def _fit_once(device: str = "cpu", on_epoch=None, lr: float = 0.01) -> tuple[nn.Module, list[dict[str, float]]]:
     g = torch.Generator().manual_seed(0)
     train = Split(torch.randint(0, 256, (96, 3, 8, 8), dtype=torch.uint8, generator=g), torch.arange(96) % 4)
     val = Split(torch.randint(0, 256, (32, 3, 8, 8), dtype=torch.uint8, generator=g), torch.arange(32) % 4)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
                           nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 16, 4))
-    cfg = FitParams(epochs=2, batch_size=16, optimizer="adam", lr=0.01, weight_decay=0.0)
+    cfg = FitParams(epochs=2, batch_size=16, optimizer="sgd" if lr > 1 else "adam", lr=lr, weight_decay=0.0)
     history = fit(model, train, val, Normaliser(255.0, (0.5,) * 3, (0.25,) * 3), F.cross_entropy, cfg, seed=0,
                   device=torch.device(device), on_epoch=on_epoch and (lambda epoch, row: on_epoch(model)),
                   desc="test")
@@ -48,6 +49,16 @@ def test_fit_hands_the_model_back_in_the_default_layout_and_trains_the_same_twic
 
 
 @pytest.mark.slow  # an interpreter of its own: 3-5 s
+def test_a_fit_that_diverges_stops_naming_the_epoch_and_the_learning_rate() -> None:
+    """It had trained on, every later epoch NaN, and the stage saved a NaN model that every stage after it
+    used. The diverged epoch is still handed to on_epoch (the run's curve shows it)."""
+    seen = []
+    with pytest.raises(ParamsError, match=r"^test: training diverged in epoch 1 \(train_loss (nan|inf), val_loss "
+                                          r"nan\): lower its learning rate, 1e\+30$"):
+        _fit_once(on_epoch=lambda model: seen.append(1), lr=1e30)
+    assert seen == [1]
+
+
 def test_a_model_with_a_strided_1x1_convolution_trains_in_the_default_layout() -> None:
     """Channels-last only where oneDNN computes it right: a strided 1x1 convolution with fewer input channels
     than oneDNN's block (a small ResNet's downsampling) corrupted the heap in channels-last (oneDNN #6035).

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Protocol
 
 import torch
 from torch import nn
 
 from kdprune.data import Normaliser, Split, batches
+from kdprune.errors import ParamsError
 from kdprune.inference import evaluate
 from kdprune.progress import Progress
 
@@ -66,7 +68,8 @@ def fit(model: nn.Module, train: Split, val: Split, norm: Normaliser, loss_fn: L
     """Train `model` in place on `train` (targets: y, then the split's extra tensors) with a cosine-annealed
     learning rate, plus `l1` * l1_penalty(model); return one metrics dict per epoch (nothing measured:
     the same inputs give the same history). It trains in the memory layout `layout` picks and is handed
-    back in torch's default one, the one checkpoints are written in."""
+    back in torch's default one, the one checkpoints are written in. A loss that is no longer finite stops
+    it (ParamsError) after that epoch's row is handed to `on_epoch`."""
     model.to(device, memory_format=layout(model, device))
     train, val = train.to(device), val.to(device)
     optimizer = make_optimizer(model, cfg)
@@ -90,6 +93,9 @@ def fit(model: nn.Module, train: Split, val: Split, norm: Normaliser, loss_fn: L
                          f"val_loss {row['val_loss']:.4f} val_accuracy {row['val_accuracy']:.4f}")
             if on_epoch is not None:
                 on_epoch(epoch, row)
+            if not (math.isfinite(train_loss) and math.isfinite(row["val_loss"])):  # (it had gone on, NaN after
+                raise ParamsError(f"{desc}: training diverged in epoch {epoch} (train_loss {train_loss}, "  # NaN,
+                                  f"val_loss {row['val_loss']}): lower its learning rate, {cfg.lr:g}")  # and saved it)
     finally:  # (a failed fit's model, too)
         model.to(memory_format=torch.contiguous_format)
     return history
