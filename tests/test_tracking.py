@@ -544,9 +544,13 @@ def test_the_store_lock_sits_beside_the_database_not_in_the_working_directory(
 # -- a tracking server that is down ------------------------------------------------------------------------
 
 
+DOWN = ["http://127.0.0.1:9", "postgresql://mlflow@127.0.0.1:9/mlflow"]  # nothing listens on port 9 (discard)
+
+
+@pytest.mark.parametrize("uri", DOWN)
 def test_a_server_that_is_down_stops_the_stage_before_training_naming_it(
-        prepared: dict[str, Any], tmp_path: Path, launch: Callable[..., Stage]) -> None:
-    uri = "http://127.0.0.1:9"
+        prepared: dict[str, Any], tmp_path: Path, launch: Callable[..., Stage], uri: str) -> None:
+    """A tracking server, or a database server (whose store MLflow retried opening for 10 minutes)."""
     out, plots = tmp_path / "teacher", tmp_path / "plots" / "train_teacher.csv"
     stage = launch("train_teacher", prepared["params"], uri, tmp_path, data=prepared["data"], out=out, plots=plots)
     assert stage.wait(60, "train_teacher against a server that is down") == 2, stage.tail()
@@ -554,6 +558,23 @@ def test_a_server_that_is_down_stops_the_stage_before_training_naming_it(
     assert "epoch" not in stage.stdout + stage.stderr  # refused before training, not after
     assert not out.exists() and not plots.exists()
     assert staged_leftovers(out, plots) == []
+
+
+@pytest.mark.parametrize("uri", DOWN)
+@pytest.mark.parametrize("command", [["doctor"], ["report"]])
+def test_kdprune_doctor_and_report_against_a_store_that_is_down_name_it_in_seconds(
+        uri: str, command: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from kdprune import cli
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        cli.main(command)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("kdprune: error: MLflow tracking "), err
+    assert err.endswith(f"{uri} is not answering (Connection refused)\n") and err.count("\n") == 1, err
+    assert list(tmp_path.iterdir()) == []
 
 
 # -- a real tracking server --------------------------------------------------------------------------------

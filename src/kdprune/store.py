@@ -50,8 +50,17 @@ def is_sqlite(uri: str) -> bool:
     return bool(_SQLITE.match(uri))
 
 
+_DATABASES = {"postgresql": 5432, "mysql": 3306, "mssql": 1433}  # the database servers MLflow stores runs in
+
+
 def check_reachable(uri: str, timeout: float = 5.0) -> None:
-    """Fail fast, naming the URI, when an HTTP tracking server does not answer."""
+    """Fail fast, naming the URI, when an HTTP tracking server does not answer, or nothing listens at a
+    database server's host and port (MLflow retries opening a database for minutes: a stage against a
+    PostgreSQL that was down waited 10 minutes for its error)."""
+    scheme = uri.partition("://")[0].partition("+")[0]
+    if scheme in _DATABASES:
+        _check_listening(uri, _DATABASES[scheme], timeout)
+        return
     if not uri.startswith(("http://", "https://")):
         return
     import urllib.error
@@ -62,7 +71,26 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
             r.read()
     except (urllib.error.URLError, OSError, ValueError) as e:
         reason = getattr(e, "reason", e)
+        reason = reason.strerror if isinstance(reason, OSError) and reason.strerror else reason
         raise TrackingError(f"MLflow tracking server {uri} is not answering ({reason})") from e
+
+
+def _check_listening(uri: str, default_port: int, timeout: float) -> None:
+    import socket
+
+    from sqlalchemy.engine import make_url
+
+    try:
+        url = make_url(uri)
+    except Exception as e:  # noqa: BLE001 - SQLAlchemy's ArgumentError, or a ValueError for a bad port
+        raise TrackingError(f"MLflow tracking store {uri}: {_first_line(e)}") from e
+    if not url.host:  # a Unix socket (?host=/var/run/postgresql), or the driver's own default
+        return
+    shown = url.render_as_string(hide_password=True)
+    try:
+        socket.create_connection((url.host, url.port or default_port), timeout=timeout).close()
+    except OSError as e:
+        raise TrackingError(f"MLflow tracking store {shown} is not answering ({e.strerror or e})") from e
 
 
 def check_exists(uri: str) -> None:
