@@ -1041,8 +1041,10 @@ def test_a_call_that_fails_on_a_bug_is_one_line_to_the_stage_and_a_traceback_in_
     assert "Traceback (most recent call last)" in log.split("log_epoch failed:")[1]
 
 
-def test_doctor_drops_a_pending_record_of_a_run_the_store_no_longer_has(
+def test_doctor_drops_a_pending_record_of_a_run_the_store_no_longer_has_or_that_cannot_be_read(
         tmp_path: Path, mlflow_store: str) -> None:
+    """An empty record (a disk that filled while it was written) had stopped doctor with a traceback, and
+    every tracked stage with one line naming no file; records are now written atomically too."""
     from kdprune import store
 
     uri = mlflow_store
@@ -1053,12 +1055,31 @@ def test_doctor_drops_a_pending_record_of_a_run_the_store_no_longer_has(
     pending.mkdir(parents=True)
     for run_id in (gone, real):
         (pending / f"{run_id}.json").write_text(json.dumps({"uri": uri, "run_id": run_id, "status": "FAILED"}))
+    (pending / ("1" * 32 + ".json")).write_text("")
 
     result = doctor(uri, tmp_path, tmp_path / "logs" / "doctor")
     assert "Traceback" not in result.stderr, result.tail()
     assert result.proc.returncode == 0, result.tail()
     assert c.get_run(real).info.status == "FAILED"
     assert list(pending.iterdir()) == []
+    assert f"dropped the unreadable record {pending / ('1' * 32 + '.json')} (JSONDecodeError: " in result.stdout
+
+
+def test_doctor_on_an_experiment_the_store_does_not_have_says_so_and_creates_nothing(
+        tmp_path: Path, mlflow_store: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """`MLFLOW_EXPERIMENT_NAME=kdprnue kdprune doctor` had answered "no run left open" and added the
+    experiment `kdprnue` to the store (a team's server too); doctor only reads and closes runs."""
+    from kdprune import cli, store
+
+    store.ensure_experiment()
+    before = sorted(e.name for e in client(mlflow_store).search_experiments())
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "kdprnue")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        cli.main(["doctor"])
+    assert (e.value.code, capsys.readouterr().err) == (
+        2, f"kdprune: error: {mlflow_store} has no experiment 'kdprnue' (MLFLOW_EXPERIMENT_NAME): no run to close\n")
+    assert sorted(e.name for e in client(mlflow_store).search_experiments()) == before
 
 
 # -- one line per expected failure -------------------------------------------------------------------------

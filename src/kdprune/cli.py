@@ -30,14 +30,24 @@ def report(args: argparse.Namespace) -> None:
 
 
 def doctor(args: argparse.Namespace) -> None:
-    """Close the runs of this store that a killed stage left RUNNING, or that a lost server left open."""
+    """Close the runs of this store that a killed stage left RUNNING, or that a lost server left open. It
+    reads the store and closes runs, nothing else: an experiment name mistyped is an error, not a new
+    experiment (on a team's server too)."""
     from kdprune import runs, store
 
     store.configure()
-    store.check_exists(store.tracking_uri())
+    uri, name = store.tracking_uri(), store.experiment_name()
+    store.check_reachable(uri)
+    store.check_exists(uri)
+    with store.named_errors(uri):
+        from mlflow import MlflowClient
+
+        exp = MlflowClient(uri).get_experiment_by_name(name)
+    if exp is None:
+        raise TrackingError(f"{uri} has no experiment {name!r} (MLFLOW_EXPERIMENT_NAME): no run to close")
     with contextlib.redirect_stdout(io.StringIO()):  # MLflow prints "View run ... at ..." per run closed on a server
-        closed = runs.reconcile(store.ensure_experiment())
-    print("\n".join(closed) if closed else f"no run left open in {store.tracking_uri()}")
+        closed = runs.reconcile(exp.experiment_id)
+    print("\n".join(closed) if closed else f"no run left open in {uri}")
 
 
 def params(args: argparse.Namespace) -> None:

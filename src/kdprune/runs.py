@@ -20,6 +20,7 @@ from typing import Any
 
 from kdprune import procs, store
 from kdprune.errors import TrackingError
+from kdprune.files import write_atomic
 
 _LOCAL = threading.local()  # this thread's (stage's) open run: run_id, experiment_id, kind, execution, upstream
 
@@ -191,14 +192,20 @@ def reconcile(experiment_id: str) -> list[str]:
     client, done = _client(), []
     pending = _local_dir() / "pending"
     for record in sorted(pending.glob("*.json")) if pending.is_dir() else ():
-        info = json.loads(record.read_text())
-        if info.get("uri") != store.tracking_uri():
+        try:  # (a record that cannot be read had stopped every tracked stage, naming no file)
+            info = json.loads(record.read_text())
+            uri, run_id, status = info["uri"], info["run_id"], info["status"]
+        except (OSError, ValueError, TypeError, KeyError) as e:  # the owner check below still closes its run
+            record.unlink(missing_ok=True)
+            done.append(f"dropped the unreadable record {record} ({type(e).__name__}: {e})")
+            continue
+        if uri != store.tracking_uri():
             continue
         try:
-            store.call(client.set_terminated, info["run_id"], info["status"], what="closing a pending run")
-            done.append(f"closed run {info['run_id']} as {info['status']} (its stage could not reach the store)")
+            store.call(client.set_terminated, run_id, status, what="closing a pending run")
+            done.append(f"closed run {run_id} as {status} (its stage could not reach the store)")
         except MlflowException as e:  # the run is gone (a reset store) or already closed: the record is moot
-            done.append(f"dropped the record of run {info['run_id']} ({str(e).splitlines()[0]})")
+            done.append(f"dropped the record of run {run_id} ({str(e).splitlines()[0]})")
         record.unlink()
     running = store.call(client.search_runs, [experiment_id], "attributes.status = 'RUNNING' and "
                          f"tags.`pipeline.host` = '{socket.gethostname()}'", max_results=1000,
@@ -217,8 +224,8 @@ def _remember(run_id: str, status: str) -> None:
     pending = _local_dir() / "pending"
     try:
         pending.mkdir(parents=True, exist_ok=True)
-        (pending / f"{run_id}.json").write_text(json.dumps({"uri": store.tracking_uri(), "run_id": run_id,
-                                                            "status": status}))
+        write_atomic(pending / f"{run_id}.json", json.dumps({"uri": store.tracking_uri(), "run_id": run_id,
+                                                             "status": status}))
     except OSError:
         pass  # a full or read-only disk: the owner check in reconcile() still closes it, as KILLED
 
