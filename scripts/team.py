@@ -759,9 +759,10 @@ def dvc_root(start: Path) -> Path:
     raise Failure(f"{start} is not in a DVC repository (no .dvc/ here or above)")
 
 
-def _refused(root: Path) -> Path:
+def _refused(root: Path) -> Path | None:
     """The file of the repository's DVC config that DVC refuses on its own (this clone's first, then
-    .dvc/config, the global and the system one); this clone's when each passes alone (their merge fails)."""
+    .dvc/config, the global and the system one); this clone's when each passes alone but their merge
+    fails; None when the config as it is passes (the remote being added is what DVC refuses)."""
     from dvc.config import Config, ConfigError
 
     config = Config(dvc_dir=root / ".dvc", validate=False)
@@ -770,7 +771,11 @@ def _refused(root: Path) -> Path:
             Config.validate(config.load_one(level))
         except ConfigError:
             return Path(config.files[level])
-    return Path(config.files["local"])
+    try:
+        config.validate(config.load_config_to_level())
+    except ConfigError:
+        return Path(config.files["local"])
+    return None
 
 
 def cmd_join(team: Team) -> int:
@@ -779,8 +784,8 @@ def cmd_join(team: Team) -> int:
         raise Failure(f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not set: export the team's "
                       'variables first (on the stack\'s host: eval "$(make -s team-env)")')
     url, endpoint = os.environ["KDPRUNE_DVC_REMOTE"], os.environ.get("MLFLOW_S3_ENDPOINT_URL")
-    if not url.startswith("s3://"):
-        raise Failure(f"KDPRUNE_DVC_REMOTE={url!r} is not an s3:// URL")
+    if not re.fullmatch(r"s3://[^/]+(/.*)?", url):  # (`s3://$BUCKET` with BUCKET unset: DVC's refusal named
+        raise Failure(f"KDPRUNE_DVC_REMOTE={url!r} is not an s3://<bucket>[/<path>] URL")  # .dvc/config.local)
     root = dvc_root(Path.cwd())
     # One edit of .dvc/config.local (this clone's own, git-ignored: the place for keys), through DVC's
     # own config code, as `dvc remote add --local --default --force` and three `dvc remote modify --local`
@@ -794,7 +799,8 @@ def cmd_join(team: Team) -> int:
                                       "access_key_id": os.environ["AWS_ACCESS_KEY_ID"], "secret_access_key": secret}
             conf["core"]["remote"] = REMOTE
     except ConfigError as e:
-        raise Failure(f"{_refused(root)}: {e}".replace(secret, "***")) from None
+        culprit = _refused(root) or "KDPRUNE_DVC_REMOTE, MLFLOW_S3_ENDPOINT_URL (the remote they make)"
+        raise Failure(f"{culprit}: {e}".replace(secret, "***")) from None
     except OSError as e:
         raise Failure(f"{e.filename or root / '.dvc'}: {e.strerror or e}") from None
     say(f"DVC remote '{REMOTE}' = {url} (endpoint {endpoint or 'AWS S3'}) is now the default of {root} "

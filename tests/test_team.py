@@ -207,6 +207,21 @@ def test_join_names_the_missing_variable(tmp_path: Path) -> None:
     assert list((repo / ".dvc").iterdir()) == []
 
 
+@pytest.mark.parametrize("url", ["s3://", "s3:///data", "https://bucket"])
+def test_join_names_a_remote_url_without_a_bucket(url: str, tmp_path: Path) -> None:
+    """`s3://$BUCKET` with BUCKET unset: DVC refused the remote, and the error blamed .dvc/config.local,
+    a file that was not there."""
+    repo = tmp_path / "repo"
+    (repo / ".dvc").mkdir(parents=True)
+    env = base_env(MLFLOW_TRACKING_URI="http://127.0.0.1:9", MLFLOW_S3_ENDPOINT_URL="http://127.0.0.1:9",
+                   AWS_ACCESS_KEY_ID="k", AWS_SECRET_ACCESS_KEY="s", KDPRUNE_DVC_REMOTE=url)
+    res = subprocess.run([PY, str(TEAM_PY), "join"], cwd=repo, env=env, capture_output=True, text=True, timeout=60)
+    assert (res.returncode, res.stdout) == (1, "")
+    assert res.stderr.splitlines() == [
+        f"team join: error: KDPRUNE_DVC_REMOTE={url!r} is not an s3://<bucket>[/<path>] URL"]
+    assert list((repo / ".dvc").iterdir()) == []
+
+
 def test_join_without_an_endpoint_points_dvc_at_aws_s3_itself(tmp_path: Path) -> None:
     """MLFLOW_S3_ENDPOINT_URL is unset for AWS S3 itself (docs/team.md): the join writes the remote with no
     endpointurl, so DVC (and boto) use AWS's own."""
