@@ -1,6 +1,7 @@
-"""The oracle's shortcut: the true loss change of removing each unit alone, re-running only what lies
-downstream of the unit (kdprune.importance.Downstream) against a full forward pass per unit, on the
-pipeline's own student and the score stage's oracle samples. Both ways alternate in one process; the
+"""The oracle's shortcut: re-running only what lies downstream of a removed unit, against a full pass.
+
+The true loss change of removing each unit alone, re-running only what lies downstream of the unit
+(kdprune.importance.Downstream) against a full forward pass per unit, on the pipeline's own student and the score stage's oracle samples. Both ways alternate in one process; the
 medians and their ratio are printed, and the two must agree bit for bit.
 
     dvc repro train_student && .venv/bin/python bench/oracle.py --repeats 3

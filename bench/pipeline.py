@@ -1,5 +1,6 @@
-"""Where the pipeline's seconds go: `dvc repro -f` on the default params, stage by stage, split into
-interpreter start-up, torch's import, waiting on MLflow (the tracking helper) and the stage's own work,
+"""Where the pipeline's seconds go: `dvc repro -f` and a no-op `dvc repro`, stage by stage.
+
+`dvc repro -f` on the default params, stage by stage, split into interpreter start-up, torch's import, waiting on MLflow (the tracking helper) and the stage's own work,
 and a no-op `dvc repro` against DVC's own `dvc status` and against a no-op `dvc repro` of a one-stage
 project (what DVC costs before it reads a pipeline of ours). With --warm, each forced repro is followed by
 another as a rerun minutes later finds the machine: the fork server and the zygote of the run before still

@@ -101,3 +101,16 @@ def test_every_readme_command_exists_with_the_flags_it_uses(command):
     usage = _help(tool, *sub)
     for flag in _flags(rest[len(sub):]):
         assert re.search(rf"(^|[\s,\[]){re.escape(flag)}([\s,=\]]|$)", usage, re.M), (command, flag)
+
+
+SCRIPTS = sorted([*REPO.glob("stages/*.py"), *REPO.glob("bench/*.py"), REPO / "src/kdprune/cli.py",
+                  REPO / "scripts/team.py"])
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: str(p.relative_to(REPO)))
+def test_every_command_s_help_opens_with_a_whole_sentence(script):
+    """`--help` shows a script's first docstring line: three had stopped mid-sentence ("... split into")."""
+    import ast
+
+    first = (ast.get_docstring(ast.parse(script.read_text())) or "").splitlines()
+    assert first and first[0].endswith(".") and (len(first) == 1 or first[1] == ""), first[:2]

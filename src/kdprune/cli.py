@@ -1,5 +1,7 @@
-"""The `kdprune` command: `report` summarises a sweep, `doctor` closes runs a dead process left open,
-`params` writes params.yaml from conf/ (the Hydra composition `dvc exp run -S` does)."""
+"""The `kdprune` command: a sweep's report, runs left open closed, params.yaml composed from conf/.
+
+`report` summarises a sweep, `doctor` closes runs a dead process left open, `params` writes params.yaml
+from conf/ (the Hydra composition `dvc exp run -S` does)."""
 
 from __future__ import annotations
 
