@@ -42,6 +42,7 @@ from kdprune.inference import evaluate, predict
 from kdprune.models import build_model
 from kdprune.params import FitParams, NetParams, Params, load_params
 from kdprune.determinism import setup
+from kdprune.errors import CheckpointError, DataError, ParamsError
 from kdprune.training import LossFn, fit, resolve_device
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,6 +62,33 @@ class Prepared:
     @property
     def soft_labels(self) -> Path:
         return self.folder / "soft_labels"
+
+
+Rule = tuple[Callable[[Any], bool], str]  # a value's check, and what it expects, as an error says it
+SEEDS: Rule = (lambda s: 0 <= s < 2**32, "seeds in [0, 4294967295]")
+AT_LEAST_1: Rule = (lambda n: n >= 1, "whole numbers of at least 1")
+AMOUNT: Rule = (lambda a: 0 <= a < 1, "a fraction in [0, 1)")  # prune.amount's range
+
+
+def refuse(ap: argparse.ArgumentParser, args: argparse.Namespace, **rules: Rule) -> None:
+    """argparse's one-line error (exit 2), before any work, for an option whose value (or any of whose
+    values) its rule refuses: an amount typed as a percentage ran to the end on meaningless numbers, a
+    count of 0 failed with a traceback after a teacher had trained."""
+    for option, (ok, expected) in rules.items():
+        values = getattr(args, option)
+        if values is not None and not all(ok(v) for v in (values if isinstance(values, list) else [values])):
+            ap.error(f"--{option.replace('_', '-')}: expected {expected}, got {values}")
+
+
+@contextlib.contextmanager
+def one_line_errors() -> Iterator[None]:
+    """A missing or refused input (no `dvc repro` yet, a params file with a problem, data not there): its
+    message and exit 2, as a stage reports it, not a traceback."""
+    try:
+        yield
+    except (CheckpointError, DataError, ParamsError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def common_args(doc: str, seeds: list[int]) -> argparse.ArgumentParser:
@@ -167,9 +195,10 @@ def run_bench(name: str, args: argparse.Namespace, per_seed: Callable[[Params], 
     """Both training benches' main loop: `per_seed` on params.yaml with each of --seeds, on --threads torch
     threads; then the table and the results as one JSON line, with the time it all took."""
     torch.set_num_threads(args.threads)
-    base = load_params(args.params)
     start = time.perf_counter()
-    results = [r for s in args.seeds for r in per_seed(dataclasses.replace(base, seed=s))]
+    with one_line_errors():
+        base = load_params(args.params)
+        results = [r for s in args.seeds for r in per_seed(dataclasses.replace(base, seed=s))]
     print(table(results))
     print(json_line(name, time.perf_counter() - start, results))
 
@@ -208,6 +237,7 @@ def main() -> None:
     ap = common_args(__doc__, seeds=[0, 1, 2, 3, 4])
     ap.add_argument("--fractions", type=float, nargs="+", default=[1.0, 0.25], help="label fractions")
     args = ap.parse_args()
+    refuse(ap, args, seeds=SEEDS, threads=AT_LEAST_1, fractions=(lambda f: 0 < f <= 1, "label fractions in (0, 1]"))
     run_bench("distill_labels", args, lambda p: run_seed(p, args.raw, args.fractions, args.verbose),
               lambda results: table(results, args.fractions))
 

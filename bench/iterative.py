@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from distill_labels import (  # the sibling script: bench/ is on sys.path when this one runs
-    Prepared, accuracy, common_args, fit_as_stage, labelled, load_data, log, markdown, mean_std, quiet,
-    run_bench, train_distilled, train_teacher, write_logits)
+    AMOUNT, AT_LEAST_1, SEEDS, Prepared, accuracy, common_args, fit_as_stage, labelled, load_data, log, markdown,
+    mean_std, quiet, refuse, run_bench, train_distilled, train_teacher, write_logits)
 from kdprune import rounds, scoring, soft_labels
 from kdprune.models import prunable_layers
 from kdprune.params import Params
@@ -126,6 +126,8 @@ def main() -> None:
     ap.add_argument("--amount", type=float, default=0.9, help="fraction of the prunable weights removed")
     ap.add_argument("--steps", type=int, nargs="+", default=[1, 4], help="pruning rounds to compare")
     args = ap.parse_args()
+    refuse(ap, args, seeds=SEEDS, threads=AT_LEAST_1, amount=AMOUNT,
+           steps=(lambda k: 1 <= k <= 100, "round counts in [1, 100]"))  # prune.steps' range
     run_bench("iterative", args, lambda p: run_seed(bench_params(p, args.amount), args.raw, args.steps, args.verbose),
               lambda results: table(results, args.steps))
 

@@ -24,19 +24,26 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=ROOT / "models/student")
     parser.add_argument("--data", type=Path, default=ROOT / "data/prepared")
     args = parser.parse_args()  # before torch's import: `--help` answers at once
+    if args.repeats < 1:
+        parser.error(f"--repeats: expected a whole number of at least 1, got {args.repeats}")
 
     import torch
     import torch.nn.functional as F
 
     from kdprune import determinism, importance, recipes, scoring
     from kdprune.checkpoints import load_model
+    from kdprune.errors import CheckpointError, DataError, ParamsError
     from kdprune.models import units
     from kdprune.params import load_params
 
-    p = load_params(ROOT / "params.yaml")
-    determinism.setup(p.seed, p.threads)
-    model, _ = load_model(args.model)
-    _, norm, splits = recipes.load_data(args.data, p.score.oracle_split)
+    try:  # no `dvc repro` yet, or another folder named: one line, exit 2
+        p = load_params(ROOT / "params.yaml")
+        determinism.setup(p.seed, p.threads)
+        model, _ = load_model(args.model)
+        _, norm, splits = recipes.load_data(args.data, p.score.oracle_split)
+    except (CheckpointError, DataError, ParamsError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     held = scoring.oracle_batches(splits[-1], norm, p.score, p.seed)  # the score stage's oracle samples
     n, total = sum(len(y) for _, y in held), sum(u.size for u in units(model))
     print(f"{total} units, {n} {p.score.oracle_split} samples, {p.threads} thread(s)")

@@ -37,8 +37,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distill_labels import ROOT, json_line, load_data, markdown, quiet, train_scratch  # sibling scripts: bench/
-from latency import runs, spread  # is on sys.path when this one runs
+from distill_labels import (  # sibling scripts: bench/ is on sys.path when this one runs
+    AMOUNT, AT_LEAST_1, ROOT, json_line, load_data, markdown, one_line_errors, quiet, refuse, train_scratch)
+from latency import runs, spread
 from kdprune.checkpoints import MODEL_FILE, load_model
 from kdprune.export import check_onnx, export_onnx
 from kdprune.importance import l1
@@ -150,10 +151,13 @@ def main() -> None:
     ap.add_argument("--raw", type=Path, default=ROOT / "data" / "raw", help="raw dataset dir, if a student is trained")
     ap.add_argument("--epochs", type=int, default=5, help="epochs of the student trained when there is none")
     args = ap.parse_args()
-    p = load_params(args.params)
-    args.amount = p.prune.amount if args.amount is None else args.amount
-    start = time.perf_counter()
-    model, source = student(args, p)
+    refuse(ap, args, amount=AMOUNT, threads=AT_LEAST_1, rounds=AT_LEAST_1, epochs=AT_LEAST_1,
+           warmup=(lambda n: n >= 0, "a whole number of at least 0"))
+    with one_line_errors():
+        p = load_params(args.params)
+        args.amount = p.prune.amount if args.amount is None else args.amount
+        start = time.perf_counter()
+        model, source = student(args, p)
     print(f"torch {torch.__version__}; amount {args.amount}, L1 magnitude, global scope; {args.threads} thread(s), "
           f"{args.rounds} interleaved rounds; inputs: Gaussian noise")
     print(f"student: {source}")

@@ -162,6 +162,35 @@ def test_the_latency_bench_refuses_what_it_cannot_time_with_one_line_before_any_
     assert e.value.code == 2 and out.out == "" and out.err.splitlines()[-1].startswith(message), out.err
 
 
+@pytest.mark.parametrize("script, args, message", [
+    ("oracle", ["--repeats", "0"], "oracle.py: error: --repeats: expected a whole number of at least 1, got 0"),
+    ("oracle", ["--model", "absent"], "error: absent/spec.json: cannot read JSON"),
+    ("distill_labels", ["--fractions", "1.5"], "distill_labels.py: error: --fractions: expected label fractions in "
+                                               "(0, 1], got [1.5]"),
+    ("distill_labels", ["--threads", "0"], "distill_labels.py: error: --threads: expected whole numbers of at "
+                                           "least 1, got 0"),
+    ("distill_labels", ["--params", "absent.yaml"], "error: absent.yaml: cannot read: [Errno 2]"),
+    ("iterative", ["--amount", "90"], "iterative.py: error: --amount: expected a fraction in [0, 1), got 90.0"),
+    ("iterative", ["--steps", "4", "0"], "iterative.py: error: --steps: expected round counts in [1, 100], got [4, 0]"),
+    ("rounding", ["--rounds", "0"], "rounding.py: error: --rounds: expected whole numbers of at least 1, got 0"),
+    ("rounding", ["--params", "absent.yaml"], "error: absent.yaml: cannot read: [Errno 2]"),
+])
+def test_the_training_benches_refuse_a_bad_option_or_input_with_one_line_before_any_work(
+        script, args, message, tmp_path, monkeypatch, capsys):
+    """A percentage typed for an amount (or a fraction over 1) ran to the end on meaningless numbers; a
+    count of 0 failed with a traceback, --steps 0 after a teacher and a student had trained; a params file
+    or model not there was a traceback. Their main() here, in the test's process."""
+    import importlib
+
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    monkeypatch.setattr(sys, "argv", [f"{script}.py", *args])
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        importlib.import_module(script).main()
+    out = capsys.readouterr()
+    assert e.value.code == 2 and out.out == "" and out.err.splitlines()[-1].startswith(message), out.err
+
+
 @pytest.mark.slow
 def test_the_mnist_bench_refuses_a_bad_override_before_any_seed(tmp_path):
     """One line naming the override, and no seed's work dir made (or kept) for it."""
