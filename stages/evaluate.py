@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> None:
         device = resolve_device(p.device)
         models = {name: load_model(d)[0].to(device) for name, d in dirs.items()}
         results, matrices = comparison.measure(models, dirs, test, norm, p.evaluate, meta["num_classes"])
-        table = report.comparison_table(results)
+        table = report.comparison_table(results, p.evaluate)
         write_json(args.headline, comparison.headline(results))
         write_json(args.metrics, results)
         write_json(args.per_class, {n: comparison.per_class_accuracy(c) for n, c in matrices.items()})

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -55,9 +57,13 @@ def test_the_table_says_noisy_instead_of_a_confident_figure_and_what_sparsity_bu
                  latency_ms_b256=2.0, latency_noisy_b256=False)
     results["pruned"]["nonzero_params"] = 10  # a masked model: most weights zero
     results["pruned"]["gzip_bytes"] = 300
-    table = report.comparison_table(results)
+    timing = SimpleNamespace(rounds=30, threads=1, device="cpu")
+    table = report.comparison_table(results, timing)
     row = next(line for line in table.splitlines() if line.startswith("| pruned |"))
     assert "1 (noisy)" in row and "2.00x ±0.00" in row
+    assert ("Latency: the median of 30 interleaved rounds at 1 thread on the cpu (ONNX Runtime: the cpu); a "
+            "speed-up is paired round by round, ± half its interquartile range; (noisy): the rounds' "
+            "interquartile range exceeds 15% of the median.") in table
     assert "pruned: 80% of its weights are zero" in table and "30% of the student's" in table
     assert "runs no faster" in table
 

@@ -61,6 +61,9 @@ def test_evaluate_reports_every_model_and_its_accuracy_is_real(pipeline):
         assert metrics[name]["errors"] == errors, name  # re-run here, the same test errors
         assert metrics[name]["accuracy"] == pytest.approx(1 - errors / len(y))
         assert metrics[name]["params"] == count_params(model)
+        sizes = {key: (root / "models" / name / file).stat().st_size
+                 for key, file in (("size_bytes", "model.pt"), ("onnx_bytes", "model.onnx"))}
+        assert {key: metrics[name][key] for key in sizes} == sizes, name  # the ONNX file: what MLflow serves
         for key in ("latency_ms_b1", "latency_ms_b256", "ort_latency_ms_b1", "ort_latency_ms_b256"):
             assert metrics[name][key] > 0, (name, key)
     assert metrics["pruned"]["params"] < metrics["student"]["params"] < metrics["teacher"]["params"]

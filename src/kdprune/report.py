@@ -50,7 +50,8 @@ COLUMNS: list[tuple[str, str, Callable[[dict[str, Any], str], str]]] = [
     ("params", "params", lambda m, k: count(m[k])),
     ("nonzero_params", "non-zero", lambda m, k: count(m[k])),
     ("macs", "MACs", lambda m, k: count(m[k])),
-    ("gzip_bytes", "gzip bytes", lambda m, k: count(m[k])),
+    ("onnx_bytes", "ONNX bytes", lambda m, k: count(m[k])),
+    ("gzip_bytes", "model.pt gzip", lambda m, k: count(m[k])),
     ("latency_ms_b1", "ms @1", _timing),
     ("latency_ms_b256", "ms @256", _timing),
     ("ort_latency_ms_b256", "ORT ms @256", _timing),
@@ -69,14 +70,21 @@ def headline_line(models: dict[str, dict[str, Any]]) -> str:
             f"student's speed at batch 256 in PyTorch, {times(f['ort_speedup_b256_vs_student'])} in ONNX Runtime")
 
 
-def comparison_table(models: dict[str, dict[str, Any]]) -> str:
+def comparison_table(models: dict[str, dict[str, Any]], timing: Any) -> str:
     """Markdown: one row per model, one column per headline figure (blank where a ratio does not apply),
+    how the latencies were measured (`timing`: the params' evaluate section) and what ± and (noisy) mean,
     then what unstructured sparsity does and does not buy, when a model is masked."""
+    from kdprune.measure import NOISY_IQR  # (torch's import: the evaluate stage has it already)
+
     cols = [c for c in COLUMNS if any(c[0] in m for m in models.values())]
     lines = ["| model | " + " | ".join(c[1] for c in cols) + " |", "|---|" + "---:|" * len(cols)]
     for name, m in models.items():
         cells = [fmt(m, key) if key in m else "" for key, _, fmt in cols]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines.append(f"\nLatency: the median of {timing.rounds} interleaved rounds at {timing.threads} "
+                 f"thread{'s' if timing.threads > 1 else ''} on the {timing.device} (ONNX Runtime: the cpu); "
+                 f"a speed-up is paired round by round, ± half its interquartile range; (noisy): the rounds' "
+                 f"interquartile range exceeds {NOISY_IQR:.0%} of the median.")
     return "\n".join(lines + _sparsity_notes(models)) + "\n"
 
 
