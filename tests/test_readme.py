@@ -114,3 +114,32 @@ def test_every_command_s_help_opens_with_a_whole_sentence(script):
 
     first = (ast.get_docstring(ast.parse(script.read_text())) or "").splitlines()
     assert first and first[0].endswith(".") and (len(first) == 1 or first[1] == ""), first[:2]
+
+
+def _table(text: str, first: str) -> list[list[str]]:
+    """The markdown table whose header row starts with `first`: its rows' cells, header and rule skipped."""
+    lines = text[text.index(first):].split("\n\n")[0].splitlines()
+    return [[c.strip() for c in line.strip().strip("|").split("|")] for line in lines[2:]]
+
+
+def test_the_readme_s_digits_figures_are_the_committed_outputs():
+    """Its tables state what the committed dvc.lock holds: the digits table the cells of
+    reports/comparison.md, the criteria table plots/score.json (it had kept a host's figures that a later
+    repro changed)."""
+    import json
+
+    readme, report = (REPO / "README.md").read_text(), (REPO / "reports/comparison.md").read_text()
+    header = [c.strip() for c in report.splitlines()[0].strip("|").split("|")]
+    committed = {row[0]: dict(zip(header, row)) for row in _table(report, "| model |")}
+    cols = ["accuracy", "params", "MACs", "ms @256", "speed-up @256 vs student"]
+    shown = _table(readme, "| model | " + " | ".join(cols) + " |")
+    assert [row[0].split(" (")[0] for row in shown] == list(committed)
+    assert [row[1:] for row in shown] == [[committed[row[0].split(" (")[0]][c] for c in cols] for row in shown]
+
+    scores = {d["criterion"]: d for d in json.loads((REPO / "plots/score.json").read_text())}
+    (spearman, overlap) = _table(readme, "| criterion |")
+    header = readme[readme.index("| criterion |"):].splitlines()[0]
+    names = [c.strip().split(" (")[0] for c in header.strip().strip("|").split("|")][1:]
+    assert names == sorted(scores, key=lambda c: -scores[c]["spearman"])
+    assert spearman[1:] == [f"{scores[c]['spearman']:.2f}" for c in names]
+    assert overlap[1:] == [f"{scores[c]['topk_overlap']:.3g}" for c in names]
