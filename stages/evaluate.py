@@ -25,13 +25,14 @@ def main(argv: list[str] | None = None) -> None:
         from kdprune import comparison, recipes, report
         from kdprune.checkpoints import load_model
         from kdprune.files import write_atomic, write_json
+        from kdprune.measure import NOISY_IQR
         from kdprune.training import resolve_device
 
         meta, norm, (test,) = recipes.load_data(args.data, "test")
         device = resolve_device(p.device)
         models = {name: load_model(d)[0].to(device) for name, d in dirs.items()}
         results, matrices = comparison.measure(models, dirs, test, norm, p.evaluate, meta["num_classes"])
-        table = report.comparison_table(results, p.evaluate)
+        table = report.comparison_table(results, p.evaluate, NOISY_IQR)
         write_json(args.headline, comparison.headline(results))
         write_json(args.metrics, results)
         write_json(args.per_class, {n: comparison.per_class_accuracy(c) for n, c in matrices.items()})

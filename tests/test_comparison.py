@@ -58,7 +58,7 @@ def test_the_table_says_noisy_instead_of_a_confident_figure_and_what_sparsity_bu
     results["pruned"]["nonzero_params"] = 10  # a masked model: most weights zero
     results["pruned"]["gzip_bytes"] = 300
     timing = SimpleNamespace(rounds=30, threads=1, device="cpu")
-    table = report.comparison_table(results, timing)
+    table = report.comparison_table(results, timing, noisy_iqr=0.15)
     row = next(line for line in table.splitlines() if line.startswith("| pruned |"))
     assert "1 (noisy)" in row and "2.00x ±0.00" in row
     assert ("Latency: the median of 30 interleaved rounds at 1 thread on the cpu (ONNX Runtime: the cpu); a "

@@ -70,12 +70,11 @@ def headline_line(models: dict[str, dict[str, Any]]) -> str:
             f"student's speed at batch 256 in PyTorch, {times(f['ort_speedup_b256_vs_student'])} in ONNX Runtime")
 
 
-def comparison_table(models: dict[str, dict[str, Any]], timing: Any) -> str:
+def comparison_table(models: dict[str, dict[str, Any]], timing: Any, noisy_iqr: float) -> str:
     """Markdown: one row per model, one column per headline figure (blank where a ratio does not apply),
-    how the latencies were measured (`timing`: the params' evaluate section) and what ± and (noisy) mean,
-    then what unstructured sparsity does and does not buy, when a model is masked."""
-    from kdprune.measure import NOISY_IQR  # (torch's import: the evaluate stage has it already)
-
+    how the latencies were measured (`timing`: the params' evaluate section) and what ± and (noisy: a
+    relative IQR over `noisy_iqr`) mean, then what unstructured sparsity does and does not buy, when a
+    model is masked."""
     cols = [c for c in COLUMNS if any(c[0] in m for m in models.values())]
     lines = ["| model | " + " | ".join(c[1] for c in cols) + " |", "|---|" + "---:|" * len(cols)]
     for name, m in models.items():
@@ -84,7 +83,7 @@ def comparison_table(models: dict[str, dict[str, Any]], timing: Any) -> str:
     lines.append(f"\nLatency: the median of {timing.rounds} interleaved rounds at {timing.threads} "
                  f"thread{'s' if timing.threads > 1 else ''} on the {timing.device} (ONNX Runtime: the cpu); "
                  f"a speed-up is paired round by round, ± half its interquartile range; (noisy): the rounds' "
-                 f"interquartile range exceeds {NOISY_IQR:.0%} of the median.")
+                 f"interquartile range exceeds {noisy_iqr:.0%} of the median.")
     return "\n".join(lines + _sparsity_notes(models)) + "\n"
 
 
