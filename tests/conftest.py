@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
 import importlib.util
 import os
+import shutil
+import signal
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -21,6 +24,8 @@ _RUN_SERVICES = "KDPRUNE_TEST_RUN_SERVICE_DIR"
 OWNS_SERVICES = _RUN_SERVICES not in os.environ
 if OWNS_SERVICES:
     os.environ[_RUN_SERVICES] = tempfile.mkdtemp(prefix="kdp-")
+    # (also when a script imports the tests' helpers outside pytest, which has no session to end: it was left)
+    atexit.register(shutil.rmtree, os.environ[_RUN_SERVICES], ignore_errors=True)
 os.environ["KDPRUNE_SERVICE_DIR"] = os.environ[_RUN_SERVICES]
 # One OpenMP thread for the models the tests run in-process (set before torch starts its pool): two xdist
 # workers on two cores, each with a pool of two spinning threads, made small models 25x slower (make
@@ -61,6 +66,22 @@ def run_stage(name: str, params: Path, **paths: Path) -> None:
     for key, value in paths.items():
         argv += [f"--{key.replace('_', '-')}", str(value)]
     load_stage(name).main(argv)
+
+
+def guarded(main: Callable[[], Any], monkeypatch: pytest.MonkeyPatch) -> int:
+    """`stage.guard(main)` in this process, as a stage script's __main__ runs it: its exit status. The guard's
+    hold on the process (its death with dvc's, its SIGTERM handler) is kept off pytest."""
+    from kdprune import stage
+
+    monkeypatch.delenv("DVC_STAGE", raising=False)
+    monkeypatch.setattr(stage, "_die_with_dvc", lambda: None)
+    handler = signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.raises(SystemExit) as e:
+            stage.guard(main)
+    finally:
+        signal.signal(signal.SIGTERM, handler)
+    return e.value.code
 
 
 def stage_paths(root: Path) -> dict[str, dict[str, Path]]:
@@ -132,8 +153,6 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     process that made their folder, after the workers: no process outlives the tests."""
     if not OWNS_SERVICES:
         return
-    import shutil
-
     from kdprune import forkserver, tracker
 
     os.environ["KDPRUNE_SERVICE_DIR"] = os.environ[_RUN_SERVICES]  # whatever a test left set
@@ -157,13 +176,19 @@ def mlflow_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[st
 
 @pytest.fixture
 def services() -> Iterator[Path]:
-    """A folder of the test's own for its services (KDPRUNE_SERVICE_DIR), removed after it. Short, as
-    tmp_path need not be: a socket's path has at most 107 bytes, and tmp_path's grows with the user's name
-    and pytest's count of its runs."""
-    import shutil
+    """A folder of the test's own for its services (KDPRUNE_SERVICE_DIR), removed after it with every
+    service, zygote and fork server still listening there (a zygote had outlived the tests by its idle
+    time). Short, as tmp_path need not be: a socket's path has at most 107 bytes, and tmp_path's grows
+    with the user's name and pytest's count of its runs."""
+    from kdprune import forkserver, tracker
 
     folder = Path(tempfile.mkdtemp(prefix="kdp-"))
     yield folder
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("KDPRUNE_SERVICE_DIR", str(folder))
+        if folder.is_dir():
+            tracker.stop_all()
+            forkserver.stop_all()
     shutil.rmtree(folder, ignore_errors=True)
 
 

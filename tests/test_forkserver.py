@@ -22,15 +22,17 @@ PROBE = '''\
 import os, sys, time
 before = sorted(m for m in sys.modules if m.startswith("kdprune"))
 preloaded = "sklearn" in sys.modules  # what the server imported ahead of the stages (its third later import)
+dynamo = "torch._dynamo" in sys.modules  # (its fifth, which asks tempfile for its folder)
 from kdprune import stage
 
 
 def main():
-    import gc, resource
+    import gc, resource, tempfile
     umask = os.umask(0)
     print("pid", os.getpid(), "for", os.environ.get("KDPRUNE_FORKED_FOR"), "umask", oct(umask),
           "nofile", resource.getrlimit(resource.RLIMIT_NOFILE)[0], "frozen", gc.get_freeze_count(),
-          "collecting", gc.isenabled(), "sklearn", preloaded, "kdprune", before, flush=True)
+          "collecting", gc.isenabled(), "sklearn", preloaded, "dynamo", dynamo, "tmp", tempfile.gettempdir(),
+          "kdprune", before, flush=True)
     print("cwd", os.getcwd(), "argv", sys.argv[1:], "X", os.environ.get("X"), "stdin", sys.stdin.read().strip())
     print("to stderr", file=sys.stderr)
     if sys.argv[1] == "sleep":
@@ -71,6 +73,17 @@ def shared_services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         forkserver.stop_all()
 
 
+@pytest.fixture(scope="module")
+def default_services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A service folder for a default server (KDPRUNE_FORKSERVER=on), which imports every later stage's
+    libraries while idle (seconds of CPU): the tests that need one share it."""
+    services = tmp_path_factory.mktemp("default") / "svc"
+    yield services
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("KDPRUNE_SERVICE_DIR", str(services))
+        forkserver.stop_all()
+
+
 @pytest.fixture
 def served(probe: Path, shared_services: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """The probe, forked from the shared server."""
@@ -105,11 +118,11 @@ def test_a_stage_runs_in_a_fork_with_its_own_argv_directory_environment_streams_
 
 
 def test_between_stages_a_server_imports_what_later_stages_need_unless_it_is_to_import_torch_alone(
-        probe, services, monkeypatch):
+        probe, services, default_services, monkeypatch):
     """The default server, idle, imports the later stages' libraries (scikit-learn among the first); one
     started earlier with KDPRUNE_FORKSERVER=torch, in a folder of its own, has imported none by then.
     Forks report what they inherited."""
-    folders = {"torch": services / "torch", "on": services}
+    folders = {"torch": services / "torch", "on": default_services}
 
     def fork(mode: str) -> dict[str, str]:
         out = run(probe, "0", KDPRUNE_FORKSERVER=mode, KDPRUNE_SERVICE_DIR=str(folders[mode]))
@@ -128,6 +141,20 @@ def test_between_stages_a_server_imports_what_later_stages_need_unless_it_is_to_
     finally:
         monkeypatch.setenv("KDPRUNE_SERVICE_DIR", str(folders["torch"]))
         forkserver.stop_all()
+
+
+def test_a_fork_makes_its_temporary_files_where_its_own_tmpdir_says(probe, default_services, tmp_path):
+    """The default server imports torch._dynamo between stages, which asks tempfile for its folder once: a
+    fork had kept the server's answer, from the TMPDIR of the stage that started it, and ignored its own."""
+    own = tmp_path / "own-tmp"
+    own.mkdir()
+    server = {"KDPRUNE_FORKSERVER": "on", "KDPRUNE_SERVICE_DIR": str(default_services)}
+    deadline = time.monotonic() + 120
+    while (forked := fields(run(probe, "0", **server).stdout))["dynamo"] != "True":
+        assert forked["for"] != "None" and time.monotonic() < deadline
+        time.sleep(0.3)
+    forked = fields(run(probe, "0", **server, TMPDIR=str(own)).stdout)
+    assert forked["for"] != "None" and forked["tmp"] == str(own)
 
 
 def test_a_fork_has_the_umask_of_the_process_it_stands_for(served):
@@ -215,7 +242,8 @@ def test_an_empty_switch_is_its_default(services, monkeypatch):
 def test_a_package_installed_or_removed_since_a_warm_start_began_gets_a_new_one(tmp_path, services, monkeypatch):
     """The fork server and the zygote stay minutes between stages, holding the packages they imported: once
     an install or a removal has added or taken an entry (pip's and uv's `*.dist-info`) in the
-    interpreter's site-packages, a stage is served by a new one, never by one holding the old packages."""
+    interpreter's site-packages, a stage is served by a new one, never by one holding the old packages. So
+    is a stage by the MLflow service of its store (it had kept the MLflow it imported)."""
     import sysconfig
 
     from kdprune import zygote
@@ -225,8 +253,9 @@ def test_a_package_installed_or_removed_since_a_warm_start_began_gets_a_new_one(
     site.mkdir()
     paths = {**sysconfig.get_paths(), "purelib": str(site), "platlib": str(site)}
     monkeypatch.setattr(sysconfig, "get_paths", lambda *args, **kwargs: paths)
-    def keys() -> tuple[Path, Path]:
-        return forkserver.server_path(), zygote.socket_path(dict(os.environ))
+    def keys() -> tuple[Path, Path, Path]:
+        return (forkserver.server_path(), zygote.socket_path(dict(os.environ)),
+                tracker.service_socket("sqlite:///m.db", "kdprune"))
 
     os.utime(site, ns=(0, 10**18))  # the last install, in 2001
     before = keys()
@@ -235,11 +264,11 @@ def test_a_package_installed_or_removed_since_a_warm_start_began_gets_a_new_one(
         assert zygote.socket_path(dict(os.environ)) == before[1]
     (site / "torch-9.9.dist-info").mkdir()  # an install, now
     installed = keys()
-    assert installed[0] != before[0] and installed[1] != before[1]
+    assert all(now != then for now, then in zip(installed, before))
     os.utime(site, ns=(0, 10**18))
     assert keys() == before
     (site / "torch-9.9.dist-info").rmdir()  # a removal, now
-    assert keys()[0] != before[0] and keys()[1] != before[1]
+    assert all(now != then for now, then in zip(keys(), before))
 
 
 @pytest.mark.parametrize("server", ["on", "off"])
@@ -307,6 +336,34 @@ def test_a_service_folder_that_cannot_be_made_stops_a_stage_that_needs_it_with_o
         2, "", f"error: KDPRUNE_SERVICE_DIR: {folder}: Not a directory\n")
     alone = run(probe, "0", KDPRUNE_SERVICE_DIR=str(folder), KDPRUNE_FORKSERVER="off")
     assert alone.returncode == 0 and fields(alone.stdout)["for"] == "None", alone.stderr
+    (services / "held").mkdir()  # a folder there that cannot hold the server's (a file in its place)
+    (services / "held/fork").write_text("")
+    out = run(probe, "0", KDPRUNE_SERVICE_DIR=str(services / "held"))
+    assert (out.returncode, out.stdout, out.stderr) == (
+        2, "", f"error: KDPRUNE_SERVICE_DIR: {services / 'held/fork'}: File exists\n")
+
+
+def test_a_service_folder_another_user_could_listen_in_stops_the_stage_with_one_line(probe, services):
+    """A stage hands its environment (the store's keys) and its terminal to the socket it finds in the folder:
+    one that others may write in, or that another user made (/tmp/kdprune-<uid> is anyone's to make first
+    after a reboot), could hold theirs. Such a folder was used, and `fork/` made in it."""
+    shared = services / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    out = run(probe, "0", KDPRUNE_SERVICE_DIR=str(shared))
+    assert (out.returncode, out.stdout, out.stderr) == (
+        2, "", f"error: KDPRUNE_SERVICE_DIR: {shared}: others may write in it (mode 777) and put a socket of "
+               "theirs there; chmod go-w it, or use another folder\n")
+    assert list(shared.iterdir()) == []
+    if os.geteuid() == 0:  # (only root can give a folder away)
+        theirs = services / "theirs"
+        theirs.mkdir(mode=0o755)
+        os.chown(theirs, 65534, 65534)
+        out = run(probe, "0", KDPRUNE_SERVICE_DIR=str(theirs))
+        assert (out.returncode, out.stdout, out.stderr) == (
+            2, "", f"error: KDPRUNE_SERVICE_DIR: {theirs}: owned by another user (uid 65534), who could listen "
+                   "in it for this stage's environment and terminal; use a folder of your own\n")
+        assert list(theirs.iterdir()) == []
 
 
 def test_a_relative_service_folder_is_the_one_in_the_folder_it_was_named_from(services, monkeypatch):

@@ -231,6 +231,30 @@ def _serving(path: Path) -> list[int]:
     return found
 
 
+def test_a_service_s_key_covers_every_kdprune_module_it_runs() -> None:
+    """A service (and the zygote it is forked from) is found by a hash of the code it runs: every kdprune
+    module that what it answers with imports, at any depth (procs, files, errors and switches had been left
+    out: a service forked from a zygote kept an edited procs.py's old code)."""
+    import ast
+
+    from kdprune import tracker
+
+    package = Path(tracker.__file__).parent
+    seen, todo = set(), ["tracker", "runs", "summary", "registry", "store"]  # zygote.preload's, and the service
+    while todo:
+        module = todo.pop()
+        if module in seen:
+            continue
+        seen.add(module)
+        for node in ast.walk(ast.parse((package / f"{module}.py").read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module == "kdprune":
+                todo += [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("kdprune."):
+                todo.append(node.module.split(".")[1])
+    seen -= {"zygote", "forkserver"}  # the zygote's own key hashes zygote.py; forkserver's code only reads keys
+    assert seen == set(tracker.SERVICE_MODULES)
+
+
 def test_a_service_started_without_waiting_is_waited_for_and_never_started_twice(tmp_path: Path) -> None:
     """tracker.prestart's start (the first stage of a pipeline): whoever connects next waits for that
     process instead of starting a second; a process that ended unheard is replaced."""
@@ -1043,6 +1067,30 @@ def test_a_call_that_fails_on_a_bug_is_one_line_to_the_stage_and_a_traceback_in_
     assert "Traceback (most recent call last)" in log.split("log_epoch failed:")[1]
 
 
+def test_an_open_that_fails_after_its_run_is_created_closes_it_failed_and_nothing_logs_into_a_stray_run(
+        services: Path, mlflow_store: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A param MLflow refuses fails `open` after the run was created. That run had stayed RUNNING, and the
+    stage's next messages went through MLflow's fluent calls, which started a run of their own to log into."""
+    from kdprune import tracker
+    from kdprune.errors import TrackingError
+
+    monkeypatch.setenv("KDPRUNE_SERVICE_DIR", str(services))
+    connection = tracker.start()
+    try:
+        with pytest.raises(TrackingError, match="bad key!"):
+            connection.call("open", stage="train_teacher", kind="stage", name="refused", params={"bad key!": 1},
+                            inputs={}, owner=None, execution=None)
+        for op, args in (("log_epoch", {"step": 0, "metrics": {"loss": 1.0}}),
+                         ("set_tags", {"tags": {"pipeline.note": "x"}})):
+            with pytest.raises(TrackingError, match="no run is open"):
+                connection.call(op, **args)
+        assert connection.call("finish", status="FINISHED") is None
+    finally:
+        connection.close(wait=True)
+    runs = client(mlflow_store).search_runs([experiment_id(mlflow_store)])
+    assert [(r.info.run_name, r.info.status) for r in runs] == [("refused", "FAILED")]
+
+
 def test_doctor_drops_a_pending_record_of_a_run_the_store_no_longer_has_or_that_cannot_be_read(
         tmp_path: Path, mlflow_store: str) -> None:
     """An empty record (a disk that filled while it was written) had stopped doctor with a traceback, and
@@ -1065,6 +1113,26 @@ def test_doctor_drops_a_pending_record_of_a_run_the_store_no_longer_has_or_that_
     assert c.get_run(real).info.status == "FAILED"
     assert list(pending.iterdir()) == []
     assert f"dropped the unreadable record {pending / ('1' * 32 + '.json')} (JSONDecodeError: " in result.stdout
+
+
+def test_a_stage_that_fails_after_a_message_of_its_failed_closes_its_run_failed(
+        services: Path, mlflow_store: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # (services first: torn down after mlflow_store, whose stop of the service would make its folder again)
+    """The earlier message's error (an artifact that was not there), read as the failed stage sent its
+    `finish`, had kept that `finish` unsent: the service closed the run KILLED, as for a stage killed."""
+    from kdprune import stage
+    from kdprune.params import load_params
+
+    monkeypatch.setenv("KDPRUNE_SERVICE_DIR", str(services))
+    p = load_params(write_params(tmp_path / "params.yaml"))
+    with pytest.raises(OSError, match="No space left"):
+        with stage.run("train_teacher", p, ("seed",), {}, {tmp_path / "out": "folder"}) as run:
+            run.log_artifact(tmp_path / "absent.png")
+            wait_until(lambda: b'"error"' in run.tracker.sock.recv(1 << 16, socket.MSG_PEEK), 120,
+                       "the artifact's error, come back unread")  # (after the open's answer)
+            raise OSError(28, "No space left on device")
+    runs = client(mlflow_store).search_runs([experiment_id(mlflow_store)])
+    assert [(r.data.tags["pipeline.stage"], r.info.status) for r in runs] == [("train_teacher", "FAILED")]
 
 
 def test_doctor_on_an_experiment_the_store_does_not_have_says_so_and_creates_nothing(

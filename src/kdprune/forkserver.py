@@ -35,6 +35,7 @@ import signal
 import socket
 import struct
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -57,8 +58,11 @@ LATER = ("numpy", "yaml", "sklearn.model_selection", "sklearn.datasets", "torch.
 IMPORT_TIME_ENV = ("PYTHON", "OMP_", "MKL_", "OPENBLAS_", "LD_", "TORCH_", "PYTORCH_", "CUDA_", "ATEN_",
                    "ONEDNN_", "DNNL_", "KDPRUNE_SERVICE_DIR")
 HEADER = struct.Struct("!I")
+
+
 def enabled() -> bool:
-    return switch("KDPRUNE_FORKSERVER") != "off" and hasattr(os, "fork") and hasattr(socket, "send_fds") and not procs.forked()
+    return (switch("KDPRUNE_FORKSERVER") != "off" and hasattr(os, "fork") and hasattr(socket, "send_fds")
+            and not procs.forked())
 
 
 def server_path() -> Path:
@@ -294,6 +298,7 @@ def _child(server: socket.socket, conn: socket.socket, request: dict[str, Any], 
         os.environ.clear()
         os.environ.update(env)
         os.environ[procs.FORKED_FOR] = str(request["client"])
+        tempfile.tempdir = None  # asked once by torch._dynamo in the server: asked again, from the stage's TMPDIR
         sys.argv, sys.path = request["argv"], request["path"]
         _reopen_std_streams(bool(env.get("PYTHONUNBUFFERED")))
         for name in [m for m in sys.modules if m == "kdprune" or m.startswith("kdprune.")]:

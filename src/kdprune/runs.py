@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import socket
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +39,8 @@ def open_run(stage: str, kind: str, name: str, params: dict[str, Any], inputs: d
     (kind "summary"), tagged with its inputs' fingerprints and the upstream runs found by them.
 
     The run is created by the client with its tags spelled out (the fluent start_run would spend two
-    seconds asking git and its context providers), then made the active run for log_model."""
+    seconds asking git and its context providers), then made this thread's active run, where log_model's
+    LoggedModel finds its experiment. If either step after the creation fails, the run is closed FAILED."""
     import mlflow
     from mlflow.entities import Param
 
@@ -56,14 +58,21 @@ def open_run(stage: str, kind: str, name: str, params: dict[str, Any], inputs: d
         if value:
             tags[key] = value
     client = _client()
-    run = store.call(client.create_run, experiment_id, tags=tags, run_name=name, what="starting a run")
-    _LOCAL.active = {"run_id": run.info.run_id, "experiment_id": experiment_id, "kind": kind,
+    run_id = store.call(client.create_run, experiment_id, tags=tags, run_name=name, what="starting a run").info.run_id
+    try:
+        store.call(client.log_batch, run_id, params=[Param(k, str(_param(v))) for k, v in params.items()],
+                   what="logging params")
+        store.call(mlflow.start_run, run_id=run_id, what="activating the run")
+    except Exception:  # no run is open: the stage's next messages are refused, none logs into a run of its own
+        try:
+            _close(run_id, "FAILED")
+        except Exception:  # noqa: BLE001 - the store's first error is the one to report
+            _remember(run_id, "FAILED")
+        raise
+    _LOCAL.active = {"run_id": run_id, "experiment_id": experiment_id, "kind": kind,
                      "execution": execution, "upstream": upstream,
                      "source": {k: tags[k] for k in ("mlflow.source.name", "mlflow.source.git.commit")
                                 if k in tags}}  # log_model tags the stage's models with it
-    store.call(client.log_batch, run.info.run_id, params=[Param(k, str(_param(v))) for k, v in params.items()],
-               what="logging params")
-    store.call(mlflow.start_run, run_id=run.info.run_id, what="activating the run")
 
 
 def warm_up() -> None:
@@ -109,16 +118,26 @@ def _upstream(experiment_id: str, inputs: dict[str, str]) -> dict[str, str]:
     return found
 
 
-def log_epoch(step: int, metrics: dict[str, float]) -> None:
-    import mlflow
+# Every message after `open` names its run by id: MLflow's fluent calls (mlflow.log_metrics, set_tags, ...)
+# start a run of their own where none is active, and log into that.
 
-    store.call(mlflow.log_metrics, metrics, step=step, what="logging metrics")
+def log_batch(run_id: str, what: str, metrics: dict[str, float] | None = None, step: int = 0,
+              tags: dict[str, Any] | None = None) -> None:
+    """One call to the store for run `run_id`: `metrics` at `step`, `tags` as text."""
+    from mlflow.entities import Metric, RunTag
+
+    now = int(time.time() * 1000)
+    store.call(_client().log_batch, run_id, metrics=[Metric(k, v, now, step) for k, v in (metrics or {}).items()],
+               tags=[RunTag(k, str(v)) for k, v in (tags or {}).items()], what=what)
+
+
+def log_epoch(step: int, metrics: dict[str, float]) -> None:
+    log_batch(active()["run_id"], "logging metrics", metrics=metrics, step=step)
 
 
 def log_artifact(path: str, folder: str | None = None) -> None:
-    import mlflow
-
-    store.call(mlflow.log_artifact, path, artifact_path=folder, what=f"logging {Path(path).name}")
+    store.call(_client().log_artifact, active()["run_id"], path, artifact_path=folder,
+               what=f"logging {Path(path).name}")
 
 
 def model_inputs(example: Any, logits: Any, names: tuple[str, str]) -> dict[str, Any]:
@@ -138,38 +157,46 @@ def log_model(path: str, name: str, example: list, logits: list, names: tuple[st
     import onnx
     import onnxruntime
 
-    info = store.call(mlflow.onnx.log_model, onnx.load(path), name=name, **model_inputs(example, logits, names),
+    run = active()
+    info = store.call(mlflow.onnx.log_model, onnx.load(path), name=name, run_id=run["run_id"],
+                      **model_inputs(example, logits, names),
                       save_as_external_data=False, onnx_execution_providers=["CPUExecutionProvider"],
-                      tags=active().get("source", {}),
+                      tags=run.get("source", {}),
                       pip_requirements=[f"onnx=={onnx.__version__}", f"onnxruntime=={onnxruntime.__version__}"],
                       what=f"logging the {name} model")
     return info.model_uri
 
 
 def set_tags(tags: dict[str, str]) -> None:
-    import mlflow
-
-    store.call(mlflow.set_tags, tags, what="tagging the run")
+    log_batch(active()["run_id"], "tagging the run", tags=tags)
 
 
 def finish(status: str, output: str | None = None, tags: dict[str, str] | None = None) -> None:
-    """Close the active run with `tags`; a FINISHED one records its output's fingerprint for the stages
+    """Close the open run with `tags`; a FINISHED one records its output's fingerprint for the stages
     downstream. A run that cannot be closed is written down locally and closed by the next stage that starts."""
-    import mlflow
-
     run_id = getattr(_LOCAL, "active", {}).get("run_id")
     if run_id is None:
         return
     try:
         tags = {**(tags or {}), **({"pipeline.output": output} if output and status == "FINISHED" else {})}
         if tags:  # one call
-            store.call(mlflow.set_tags, tags, what="recording the output and the machine")
-        store.call(mlflow.end_run, status, what="closing the run")
+            log_batch(run_id, "recording the output and the machine", tags=tags)
+        _close(run_id, status)
     except Exception:
         _remember(run_id, "FAILED" if status == "FINISHED" else status)
         raise
     finally:
         _LOCAL.active = {}
+
+
+def _close(run_id: str, status: str) -> None:
+    """End the run as `status`, and as this thread's active run where it is that."""
+    import mlflow
+
+    if (current := mlflow.active_run()) is not None and current.info.run_id == run_id:
+        store.call(mlflow.end_run, status, what="closing the run")
+    else:
+        store.call(_client().set_terminated, run_id, status, what="closing the run")
 
 
 def nest_execution(summary_id: str, experiment_id: str, execution: str | None) -> None:

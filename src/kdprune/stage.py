@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from kdprune import manifest, procs
+from kdprune import files, manifest, procs
 from kdprune.errors import CheckpointError, DataError, ParamsError, TrackingError
 from kdprune.params import Params, flatten, section
 from kdprune.switches import SWITCHES, switch
@@ -58,6 +58,7 @@ def guard(main: Callable[[], Any]) -> None:
             raise SystemExit(status)
     signal.signal(signal.SIGTERM, _terminate)
     _die_with_dvc()
+    files.replaced.clear()  # (a stage run in a process that ran others: the tests)
     try:
         main()
     except Reused as e:
@@ -72,7 +73,9 @@ def guard(main: Callable[[], Any]) -> None:
         _recovery_hint()
         raise SystemExit(2) from None
     except KeyboardInterrupt:
-        print("error: interrupted; no output written", file=sys.stderr)
+        print("error: interrupted; " + ("no output written" if not files.replaced else
+                                        "its outputs were in place, but unrecorded: `dvc repro` runs it again"),
+              file=sys.stderr)
         raise SystemExit(130) from None
 
 
@@ -86,7 +89,13 @@ def check_environment() -> None:
     for name in SWITCHES:
         switch(name)
     tracker.warm_idle()
-    tracker.service_dir(make=forkserver.enabled())
+    forked = forkserver.enabled()
+    folder = tracker.service_dir(make=forked)
+    if forked:  # where the fork server listens (a folder that could not hold it: a traceback)
+        try:
+            (folder / "fork").mkdir(mode=0o700, exist_ok=True)
+        except OSError as e:
+            raise TrackingError(f"KDPRUNE_SERVICE_DIR: {folder / 'fork'}: {e.strerror or e}") from None
     timings = os.environ.get("KDPRUNE_TIMINGS")
     if timings and (Path(timings).is_dir() or not Path(timings).absolute().parent.is_dir()):
         raise ValueError(f"KDPRUNE_TIMINGS: {timings}: expected a file in an existing folder")
@@ -254,10 +263,7 @@ def _finish(tracker: Any, status: str, output: str | None, tags: dict[str, str])
     if status == "FINISHED":
         tracker.call("finish", status=status, output=output, tags=tags)
         return True
-    with contextlib.suppress(TrackingError):
-        tracker.call("finish", status=status, tags=tags)
-        return True
-    return False
+    return tracker.last("finish", status=status, tags=tags)
 
 
 def label(p: Params) -> str:

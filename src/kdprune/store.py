@@ -109,6 +109,20 @@ def check_exists(uri: str) -> None:
         raise TrackingError(f"{uri}: no store at {db} (a stage that tracks makes it)")
 
 
+def find_experiment(name: str) -> tuple[Any, Any]:
+    """For a command that reads a store and makes nothing in it (kdprune report, doctor): a client of the
+    configured store, found answering and there, and its experiment `name`, or None where it has none."""
+    from mlflow import MlflowClient
+
+    configure()
+    uri = tracking_uri()
+    check_reachable(uri)
+    check_exists(uri)
+    with named_errors(uri):
+        client = MlflowClient(uri)
+        return client, client.get_experiment_by_name(name)
+
+
 def _sqlite_dir(uri: str) -> Path:
     """The directory of a sqlite store's database file: its lock and, by default, its artifacts go there."""
     db = _sqlite_file(uri)

@@ -20,24 +20,22 @@ VIEW_COLUMNS = ["attributes.`Models`", "params.`preset`", "params.`prune.criteri
 
 
 def summarise(metrics: dict[str, float], artifacts: list[str], table: str, headline: str) -> dict[str, Any]:
-    """Log the headline metrics (once, here only, to 6 significant digits: the UI shows them whole), the
-    report files (at the artifact root, where the compare view looks), the evaluated models as the run's
-    inputs, and a description: `headline`, the comparison table and a link to every stage run; nest this
-    execution's stage runs. Returns the run id."""
-    import mlflow
-
+    """Log the headline metrics (once, here only; counts whole, the rest to 6 significant digits: the UI
+    shows them whole), the report files (at the artifact root, where the compare view looks), the evaluated
+    models as the run's inputs, and a description: `headline`, the comparison table and a link to every stage
+    run; nest this execution's stage runs. Returns the run id."""
     active = runs.active()
-    upstream = active["upstream"]
-    store.call(mlflow.log_metrics, {k: float(f"{v:.6g}") for k, v in metrics.items()},
-               what="logging the headline metrics")
+    upstream, client, run_id = active["upstream"], runs._client(), active["run_id"]
+    runs.log_batch(run_id, "logging the headline metrics",
+                   metrics={k: float(v) if float(v).is_integer() else float(f"{v:.6g}") for k, v in metrics.items()})
     for path in artifacts:
-        store.call(mlflow.log_artifact, path, what=f"logging {Path(path).name}")
+        store.call(client.log_artifact, run_id, path, what=f"logging {Path(path).name}")
     _link_models(active, upstream)
     links = " · ".join(f"[{stage}](#/experiments/{active['experiment_id']}/runs/{run_id})"
                        for stage, run_id in upstream.items())
     # '@' would read as a GitHub mention in MLflow's markdown ("ms @256" -> a link)
     note = f"**{headline}**\n\n{table.replace('@', '&#64;')}\nStage runs: {links or 'none found in this store'}\n"
-    store.call(mlflow.set_tag, "mlflow.note.content", note, what="describing the run")
+    store.call(client.set_tag, run_id, "mlflow.note.content", note, what="describing the run")
     runs.nest_execution(active["run_id"], active["experiment_id"], active.get("execution"))
     return {"run_id": active["run_id"], "experiment_id": active["experiment_id"], "view": _share_view(active),
             "uri": store.tracking_uri()}

@@ -19,6 +19,7 @@ import os
 import select
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import threading
@@ -64,7 +65,27 @@ def service_dir(make: bool = True) -> Path:
             path.mkdir(mode=0o700, parents=True, exist_ok=True)
         except OSError as e:
             raise TrackingError(f"KDPRUNE_SERVICE_DIR: {path}: {e.strerror or e}") from None
+    _check_private(path)
     return path
+
+
+def _check_private(path: Path) -> None:
+    """A stage hands its environment (the store's keys) and its terminal to whatever listens in the folder:
+    one another user owns, or may write in, could have put a socket of theirs there (/tmp/kdprune-<uid> is
+    theirs to make first after every reboot). Refused, as ssh refuses such a key folder."""
+    try:
+        info = path.stat()
+    except (FileNotFoundError, NotADirectoryError):
+        return  # (not there: a look that makes nothing)
+    except OSError as e:
+        raise TrackingError(f"KDPRUNE_SERVICE_DIR: {path}: {e.strerror or e}") from None
+    if info.st_uid != os.getuid():
+        raise TrackingError(f"KDPRUNE_SERVICE_DIR: {path}: owned by another user (uid {info.st_uid}), who could "
+                            "listen in it for this stage's environment and terminal; use a folder of your own")
+    if info.st_mode & 0o022:
+        raise TrackingError(f"KDPRUNE_SERVICE_DIR: {path}: others may write in it (mode "
+                            f"{stat.S_IMODE(info.st_mode):o}) and put a socket of theirs there; chmod go-w it, "
+                            "or use another folder")
 
 
 def warm_idle() -> float:
@@ -81,15 +102,25 @@ def warm_idle() -> float:
     return seconds
 
 
+# Every kdprune module a service runs: those it answers with and what they import (tests/test_tracking.py
+# checks the list against their imports; procs, files, errors and switches had been left out, and a service
+# forked from a zygote kept an edited procs.py's old code)
+SERVICE_MODULES = ("tracker", "runs", "summary", "registry", "store", "procs", "files", "errors", "switches")
+
+
 def service_code() -> bytes:
     """The source of the modules a service runs: a service, or a zygote, serves only its own version."""
     here = Path(__file__).parent
-    return b"".join((here / f"{m}.py").read_bytes() for m in ("tracker", "runs", "summary", "registry", "store"))
+    return b"".join((here / f"{m}.py").read_bytes() for m in SERVICE_MODULES)
 
 
 def service_key(uri: str, experiment: str) -> str:
-    """One service per store and experiment, and per version of the code that serves them."""
-    return hashlib.sha256(b"\0".join([uri.encode(), experiment.encode(), service_code()])).hexdigest()[:20]
+    """One service per store and experiment, and per version of the code, and of the packages, that serve
+    them (a service in use had kept the MLflow it imported after an upgrade)."""
+    from kdprune.forkserver import packages
+
+    parts = [uri.encode(), experiment.encode(), service_code(), json.dumps(packages()).encode()]
+    return hashlib.sha256(b"\0".join(parts)).hexdigest()[:20]
 
 
 def service_socket(uri: str, experiment: str) -> Path:
@@ -110,6 +141,9 @@ class Tracker:
 
     def post(self, op: str, **args: Any) -> int:
         self._collect(block=False)
+        return self._send(op, args)
+
+    def _send(self, op: str, args: dict[str, Any]) -> int:
         line = (json.dumps({"id": self.sent + 1, "op": op, "args": args}) + "\n").encode()
         with _sigterm_blocked():  # a message is written whole or not at all
             try:
@@ -132,6 +166,23 @@ class Tracker:
     def call(self, op: str, **args: Any) -> Any:
         return self.wait(self.post(op, **args))
 
+    def last(self, op: str, **args: Any) -> bool:
+        """A stage's last message when it failed (`finish` FAILED or KILLED): sent before any earlier answer
+        is read, and waited for past earlier messages' errors (the first of those had stopped it unsent, and
+        the service then closed the failed stage's run as KILLED). True when the service answered it."""
+        try:
+            ident = self._send(op, args)
+        except TrackingError:  # gone
+            return False
+        while self.answered < ident:
+            before = self.answered
+            try:
+                self._collect(block=True)
+            except TrackingError:
+                if self.answered == before or self.answered >= ident:  # gone, or this one failed
+                    return False
+        return True
+
     def close(self, wait: bool) -> None:
         """Hang up: a run still open is closed as KILLED by the service."""
         with contextlib.suppress(OSError):
@@ -150,16 +201,19 @@ class Tracker:
                 raise TrackingError(self._gone())
             self.buffer += chunk
             *lines, self.buffer = self.buffer.split(b"\n")
-            for line in lines:
-                self._answer(json.loads(line))
+            errors = [error for line in lines if (error := self._answer(json.loads(line)))]
+            if errors:  # every answer read first: one after an error had been dropped with the chunk
+                raise TrackingError(errors[0])
             if lines:
                 return
 
-    def _answer(self, reply: dict[str, Any]) -> None:
+    def _answer(self, reply: dict[str, Any]) -> str | None:
+        """Record an answer; its error, if it is one."""
         self.answered = reply["id"]
         if "error" in reply:
-            raise TrackingError(reply["error"])
+            return reply["error"]
         self.results[reply["id"]] = reply.get("ok")
+        return None
 
     def _gone(self) -> str:
         return f"the MLflow tracking service for {self.uri} went away (see {service_dir()}/*.log)"
@@ -179,6 +233,9 @@ class Offline:
 
     def call(self, op: str, **args: Any) -> Any:
         return None
+
+    def last(self, op: str, **args: Any) -> bool:
+        return True
 
     def close(self, wait: bool) -> None:
         return None
