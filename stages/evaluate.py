@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> None:
                    title=stage.label(p)) as run:
         from kdprune import comparison, recipes, report
         from kdprune.checkpoints import load_model
-        from kdprune.files import write_atomic, write_json
+        from kdprune.files import staged, write_atomic, write_json
         from kdprune.measure import NOISY_IQR
         from kdprune.training import resolve_device
 
@@ -33,19 +33,22 @@ def main(argv: list[str] | None = None) -> None:
         models = {name: load_model(d)[0].to(device) for name, d in dirs.items()}
         results, matrices = comparison.measure(models, dirs, test, norm, p.evaluate, meta["num_classes"])
         table = report.comparison_table(results, p.evaluate, NOISY_IQR)
-        write_json(args.headline, comparison.headline(results))
-        write_json(args.metrics, results)
-        write_json(args.per_class, {n: comparison.per_class_accuracy(c) for n, c in matrices.items()})
-        write_atomic(args.report, table)
-        report.plot_tradeoff(results, args.plot)
-        report.plot_confusion(matrices, args.confusion)
         summary = comparison.pick(results, comparison.SUMMARY)
         headline = report.headline_line(results)  # opens the summary run's description, describes the version
-        info = run.tracker.call("summarise", metrics={f"{m}.{k}": v for m, d in summary.items() for k, v in d.items()},
-                                artifacts=[str(a.resolve()) for a in outputs], table=table, headline=headline)
-        verdict = run.tracker.call("register", name=registry_name(p), finetuned=run.inputs["finetuned"],
-                                   metrics=results["finetuned"], max_drop=p.evaluate.max_accuracy_drop,
-                                   description=headline)
+        with staged(outputs) as new:  # in place once the summary run has them and the registry has answered
+            write_json(new[args.headline], comparison.headline(results))
+            write_json(new[args.metrics], results)
+            write_json(new[args.per_class], {n: comparison.per_class_accuracy(c) for n, c in matrices.items()})
+            write_atomic(new[args.report], table)
+            report.plot_tradeoff(results, new[args.plot])
+            report.plot_confusion(matrices, new[args.confusion])
+            info = run.tracker.call("summarise", metrics={f"{m}.{k}": v for m, d in summary.items()
+                                                          for k, v in d.items()},
+                                    artifacts=[str(path.resolve()) for path in new.values()], table=table,
+                                    headline=headline)
+            verdict = run.tracker.call("register", name=registry_name(p), finetuned=run.inputs["finetuned"],
+                                       metrics=results["finetuned"], max_drop=p.evaluate.max_accuracy_drop,
+                                       description=headline)
     print(f"wrote {args.report} (make repro prints it)" + (f"; {verdict}" if verdict else ""))
     if info:
         from kdprune.summary import ui_links

@@ -4,7 +4,7 @@ Unstructured masks stay fixed: a pruned weight stays zero.
 """
 
 from kdprune import stage
-from kdprune.files import staged_dir
+from kdprune.files import staged
 from kdprune.params import load_params
 
 READS = ("seed", "threads", "device", "augment", "finetune", "distill", "student.label_fraction")
@@ -16,7 +16,8 @@ def main(argv: list[str] | None = None) -> None:
     inputs = {"data": args.data, "pruned": args.pruned}
     if p.finetune.distill:
         inputs |= {"soft_labels": args.soft_labels, "teacher": args.teacher}
-    with stage.run("finetune", p, READS, inputs, outputs={args.out: "folder", args.plots: "file"}) as run:
+    outputs = {args.out: "folder", args.plots: "file"}
+    with stage.run("finetune", p, READS, inputs, outputs) as run:
         import torch.nn.functional as F
 
         from kdprune import recipes, soft_labels
@@ -39,10 +40,10 @@ def main(argv: list[str] | None = None) -> None:
         history = fit(model, train, val, norm, loss, p.finetune, p.seed, resolve_device(p.device), run.log_epoch,
                       augment=augmenter(p.augment.crop, p.augment.flip), desc="finetune")
         bake_weight_masks(model)
-        with staged_dir(args.out) as out:
-            recipes.keep_model(out, model, spec, "finetuned", val, norm, run)
-            recipes.keep_curve(args.plots, history, run)
-            run.seal(out)
+        with staged(outputs) as new:
+            recipes.keep_model(new[args.out], model, spec, "finetuned", val, norm, run)
+            recipes.keep_curve(new[args.plots], history, run)
+            run.seal(new[args.out])
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ taken from the rows whose hard labels the students may see (student.label_fracti
 """
 
 from kdprune import stage
-from kdprune.files import staged_dir
+from kdprune.files import staged
 from kdprune.params import load_params
 
 READS = ("seed", "threads", "device", "score", "student.label_fraction")
@@ -32,12 +32,12 @@ def main(argv: list[str] | None = None) -> None:
         model.to(device)
         scores, truth = scoring.score_all(model, train, norm, p.score, p.seed, held=held if p.score.oracle else None,
                                           processes=workers.count(device, p.threads))
-        with staged_dir(args.out) as out:
-            scoring.save(out, scores, truth)
-            agreement = scoring.report(scores, truth, args.agreement, args.plot)
+        with staged(outputs) as new:
+            scoring.save(new[args.out], scores, truth)
+            agreement = scoring.report(scores, truth, new[args.agreement], new[args.plot])
             run.log_epoch(0, {f"spearman.{m}": v for m, v in agreement.items()})
-            run.log_artifact(args.plot)
-            run.seal(out)
+            run.log_artifact(new[args.plot])
+            run.seal(new[args.out])
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """train_student: the small student, distilled from the teacher's stored logits (Hinton KD loss)."""
 
 from kdprune import stage
-from kdprune.files import staged_dir
+from kdprune.files import staged
 from kdprune.params import load_params
 
 READS = ("seed", "threads", "device", "augment", "student", "distill")
@@ -11,7 +11,8 @@ def main(argv: list[str] | None = None) -> None:
     args = stage.parser(__doc__, "data", "soft_labels", "teacher", "out", "plots").parse_args(argv)
     p = load_params(args.params)
     inputs = {"data": args.data, "soft_labels": args.soft_labels, "teacher": args.teacher}
-    with stage.run("train_student", p, READS, inputs, outputs={args.out: "folder", args.plots: "file"}) as run:
+    outputs = {args.out: "folder", args.plots: "file"}
+    with stage.run("train_student", p, READS, inputs, outputs) as run:
         from kdprune import recipes, soft_labels
         from kdprune.data import UNLABELLED, augmenter
         from kdprune.models import build_model
@@ -26,10 +27,10 @@ def main(argv: list[str] | None = None) -> None:
         history = fit(model, train, val, norm, soft_labels.loss(p.distill), p.student, p.seed,
                       resolve_device(p.device), run.log_epoch, l1=p.student.l1,
                       augment=augmenter(p.augment.crop, p.augment.flip), desc="student")
-        with staged_dir(args.out) as out:
-            recipes.keep_model(out, model, spec, "student", val, norm, run)
-            recipes.keep_curve(args.plots, history, run)
-            run.seal(out)
+        with staged(outputs) as new:
+            recipes.keep_model(new[args.out], model, spec, "student", val, norm, run)
+            recipes.keep_curve(new[args.plots], history, run)
+            run.seal(new[args.out])
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """train_teacher: train the teacher on hard labels, or adopt the user's own (teacher.weights)."""
 
 from kdprune import stage
-from kdprune.files import staged_dir
+from kdprune.files import staged
 from kdprune.params import load_params
 
 READS = ("seed", "threads", "device", "augment", "teacher")
@@ -11,7 +11,8 @@ def main(argv: list[str] | None = None) -> None:
     args = stage.parser(__doc__, "data", "out", "plots").parse_args(argv)
     p = load_params(args.params)
     inputs = {"data": args.data} | ({"weights": p.teacher.weights} if p.teacher.weights else {})
-    with stage.run("train_teacher", p, READS, inputs, outputs={args.out: "folder", args.plots: "file"}) as run:
+    outputs = {args.out: "folder", args.plots: "file"}
+    with stage.run("train_teacher", p, READS, inputs, outputs) as run:
         import torch.nn.functional as F
 
         from kdprune import recipes, teacher
@@ -27,10 +28,10 @@ def main(argv: list[str] | None = None) -> None:
         else:
             history = fit(model, train, val, norm, F.cross_entropy, p.teacher, p.seed, resolve_device(p.device),
                           run.log_epoch, augment=augmenter(p.augment.crop, p.augment.flip), desc="teacher")
-        with staged_dir(args.out) as out:
-            recipes.keep_model(out, model, spec, "teacher", val, norm, run)
-            recipes.keep_curve(args.plots, history, run)
-            run.seal(out)
+        with staged(outputs) as new:
+            recipes.keep_model(new[args.out], model, spec, "teacher", val, norm, run)
+            recipes.keep_curve(new[args.plots], history, run)
+            run.seal(new[args.out])
 
 
 if __name__ == "__main__":

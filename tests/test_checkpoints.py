@@ -5,18 +5,21 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 import torch
 
+from kdprune import files, manifest
 from kdprune.checkpoints import check_state_dict, load_model, load_tensors, save_model
 from kdprune.errors import CheckpointError
-from kdprune.files import check_writable, staged_dir, write_atomic
+from kdprune.files import check_writable, staged, staged_dir, write_atomic
 from kdprune.models import build_model, remove_units
-from tests.conftest import REPO
+from tests.conftest import REPO, guarded, tree_bytes
 from tests.test_models import SPECS, half, tiny
 
 SPEC = {"arch": "cnn", "in_channels": 1, "image_size": 8, "num_classes": 10, "channels": [4, 8], "hidden": [6]}
@@ -140,6 +143,34 @@ def test_missing_tensor_file_is_named(tmp_path):
         load_tensors(tmp_path / "absent.pt")
 
 
+def test_a_file_added_to_a_stage_s_folder_is_refused_naming_it(tmp_path):
+    """verify checked the files the manifest lists and no others: a masks.pt dropped into a structured
+    prune's folder passed, with the folder's fingerprint unchanged, and finetune applied it (all zeros: a
+    model at chance, recorded as made from the real one)."""
+    out = tmp_path / "pruned"
+    (out / "sub").mkdir(parents=True)
+    (out / "model.pt").write_bytes(b"weights")
+    (out / "sub" / "x.json").write_text("{}")
+    fingerprint = manifest.write(out, "prune", {})
+    assert manifest.verify(out) == fingerprint
+    (out / "masks.pt").write_bytes(b"zeros")
+    with pytest.raises(CheckpointError, match=rf"^{re.escape(str(out / 'masks.pt'))}: not listed in "
+                                              rf"{re.escape(str(out / 'manifest.json'))}"):
+        manifest.verify(out)
+
+
+def test_a_manifest_without_a_mapping_of_inputs_is_named(tmp_path):
+    """`"inputs": null` stopped prune with a TypeError's traceback."""
+    out = tmp_path / "scores"
+    out.mkdir()
+    manifest.write(out, "score", {"student": "0" * 64})
+    record = json.loads((out / "manifest.json").read_text())
+    (out / "manifest.json").write_text(json.dumps({**record, "inputs": None}))
+    with pytest.raises(CheckpointError, match=rf"^{re.escape(str(out / 'manifest.json'))}: not a kdprune "
+                                              r"manifest \(no 'inputs' mapping\)$"):
+        manifest.inputs_of(out)
+
+
 def test_staged_dir_leaves_the_old_output_whole_on_failure(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
@@ -152,6 +183,133 @@ def test_staged_dir_leaves_the_old_output_whole_on_failure(tmp_path):
     with staged_dir(out) as tmp:
         (tmp / "new.txt").write_text("whole")
     assert [p.name for p in out.iterdir()] == ["new.txt"]
+
+
+def test_staged_dir_interrupted_between_its_two_renames_leaves_the_old_output(tmp_path, monkeypatch):
+    """Ctrl-C or SIGTERM between moving the old output aside and the new one in had left neither (the old
+    one as a `.old` sibling the next run deleted)."""
+    import kdprune.files as files
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "f").write_text("old")
+    real, calls = os.replace, []
+
+    def interrupted(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:  # the new output's move in
+            raise KeyboardInterrupt
+        real(src, dst)
+
+    monkeypatch.setattr(files.os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt), staged_dir(out) as tmp:
+        (tmp / "f").write_text("new")
+    monkeypatch.undo()
+    assert (out / "f").read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_staged_outputs_replace_the_old_ones_together_or_not_at_all(tmp_path, monkeypatch):
+    """A curve written in place before the model folder was: a failure between the two had left the new
+    curve beside the old model. Now every output waits for the end of the block, and an error on the way
+    puts back what it had set aside (an output that was not there before is not left there either)."""
+    model, curve, fresh = tmp_path / "models" / "m", tmp_path / "plots" / "m.csv", tmp_path / "plots" / "new.png"
+    model.mkdir(parents=True)
+    (model / "model.pt").write_text("old model")
+    curve.parent.mkdir()
+    curve.write_text("old curve")
+    outputs = {model: "folder", curve: "file", fresh: "file"}
+    before = tree_bytes(tmp_path)
+
+    def write(new):
+        (new[model] / "model.pt").write_text("new model")
+        new[curve].write_text("new curve")
+        new[fresh].write_text("new plot")
+        assert new[curve].name == "m.csv"  # what is logged from it keeps its name
+
+    with pytest.raises(RuntimeError), staged(outputs) as new:
+        write(new)
+        raise RuntimeError("the store went down while the run took the model")
+    assert tree_bytes(tmp_path) == before and sorted(p.name for p in tmp_path.rglob("*")) == \
+        ["m", "m.csv", "model.pt", "models", "plots"]
+    replace = os.replace
+
+    def fails_on_the_last(src, dst):  # the third output's twin: after the other two are in place
+        if Path(dst) == fresh:
+            raise OSError(28, "No space left on device", str(dst))
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", fails_on_the_last)
+    with pytest.raises(OSError, match="No space left"), staged(outputs) as new:
+        write(new)
+    assert tree_bytes(tmp_path) == before and sorted(p.name for p in tmp_path.rglob("*")) == \
+        ["m", "m.csv", "model.pt", "models", "plots"]
+    monkeypatch.setattr(os, "replace", replace)
+    with staged(outputs) as new:
+        write(new)
+    assert tree_bytes(tmp_path) == {"models/m/model.pt": b"new model", "plots/m.csv": b"new curve",
+                                    "plots/new.png": b"new plot"}
+
+
+class Stop(Exception):
+    """What a stage's SIGTERM handler raises (stage.Terminated), in a test that must not be stopped by it."""
+
+
+def _signalled_between(monkeypatch, first: Path) -> None:
+    """os.replace, and a SIGTERM to this process once `first` is in place."""
+    replace = os.replace
+
+    def signalled(src, dst):
+        replace(src, dst)
+        if Path(dst) == first:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(os, "replace", signalled)
+
+
+@pytest.mark.parametrize("threads", [0, 1])
+def test_a_signal_while_staged_outputs_go_in_place_waits_until_the_last_is_there(tmp_path, monkeypatch, threads):
+    """Held by the main thread's signal mask, a SIGTERM was raised as the mask came off, before `replaced` was
+    set (the stage said "no output written"), or, with another thread to take it (dvc's watchdog), in the
+    middle: the outputs rolled back, or all new with their old copies left beside them."""
+    model, curve = tmp_path / "m", tmp_path / "m.csv"
+    model.mkdir()
+    (model / "f").write_text("old")
+    curve.write_text("old")
+    monkeypatch.setattr(files, "replaced", [])
+    _signalled_between(monkeypatch, model)
+    done = threading.Event()
+    others = [threading.Thread(target=done.wait) for _ in range(threads)]
+    def stop(signum, frame):
+        raise Stop
+
+    handler = signal.signal(signal.SIGTERM, stop)
+    try:
+        for t in others:
+            t.start()
+        with pytest.raises(Stop), staged({model: "folder", curve: "file"}) as new:
+            (new[model] / "f").write_text("new")
+            new[curve].write_text("new")
+    finally:
+        signal.signal(signal.SIGTERM, handler)
+        done.set()
+        for t in others:
+            t.join()
+    assert ((model / "f").read_text(), curve.read_text()) == ("new", "new")
+    assert files.replaced == [model, curve]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m", "m.csv"]
+
+
+def test_a_stage_interrupted_once_its_outputs_are_in_place_says_so(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "report.md"
+
+    def main():
+        with staged({out: "file"}) as new:
+            new[out].write_text("new")
+
+    _signalled_between(monkeypatch, out)
+    assert guarded(main, monkeypatch) == 130 and out.read_text() == "new"
+    assert capsys.readouterr().err == ("error: interrupted; its outputs were in place, but unrecorded: "
+                                       "`dvc repro` runs it again\n")
 
 
 def test_write_atomic_leaves_no_partial_file(tmp_path):

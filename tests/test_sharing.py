@@ -55,6 +55,33 @@ def test_a_sibling_restores_the_outputs_the_first_computed(workspace):
     assert (out / "model.pt").read_text() == "first" and curve.read_text() == "first curve"
 
 
+def test_leaving_and_collecting_never_fail_a_stage_that_is_done(workspace, monkeypatch, capsys):
+    """They run after the stage's run is closed FINISHED and its outputs are in place. Siblings collect at
+    once: an entry one of them deleted, or one that cannot be read, had failed the stage ("entry.json: Is
+    a directory"); outputs that cannot be left are a warning."""
+    root = workspace["root"] / ".dvc/tmp/kdprune-shared"
+    (root / "damaged/entry.json").mkdir(parents=True)
+    (root / "being-written").mkdir()
+    for name, age in (("old", sharing.KEEP + 60), ("new", 0)):
+        (root / name).mkdir()
+        (root / name / "entry.json").write_text(f'{{"stage": "prepare", "made": {time.time() - age}}}')
+    p = load_params(workspace["params"])
+    out, curve = workspace["root"] / "m", workspace["root"] / "c.csv"
+    with sharing.once("train_teacher", p, READS, {"data": workspace["data"]}, [out, curve]):
+        _compute(out, curve, "x")
+    assert sorted(e.name for e in root.iterdir() if e.is_dir() and len(e.name) < 64) == [
+        "being-written", "damaged", "new"]
+    def full(*args: object) -> None:
+        raise OSError(28, "No space left")
+
+    monkeypatch.setattr(sharing, "_link_outputs", full)
+    monkeypatch.setenv("DVC_EXP_NAME", "exp-b")
+    with sharing.once("train_teacher", p, ("seed",), {"data": workspace["data"]}, [out, curve]):
+        _compute(out, curve, "y")
+    assert capsys.readouterr().err == ("warning: train_teacher's outputs were not left for sibling experiments "
+                                       "([Errno 28] No space left)\n")
+
+
 def test_nothing_is_shared_outside_dvc_exp_run_or_with_kdprune_share_0(workspace, monkeypatch):
     p = load_params(workspace["params"])
     out, curve = workspace["root"] / "m", workspace["root"] / "c.csv"

@@ -15,7 +15,7 @@ from kdprune.checkpoints import load_model
 from kdprune.data import load_meta, load_split, normaliser
 from kdprune.errors import CheckpointError
 from kdprune.models import count_params, prunable_layers
-from tests.conftest import STAGES, run_stage, tree_bytes, write_params
+from tests.conftest import STAGES, guarded, run_stage, tree_bytes, write_params
 
 MODELS = ("teacher", "student_scratch", "student", "pruned", "finetuned")
 DIRS = {"prepare": "data/prepared", "train_teacher": "models/teacher", "soft_labels": "artifacts/soft_labels",
@@ -328,18 +328,22 @@ def test_prune_in_rounds_and_unstructured_masks_survive_finetuning(pipeline, tmp
         assert torch.all(layer.weight[~masks[name]] == 0), name
 
 
-def test_the_control_and_the_student_see_the_same_labelled_subset(pipeline, tmp_path, mlflow_store, monkeypatch):
+def test_the_control_and_the_student_see_the_same_labelled_subset_in_as_many_steps(pipeline, tmp_path, mlflow_store,
+                                                                                  monkeypatch):
     """With student.label_fraction < 1, the rows whose hard labels the control trains on are the rows whose
     labels the distilled student keeps (the rest it sees through the teacher alone): the same rows, not
-    only as many, and the count each run logs."""
+    only as many, and the count each run logs. The control cycles them through epochs as long as the
+    student's: at 0.1 it had taken a tenth of the student's optimiser steps, and its schedule a tenth of
+    the length, so distillation was measured against an undertrained control."""
     from kdprune import training
     from kdprune.data import UNLABELLED
 
-    fitted, fit = [], training.fit
+    fitted, epoch_rows, fit = [], [], training.fit
 
     def labelled_rows(model, train, *args, **kwargs):
         rows = torch.arange(len(train.y)) if train.rows is None else train.rows
         fitted.append(set(rows[train.y[rows] != UNLABELLED].tolist()))
+        epoch_rows.append(len(train))
         return fit(model, train, *args, **kwargs)
 
     monkeypatch.setattr(training, "fit", labelled_rows)
@@ -350,6 +354,7 @@ def test_the_control_and_the_student_see_the_same_labelled_subset(pipeline, tmp_
     n_train = len(load_split(pipeline["root"] / "data/prepared", "train").y)
     scratch, student = fitted
     assert scratch == student and len(scratch) == pytest.approx(0.3 * n_train, abs=10)
+    assert epoch_rows == [n_train, n_train]
     seen = {r.data.tags["pipeline.stage"]: r.data.metrics["labelled_samples"] for r in _runs(mlflow_store)}
     assert seen == {"train_scratch": len(scratch), "train_student": len(scratch)}
 
@@ -454,3 +459,37 @@ def test_timings_that_cannot_be_written_are_a_warning_after_the_stage_not_its_er
     stage._record_timings("prepare", dict.fromkeys(("entered", "torch", "work", "done", "waited"), 0.0))
     assert capsys.readouterr().err == (f"warning: KDPRUNE_TIMINGS: {tmp_path}: Is a directory; this stage's "
                                        "timings not recorded\n")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["train_scratch", "score", "evaluate"])
+def test_a_stage_interrupted_while_its_run_takes_its_outputs_leaves_every_one_as_it_was(
+        name, pipeline, tmp_path, untracked, monkeypatch, capsys):
+    """SIGTERM while `seal` (or evaluate's summary run) waited for MLflow: the files beside the folder (a
+    curve, the agreement and its plot, evaluate's reports) were already replaced, and the stage said
+    "no output written"."""
+    from kdprune import stage, tracker
+
+    paths = {key: tmp_path / path.relative_to(pipeline["root"]) if key in OUTPUTS[name] else path
+             for key, path in pipeline["paths"][name].items()}
+    for key in OUTPUTS[name]:  # the outputs a first run left, as the pipeline's
+        src, dst = pipeline["paths"][name][key], paths[key]
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(src, dst) if src.is_dir() else shutil.copyfile(src, dst)
+    before = tree_bytes(tmp_path)
+    params = write_params(tmp_path / "other.yaml", seed=1)  # other bytes everywhere, had they been written
+
+    def interrupted(self, ident):
+        raise stage.Terminated("signal 15")
+
+    monkeypatch.setattr(tracker.Offline, "wait", interrupted)
+    monkeypatch.setattr(tracker.Offline, "call", lambda self, op, **args: interrupted(self, 0))
+    capsys.readouterr()
+    assert guarded(lambda: run_stage(name, params, **paths), monkeypatch) == 130
+    assert capsys.readouterr().err.splitlines()[-1] == "error: interrupted; no output written"
+    assert tree_bytes(tmp_path) == {**before, "other.yaml": (tmp_path / "other.yaml").read_bytes()}
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.name.startswith(".")) == []
+
+
+OUTPUTS = {"train_scratch": ("out", "plots"), "score": ("out", "agreement", "plot"),
+           "evaluate": ("headline", "metrics", "per_class", "report", "plot", "confusion")}

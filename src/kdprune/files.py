@@ -9,9 +9,11 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import tempfile
+import threading
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 from kdprune.errors import CheckpointError
 
@@ -80,31 +82,100 @@ def sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
+# What `staged` has put in place in this process: a stage interrupted after it knows its outputs are new.
+replaced: list[Path] = []
+
+
+@contextlib.contextmanager
+def staged(outputs: Mapping[str | Path, str]) -> Iterator[dict[Path, Path]]:
+    """Yield a twin of each output ({path: "file" or "folder"}) to write instead: an empty folder, or for a
+    file a path of the same name in a folder of its own (what is logged from it keeps its name). When the
+    block ends without error the twins replace the outputs, SIGINT and SIGTERM held until the last is in
+    place; an error in the block, or between two replacements, leaves every output as it was.
+
+    A stage that dies half-way leaves its outputs as they were: never a mix of old and new files, nor a new
+    curve beside the old model. Siblings left by a stage that was killed (SIGKILL gives no chance to clean
+    up) are removed first: their names carry the pid of the process that made them.
+    """
+    kinds = {Path(path): kind for path, kind in outputs.items()}
+    folders: dict[Path, Path] = {}
+    try:
+        for out in kinds:
+            try:
+                out.parent.mkdir(parents=True, exist_ok=True)
+                remove_stale(out)
+                folders[out] = Path(tempfile.mkdtemp(dir=out.parent, prefix=_sibling(out), suffix=".tmp"))
+            except OSError as e:  # a read-only folder, a file where a folder should be: the output, not a temp name
+                raise OSError(e.errno, f"cannot write here ({e.strerror})", str(out)) from e
+            folders[out].chmod(0o777 & ~_UMASK)
+        twins = {out: folders[out] if kind == "folder" else folders[out] / out.name for out, kind in kinds.items()}
+        yield twins
+        with _signals_held():
+            _replace_all(twins)
+            replaced.extend(twins)
+    finally:
+        for folder in folders.values():
+            shutil.rmtree(folder, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def staged_dir(out: str | Path) -> Iterator[Path]:
-    """Yield an empty sibling directory; on success it replaces `out` whole, on failure it is removed.
+    """`staged` for one folder: yield an empty sibling; on success it replaces `out` whole."""
+    with staged({out: "folder"}) as twins:
+        yield twins[Path(out)]
 
-    A stage that dies half-way leaves `out` as it was: never a mix of old and new files. Siblings
-    left by a stage that was killed (SIGKILL gives no chance to clean up) are removed first: their
-    names carry the pid of the process that made them.
-    """
-    out = Path(out)
+
+def _replace_all(twins: dict[Path, Path]) -> None:
+    """Each output set aside, its twin renamed into its place; an error (or a signal not held) on the way
+    puts every output set aside back."""
+    moved: list[tuple[Path, Path | None]] = []  # (output, its old self set aside, None where there was none)
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        remove_stale(out)
-        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=_sibling(out), suffix=".tmp"))
-    except OSError as e:  # a read-only folder, a file where a folder should be: name the output, not a temp name
-        raise OSError(e.errno, f"cannot write here ({e.strerror})", str(out)) from e
+        for out, twin in twins.items():
+            old = None
+            if os.path.lexists(out):
+                old = out.with_name(f"{_sibling(out)}old")
+                os.replace(out, old)
+            moved.append((out, old))
+            os.replace(twin, out)
+    except BaseException:
+        for out, old in reversed(moved):
+            if old is None or os.path.lexists(old):
+                _remove(out)
+                if old is not None:
+                    os.replace(old, out)
+        raise
+    for _, old in moved:
+        if old is not None:
+            _remove(old)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """SIGINT and SIGTERM noted, not acted on, inside the block; on leaving it the handlers are put back and
+    what came is raised then. Python runs every handler in the main thread, whichever thread the signal
+    reached, so handlers swapped there hold them (a signal mask would not: under dvc a watchdog thread
+    takes them). Elsewhere nothing can be held."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    came: list[int] = []
+    kept = {signum: signal.signal(signum, lambda signum, frame: came.append(signum))
+            for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
-        tmp.chmod(0o777 & ~_UMASK)
-        yield tmp
-        old = out.with_name(f"{_sibling(out)}old")
-        if out.exists():
-            os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
+        yield
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        for signum, handler in kept.items():
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+        for signum in dict.fromkeys(came):
+            signal.raise_signal(signum)
 
 
 def check_writable(path: str | Path, kind: str) -> None:

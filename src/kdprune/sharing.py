@@ -18,12 +18,13 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Iterator
 
 from kdprune import manifest
-from kdprune.files import staged_dir, write_atomic, write_json
+from kdprune.files import staged, staged_dir, write_atomic, write_json
 from kdprune.params import Params, section
 from kdprune.switches import switch
 
@@ -61,6 +62,15 @@ def once(stage: str, p: Params, reads: tuple[str, ...], inputs: dict[str, Path],
     _collect(root)
 
 
+def _leave(entry: Path, stage: str, outputs: list[Path]) -> None:
+    """The outputs, linked into `entry` for siblings. After the stage's run is closed FINISHED and its outputs
+    are in place, so a failure here is a warning: the siblings compute it themselves."""
+    try:
+        _link_outputs(entry, stage, outputs)
+    except OSError as e:
+        print(f"warning: {stage}'s outputs were not left for sibling experiments ({e})", file=sys.stderr)
+
+
 def stage_key(stage: str, p: Params, reads: tuple[str, ...], inputs: dict[str, Path]) -> str:
     """The hash of everything that decides the stage's outputs: all of kdprune's code (over-inclusive,
     so never wrong), the params it reads and the fingerprints of its inputs."""
@@ -74,7 +84,7 @@ def stage_key(stage: str, p: Params, reads: tuple[str, ...], inputs: dict[str, P
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _leave(entry: Path, stage: str, outputs: list[Path]) -> None:
+def _link_outputs(entry: Path, stage: str, outputs: list[Path]) -> None:
     if not all(Path(o).exists() for o in outputs):
         return
     with staged_dir(entry) as tmp:
@@ -93,24 +103,28 @@ def _link(src: str, dst: str) -> None:
 
 
 def _restore(entry: Path, outputs: list[Path]) -> None:
-    for i, out in enumerate(map(Path, outputs)):
-        src = entry / str(i)
-        if src.is_dir():
-            with staged_dir(out) as tmp:
-                shutil.copytree(src, tmp, dirs_exist_ok=True, copy_function=shutil.copyfile)
-        else:
-            write_atomic(out, src.read_bytes())
+    """A sibling's outputs into place, all of them or (on an error) none."""
+    sources = {Path(out): entry / str(i) for i, out in enumerate(outputs)}
+    with staged({out: "folder" if src.is_dir() else "file" for out, src in sources.items()}) as new:
+        for out, src in sources.items():
+            if src.is_dir():
+                shutil.copytree(src, new[out], dirs_exist_ok=True, copy_function=shutil.copyfile)
+            else:
+                write_atomic(new[out], src.read_bytes())
 
 
 def _collect(root: Path) -> None:
-    """Delete entries older than KEEP, each under its own lock, skipping any in use."""
+    """Delete entries older than KEEP, each under its own lock, skipping any in use. Siblings collect at
+    once: an entry another deleted, or one that cannot be read, is skipped (they had failed a stage whose
+    run was closed FINISHED, its outputs in place)."""
     from filelock import FileLock, Timeout
 
     for entry in root.iterdir():
-        info = entry / "entry.json"
-        if not entry.is_dir() or entry.name.startswith(".") or not info.exists():
+        try:
+            made = json.loads((entry / "entry.json").read_text())["made"]
+        except (OSError, ValueError, KeyError, TypeError):  # gone, being written, a lock file, or damaged
             continue
-        if time.time() - json.loads(info.read_text())["made"] < KEEP:
+        if entry.name.startswith(".") or time.time() - made < KEEP:
             continue
         with contextlib.suppress(Timeout), FileLock(str(root / f"{entry.name}.lock"), timeout=0):
             shutil.rmtree(entry, ignore_errors=True)
