@@ -112,7 +112,10 @@ def test_removal_loss_change_is_the_loss_with_the_unit_silenced():
         assert truth["features.1.0"][2].item() == pytest.approx((F.cross_entropy(model(x), y) - base).item(), abs=1e-6)
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+# resnet18's and mobilenet_v2's take 4-5 s each (every unit of a deep model, removed one by one): `make test`
+# runs them, `make test-fast` the others (the own resnet has residual streams too)
+@pytest.mark.parametrize("arch", [pytest.param(a, marks=pytest.mark.slow) if a in ("resnet18", "mobilenet_v2") else a
+                                  for a in ARCHS])
 def test_a_removal_reruns_only_what_lies_downstream_and_matches_the_full_pass_bit_for_bit(arch):
     """The oracle's shortcut is taken for every unit of every architecture, gives the full forward pass's
     mean loss exactly, and for the last units re-runs a small part of the graph."""
@@ -182,7 +185,20 @@ def test_taylor_takes_the_absolute_value_per_batch_before_averaging():
         assert scores.weights[name].sum() > 0
 
 
-def test_fisher_sums_squared_per_sample_gradients_over_every_sample():
+def test_taylor_weighs_each_batch_by_its_samples():
+    """A last batch of one sample counted as much as one of 47: its score, the noisiest, was half the mean."""
+    model, ((x, y), _) = _tiny(n=96)
+    big, small = (x[:-1], y[:-1]), (x[-1:], y[-1:])
+    both = importance.taylor(model, [big, small], F.cross_entropy)
+    alone = [importance.taylor(model, [b], F.cross_entropy) for b in (big, small)]
+    for kind in ("units", "weights"):
+        got, b, s = (getattr(scores, kind) for scores in (both, *alone))
+        for name in got:
+            assert torch.allclose(got[name], (47 * b[name] + s[name]) / 48, atol=1e-6)
+            assert not torch.allclose(got[name], (b[name] + s[name]) / 2, atol=1e-6)
+
+
+def test_fisher_averages_squared_per_sample_gradients_over_every_sample():
     model, batches = _tiny()
     scores = importance.fisher(model, batches, F.cross_entropy)
     found = units(model)  # an mlp: each unit is one layer, named as it is
@@ -202,6 +218,26 @@ def test_fisher_sums_squared_per_sample_gradients_over_every_sample():
         assert torch.allclose(scores.units[u.name], 0.5 * expected_u[u.name] / n, rtol=1e-4, atol=1e-9)
         w = u.layer.weight.detach()
         assert torch.allclose(scores.weights[u.name], 0.5 * w**2 * expected_w[u.name] / n, rtol=1e-4, atol=1e-9)
+
+
+def test_fisher_takes_a_batch_in_pieces_its_memory_allows_and_scores_the_same(monkeypatch):
+    """Every sample's gradient of the whole model at once: 5.7 GB for a full-width ResNet-18's batch of 128."""
+    model, batches = _tiny(CNN)
+    whole = importance.fisher(model, batches, F.cross_entropy)
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    monkeypatch.setattr(importance, "FISHER_BYTES", 5 * size)  # five samples' gradients, at most
+    seen, vmap = [], torch.func.vmap
+
+    def spied(fn, *args, **kwargs):
+        per_sample = vmap(fn, *args, **kwargs)
+        return lambda params, x, y: seen.append(len(y)) or per_sample(params, x, y)
+
+    monkeypatch.setattr(torch.func, "vmap", spied)
+    pieces = importance.fisher(model, batches, F.cross_entropy)
+    assert seen == [5, 5, 5, 5, 4] * 2  # two batches of 24
+    for kind in ("units", "weights"):
+        for name, value in getattr(whole, kind).items():
+            assert torch.allclose(getattr(pieces, kind)[name], value, rtol=1e-5, atol=1e-10)
 
 
 def test_fisher_on_a_conv_net_with_batchnorm_gates_runs_per_sample():

@@ -166,6 +166,28 @@ def test_torchvision_units_follow_residuals_and_depthwise_convs():
     assert units(vgg)[-1].name == "classifier.0"
 
 
+@pytest.mark.parametrize("arch", ["cnn", "resnet"])
+def test_a_model_with_frozen_parameters_has_the_units_of_its_trainable_twin(arch):
+    """The dependency graph is traced through autograd: a frozen layer left no grad_fn and fell out of it (an
+    own resnet's frozen stem split a block's conv2 off its residual stream; a model frozen whole had no units)."""
+    trainable, frozen = tiny(arch), tiny(arch)
+    frozen.requires_grad_(False)
+    assert [(u.name, u.size) for u in units(frozen)] == [(u.name, u.size) for u in units(trainable)] != []
+    assert not any(q.requires_grad for q in frozen.parameters())  # and left frozen
+
+
+def test_a_removal_that_cannot_be_made_changes_nothing_and_says_why():
+    """Checked unit by unit as it pruned: a bad index for a later unit raised after the earlier ones were
+    removed, blaming the least width kept."""
+    model = tiny("cnn")
+    before = [(u.name, u.size) for u in units(model)]
+    with pytest.raises(ValueError, match=r"^classifier\.0\.0: index 12 is out of range for its 12 units$"):
+        remove_units(model, {"features.0.0": [0, 1, 2], "classifier.0.0": [12]})
+    with pytest.raises(ValueError, match=r"^features\.0\.0: cannot remove 8 of its 8 units; it keeps at least 1$"):
+        remove_units(model, {"features.0.0": list(range(8))})
+    assert [(u.name, u.size) for u in units(model)] == before
+
+
 def test_units_are_cached_until_the_shapes_change():
     model = tiny("cnn")
     first = units(model)

@@ -235,7 +235,8 @@ def prunable_layers(model: nn.Module) -> dict[str, Layer]:
 
 def dependency_graph(model: nn.Module) -> tp.DependencyGraph:
     """Torch-Pruning's dependency graph of `model`, traced in eval mode (no BatchNorm statistics
-    move) on a zero input of the shape build_model recorded, on the model's device."""
+    move) on a zero input of the shape build_model recorded, on the model's device. The trace follows
+    autograd, so every parameter requires a gradient while it runs: a frozen layer would fall out of it."""
     import torch_pruning as tp
 
     shape = getattr(model, "input_shape", None)
@@ -243,13 +244,18 @@ def dependency_graph(model: nn.Module) -> tp.DependencyGraph:
         raise ValueError(f"{type(model).__name__} has no input_shape: build it with build_model")
     p = next(model.parameters())
     modes = {m: m.training for m in model.modules()}  # restored one by one: some may be frozen in eval
+    frozen = [q for q in model.parameters() if not q.requires_grad]
     try:
         with torch.inference_mode(False), torch.enable_grad():
+            for q in frozen:
+                q.requires_grad_(True)
             return tp.DependencyGraph().build_dependency(
                 model.eval(), example_inputs=torch.zeros(1, *shape, dtype=p.dtype, device=p.device), verbose=False)
     finally:
         for m, training in modes.items():
             m.training = training
+        for q in frozen:
+            q.requires_grad_(False)
 
 
 # A cache, not state: keyed weakly by model, so nothing is kept alive, and nothing is stored on the
@@ -320,14 +326,19 @@ def remove_units(model: nn.Module, remove: Mapping[str, Sequence[int] | torch.Te
     unknown = sorted(set(remove) - {u.name for u in found})
     if unknown:
         raise ValueError(f"no units named {unknown}")
+    chosen = {u.name: sorted({int(i) for i in remove.get(u.name, [])}) for u in found}
+    for u in found:  # every unit checked before any is pruned
+        idxs = chosen[u.name]
+        if outside := [i for i in idxs if not 0 <= i < u.size]:
+            raise ValueError(f"{u.name}: index {outside[0]} is out of range for its {u.size} units")
+        if u.size - len(idxs) < u.min_size:
+            raise ValueError(f"{u.name}: cannot remove {len(idxs)} of its {u.size} units; "
+                             f"it keeps at least {u.min_size}")
     graph = dependency_graph(model)
     for u in found:
-        idxs = sorted({int(i) for i in remove.get(u.name, [])})
-        if idxs and (u.size - len(idxs) < u.min_size or idxs[0] < 0 or idxs[-1] >= u.size):
-            raise ValueError(f"{u.name}: cannot remove {len(idxs)} of its {u.size} units at {idxs}; "
-                             f"it keeps at least {u.min_size}")
-        if idxs:
-            graph.get_pruning_group(u.layer, graph.get_pruner_of_module(u.layer).prune_out_channels, idxs).prune()
+        if chosen[u.name]:
+            graph.get_pruning_group(u.layer, graph.get_pruner_of_module(u.layer).prune_out_channels,
+                                    chosen[u.name]).prune()
     return model
 
 

@@ -7,6 +7,7 @@ Knows nothing of how scores were made (see importance.py); it only ranks them. W
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator, Mapping
 from typing import Callable
 
@@ -27,6 +28,12 @@ def normalise(scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     The magnitude, not the signed mean: an OBD saliency can be negative where curvature is.
     """
     return {k: v / v[v.isfinite()].abs().mean().clamp_min(1e-12) for k, v in scores.items()}
+
+
+def share(amount: float, n: int) -> int:
+    """How many of n `amount` asks for, rounded down; a product that a float's rounding left just under a
+    whole number counts as that number (0.7 * 90 is 62.99999999999999: 63)."""
+    return math.floor(amount * n + 1e-6)
 
 
 def kept_width(size: int, want: int, round_to: int = 1, least: int = 1) -> int:
@@ -58,7 +65,7 @@ def select_units(scores: dict[str, torch.Tensor], amount: float, scope: str, *, 
     (default one); with round_to, each layer's kept width is then snapped by `kept_width`."""
     least = _least(scores, min_sizes)
     if scope == "layer":
-        counts = {k: min(int(amount * len(v)), len(v) - least[k]) for k, v in scores.items()}
+        counts = {k: min(share(amount, len(v)), len(v) - least[k]) for k, v in scores.items()}
     else:
         counts = _global_counts(normalise(scores), amount, least)
     return {k: _lowest(v, len(v) - kept_width(len(v), len(v) - counts[k], round_to, least[k]))
@@ -69,7 +76,7 @@ def _global_counts(norm: dict[str, torch.Tensor], amount: float, least: dict[str
     """How many of each layer's units fall among the lowest `amount` of all, no layer below its least."""
     names = [k for k, v in norm.items() for _ in range(len(v))]
     flat = torch.cat(list(norm.values()))
-    budget = int(amount * len(flat))
+    budget = share(amount, len(flat))
     counts = dict.fromkeys(norm, 0)
     for i in flat.argsort(stable=True).tolist():
         if budget == 0:
@@ -90,7 +97,7 @@ def select_weights(scores: dict[str, torch.Tensor], amount: float, scope: str) -
         flat = torch.cat([norm[n].flatten() for n in names])
         keep = torch.ones_like(flat, dtype=torch.bool)
         # exactly the k lowest, ties broken by position: a threshold would drop every tied weight
-        keep[flat.argsort(stable=True)[: int(amount * len(flat))]] = False
+        keep[flat.argsort(stable=True)[: share(amount, len(flat))]] = False
         for n, part in zip(names, keep.split([norm[n].numel() for n in names])):
             masks[n] = part.view_as(norm[n])
     for n, v in norm.items():  # no unit may lose every incoming weight: an emptied one keeps its best
@@ -127,7 +134,7 @@ def sensitivity(model: nn.Module, scores: dict[str, torch.Tensor],
     for u in units(model):
         curve = []
         for f in FRACTIONS:
-            with _masked(u, _lowest(scores[u.name], max(0, min(int(f * u.size), u.size - u.min_size)))):
+            with _masked(u, _lowest(scores[u.name], max(0, min(share(f, u.size), u.size - u.min_size)))):
                 curve.append(accuracy(model))
         curves[u.name] = curve
     return curves
@@ -149,7 +156,7 @@ def allocate(curves: dict[str, list[float]], sizes: dict[str, int], amount: floa
 
     least = {n: min(s, (min_sizes or {}).get(n, 1)) for n, s in sizes.items()}
     counts = dict.fromkeys(sizes, 0)
-    for _ in range(int(amount * sum(sizes.values()))):
+    for _ in range(share(amount, sum(sizes.values()))):
         open_ = [n for n in sizes if counts[n] < sizes[n] - least[n]]
         if not open_:
             break
@@ -197,11 +204,12 @@ def _check_scores(model: nn.Module, scores: dict[str, torch.Tensor], structured:
 
 def prune(model: nn.Module, unit_scores: dict[str, torch.Tensor], weight_scores: dict[str, torch.Tensor],
           amount: float, scope: str, structured: bool, accuracy: Callable[[nn.Module], float] | None = None,
-          *, round_to: int = 1) -> dict[str, torch.Tensor] | None:
+          *, round_to: int = 1, curves: dict[str, list[float]] | None = None) -> dict[str, torch.Tensor] | None:
     """Prune `model` in place; return the weight masks (unstructured) or None (structured).
 
-    scope "sensitivity" (structured only) spreads the amount by each unit's sensitivity curve,
-    measured with `accuracy`. With round_to, every pruned unit keeps a multiple of round_to."""
+    scope "sensitivity" (structured only) spreads the amount by each unit's sensitivity curve, `curves`
+    where they were measured already (on this model, with these scores), else measured with `accuracy`.
+    With round_to, every pruned unit keeps a multiple of round_to."""
     _check_scores(model, unit_scores if structured else weight_scores, structured)
     if not structured:
         masks = select_weights(weight_scores, amount, scope)
@@ -211,8 +219,8 @@ def prune(model: nn.Module, unit_scores: dict[str, torch.Tensor], weight_scores:
     found = units(model)
     least = {u.name: u.min_size for u in found}
     if scope == "sensitivity":
-        counts = allocate(sensitivity(model, unit_scores, accuracy), {u.name: u.size for u in found}, amount,
-                          round_to=round_to, min_sizes=least)
+        curves = curves if curves is not None else sensitivity(model, unit_scores, accuracy)
+        counts = allocate(curves, {u.name: u.size for u in found}, amount, round_to=round_to, min_sizes=least)
         remove = {n: _lowest(unit_scores[n], k) for n, k in counts.items()}
     else:
         remove = select_units(unit_scores, amount, scope, round_to=round_to, min_sizes=least)
@@ -225,26 +233,29 @@ ScoreFn = Callable[[nn.Module], tuple[dict[str, torch.Tensor], dict[str, torch.T
 
 def iterative_prune(model: nn.Module, score: ScoreFn, amount: float, steps: int, scope: str, structured: bool,
                     recover: Callable[[nn.Module], None], accuracy: Callable[[nn.Module], float] | None = None,
-                    *, round_to: int = 1) -> dict[str, torch.Tensor] | None:
+                    *, round_to: int = 1, curves: dict[str, list[float]] | None = None
+                    ) -> dict[str, torch.Tensor] | None:
     """Reach `amount` in `steps` rounds (Han et al. 2015): score the current model, prune it to the
     round's target, recover with a short fine-tune, repeat; no recovery after the last round.
 
     The targets 1 - (1 - amount)^(k / steps) remove the same share of what is left each round.
-    Unstructured masks only grow: a weight pruned in one round stays pruned.
+    Unstructured masks only grow: a weight pruned in one round stays pruned. Structured rounds are sized
+    from the units actually left, so a round that round_to or a layer's least kept off target is made up
+    by the next. `curves`: round 1's sensitivity curves, where the caller measured them already.
     """
     masks: dict[str, torch.Tensor] | None = None
-    done = 0.0
+    start = sum(u.size for u in units(model))
     for k in range(1, steps + 1):
-        target = 1 - (1 - amount) ** (k / steps)
+        target = amount if k == steps else 1 - (1 - amount) ** (k / steps)
         unit_scores, weight_scores = score(model)
         if structured:
-            prune(model, unit_scores, weight_scores, 1 - (1 - target) / (1 - done), scope, True, accuracy,
-                  round_to=round_to)
+            left = sum(u.size for u in units(model)) / start
+            prune(model, unit_scores, weight_scores, max(0.0, 1 - (1 - target) / left), scope, True, accuracy,
+                  round_to=round_to, curves=curves if k == 1 else None)
         else:
             if masks is not None:  # already pruned: ranked below everything, so it stays pruned
                 weight_scores = {n: w.masked_fill(~masks[n], float("-inf")) for n, w in weight_scores.items()}
             masks = prune(model, unit_scores, weight_scores, target, scope, False)
-        done = target
         if k < steps:
             if masks is not None:
                 apply_weight_masks(model, masks)

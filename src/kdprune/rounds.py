@@ -51,7 +51,7 @@ def prune_student(model: nn.Module, train: Split, val: Split, norm: Normaliser, 
     try:
         masks = iterative_prune(model, rescorer(p, train, norm, first), p.prune.amount, p.prune.steps,
                                 p.prune.scope, p.prune.structured, recoverer(p, train, val, norm), accuracy,
-                                round_to=p.prune.round_to)
+                                round_to=p.prune.round_to, curves=curves)  # (measured once, not twice)
     except ScoresMismatch as e:
         raise CheckpointError(f"{scores_file}: {e}") from e
     metrics = {"val_accuracy_before": before, "val_accuracy": accuracy(model), "params": count_params(model)}
