@@ -532,6 +532,22 @@ def test_crop_and_flip_together_are_a_shifted_image_maybe_mirrored_and_determini
     assert torch.equal(aug(x, torch.Generator().manual_seed(0)), out)
 
 
+def test_a_split_cycled_to_a_length_repeats_its_rows_in_order_up_to_it() -> None:
+    split = data.Split(torch.zeros(10, 1, 2, 2, dtype=torch.uint8), torch.arange(10)).subset(torch.tensor([7, 2, 5]))
+    assert data.cycled(split, 7).rows.tolist() == [7, 2, 5, 7, 2, 5, 7]
+    assert data.cycled(split, 3) is split and data.cycled(split, 2) is split
+
+
+def test_the_labelled_rows_of_a_subset_are_drawn_from_that_subset() -> None:
+    """The mask was drawn over the whole split's labels and its indices read as positions in the subset:
+    an IndexError, or, where they all fell low enough, the wrong rows."""
+    split = data.Split(torch.zeros(200, 1, 2, 2, dtype=torch.uint8), torch.arange(200) % 4)
+    sub = split.subset(torch.arange(100, 200))
+    chosen = data.labelled(sub, 0.2, seed=0).rows
+    assert len(chosen) == 20 and set(chosen.tolist()) <= set(range(100, 200))
+    assert torch.equal(chosen, sub.rows[data.labelled_subset(sub.y[sub.rows], 0.2, seed=0)])
+
+
 def test_labelled_subset_is_stratified_and_deterministic_from_the_seed() -> None:
     counts = [10, 7, 3, 1]  # per class; 30% of each, rounded, at least one: 3, 2, 1, 1
     y = torch.repeat_interleave(torch.arange(4), torch.tensor(counts))

@@ -255,7 +255,17 @@ def labelled(split: Split, fraction: float, seed: int) -> Split:
     fit, the scorers' and the oracle's losses, the recovery fits between prune rounds."""
     if fraction >= 1.0:
         return split
-    return split.subset(torch.nonzero(labelled_subset(split.y, fraction, seed)).squeeze(1))
+    y = split.y if split.rows is None else split.y[split.rows]  # the labels of the rows in use, in their order
+    return split.subset(torch.nonzero(labelled_subset(y, fraction, seed)).squeeze(1))
+
+
+def cycled(split: Split, length: int) -> Split:
+    """`split`'s rows repeated in order to `length` rows (`split` itself where it has as many): epochs of as
+    many batches, and optimiser steps, as epochs over `length` rows. Each epoch's shuffle mixes the copies.
+    The scratch control's labelled rows, cycled to the train split's length: as many steps as the student."""
+    if len(split) >= length:
+        return split
+    return split.subset(torch.arange(length) % len(split))
 
 
 def labelled_subset(y: torch.Tensor, fraction: float, seed: int) -> torch.Tensor:

@@ -12,9 +12,8 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets:
     student_logits, teacher_logits: (B, K); targets: (B,) class indices, or `unlabelled` where a
     sample's hard label is withheld: the hard term then averages over the labelled samples only
     (and is 0 in a batch without any), while the soft term still sees every sample. The T^2
-    factor keeps the soft term's gradient scale independent of T. Written
-    KL(softmax(s/T) || softmax(t/T)) in DESIGN.md's shorthand; as in the paper, the teacher's
-    distribution is the target.
+    factor keeps the soft term's gradient scale independent of T. As in the paper, the teacher's
+    distribution is the target: KL(p_t || p_s), where the team's DESIGN.md writes KL(p_s || p_t).
     """
     log_p_s = F.log_softmax(student_logits / temperature, dim=1)  # (B, K)
     log_p_t = F.log_softmax(teacher_logits / temperature, dim=1)  # (B, K)

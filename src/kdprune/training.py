@@ -93,9 +93,10 @@ def fit(model: nn.Module, train: Split, val: Split, norm: Normaliser, loss_fn: L
                          f"val_loss {row['val_loss']:.4f} val_accuracy {row['val_accuracy']:.4f}")
             if on_epoch is not None:
                 on_epoch(epoch, row)
-            if not (math.isfinite(train_loss) and math.isfinite(row["val_loss"])):  # (it had gone on, NaN after
-                raise ParamsError(f"{desc}: training diverged in epoch {epoch} (train_loss {train_loss}, "  # NaN,
-                                  f"val_loss {row['val_loss']}): lower its learning rate, {cfg.lr:g}")  # and saved it)
+            # diverged: stop (it had gone on, NaN epoch after NaN epoch, and the stage saved the NaN model)
+            if not (math.isfinite(train_loss) and math.isfinite(row["val_loss"])):
+                raise ParamsError(f"{desc}: training diverged in epoch {epoch} (train_loss {train_loss}, "
+                                  f"val_loss {row['val_loss']}): lower its learning rate, {cfg.lr:g}")
     finally:  # (a failed fit's model, too)
         model.to(memory_format=torch.contiguous_format)
     return history
