@@ -113,6 +113,22 @@ def test_a_model_changed_after_export_fails_the_check_naming_the_file(tmp_path):
     assert str(path) in str(caught.value)
 
 
+@pytest.mark.parametrize("side", ["model", "file"])
+def test_logits_that_are_not_finite_fail_the_check_naming_the_file(tmp_path, side):
+    """One NaN in a chunk's differences made its largest difference NaN, which max(worst, nan) dropped: a
+    model gone NaN passed as matching its file exactly (and a file gone NaN, its model)."""
+    model, path = tiny_mlp(), tmp_path / "m.onnx"
+    if side == "file":
+        with torch.no_grad():
+            model[1].weight[0, 0] = float("nan")
+    export_onnx(model, inputs(1), path)
+    with torch.no_grad():
+        model[1].weight[0, 0] = float("nan") if side == "model" else 0.5
+    who = "PyTorch" if side == "model" else "ONNX Runtime"
+    with pytest.raises(CheckpointError, match=rf"m\.onnx: {who}'s logits are not all finite"):
+        check_onnx(path, model, inputs(7))
+
+
 def test_a_file_that_is_not_onnx_is_named(tmp_path):
     path = tmp_path / "junk.onnx"
     path.write_bytes(b"not a protobuf at all")

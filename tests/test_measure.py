@@ -138,31 +138,13 @@ def test_batch_of_repeats_real_rows():
 NOTHING = ["--data", "absent", "--models", "absent"]  # a check that misses fails on the data, not after timing
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--rounds", "0"], "latency.py: error: --rounds: expected whole numbers of at least 1, got 0"),
-    (["--device", "bogus", *NOTHING], "latency.py: error: --device bogus: "),
-    (["--device", "meta", *NOTHING], "latency.py: error: --device meta: expected cpu, cuda or cuda:<index>"),
-    (["--device", f"cuda:{torch.cuda.device_count()}", *NOTHING], "latency.py: error: --device cuda:"),
-    (["--data", "absent", "--models", "absent", "--rounds", "1"], "error: absent/meta.json: cannot read JSON"),
-])
-def test_the_latency_bench_refuses_what_it_cannot_time_with_one_line_before_any_work(args, message, tmp_path,
-                                                                                      monkeypatch, capsys):
-    """A count that times nothing (it crashed torch after every model was loaded), a device that is not a
-    CPU or GPU (meta passed, to fail after the models were loaded) or one there is none of (a cuda:<index>
-    past the last GPU passed where there are GPUs), or folders with no data or models (no `dvc repro` yet): one line, exit 2, no traceback. Its main()
-    here: its imports are this process's already."""
-    monkeypatch.syspath_prepend(str(REPO / "bench"))
-    monkeypatch.setattr(sys, "argv", ["latency.py", *args])
-    monkeypatch.chdir(tmp_path)
-    import latency
-
-    with pytest.raises(SystemExit) as e:
-        latency.main()
-    out = capsys.readouterr()
-    assert e.value.code == 2 and out.out == "" and out.err.splitlines()[-1].startswith(message), out.err
-
-
 @pytest.mark.parametrize("script, args, message", [
+    ("latency", ["--rounds", "0"], "latency.py: error: --rounds: expected whole numbers of at least 1, got 0"),
+    ("latency", ["--device", "bogus", *NOTHING], "latency.py: error: --device bogus: "),
+    ("latency", ["--device", "meta", *NOTHING], "latency.py: error: --device meta: expected cpu, cuda or "
+                                                "cuda:<index>"),
+    ("latency", ["--device", f"cuda:{torch.cuda.device_count()}", *NOTHING], "latency.py: error: --device cuda:"),
+    ("latency", [*NOTHING, "--rounds", "1"], "error: absent/meta.json: cannot read JSON"),
     ("oracle", ["--repeats", "0"], "oracle.py: error: --repeats: expected a whole number of at least 1, got 0"),
     ("oracle", ["--model", "absent"], "error: absent/spec.json: cannot read JSON"),
     ("distill_labels", ["--fractions", "1.5"], "distill_labels.py: error: --fractions: expected label fractions in "
@@ -175,11 +157,17 @@ def test_the_latency_bench_refuses_what_it_cannot_time_with_one_line_before_any_
     ("rounding", ["--rounds", "0"], "rounding.py: error: --rounds: expected whole numbers of at least 1, got 0"),
     ("rounding", ["--params", "absent.yaml"], "error: absent.yaml: cannot read: [Errno 2]"),
 ])
-def test_the_training_benches_refuse_a_bad_option_or_input_with_one_line_before_any_work(
+def test_the_benches_refuse_a_bad_option_or_input_with_one_line_before_any_work(
         script, args, message, tmp_path, monkeypatch, capsys):
-    """A percentage typed for an amount (or a fraction over 1) ran to the end on meaningless numbers; a
-    count of 0 failed with a traceback, --steps 0 after a teacher and a student had trained; a params file
-    or model not there was a traceback. Their main() here, in the test's process."""
+    """One line, exit 2, no traceback, each had done worse:
+    - latency: a count that times nothing crashed torch after every model was loaded; a device that is not a
+      CPU or GPU (meta) failed after the models were loaded, as would a cuda:<index> past the last GPU where
+      there are GPUs;
+    - the training benches: a percentage typed for an amount (or a fraction over 1) ran to the end on
+      meaningless numbers, a count of 0 failed with a traceback, --steps 0 after a teacher and a student had
+      trained;
+    - a params file, data or model not there (no `dvc repro` yet) was a traceback.
+    Their main() here, in the test's process: its imports are this process's already."""
     import importlib
 
     monkeypatch.syspath_prepend(str(REPO / "bench"))

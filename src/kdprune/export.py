@@ -93,6 +93,11 @@ def _max_abs_diff(session: ort.InferenceSession, model: nn.Module, x: torch.Tens
         got, want = ort_run(session, chunk), model(chunk).numpy()  # (b, K) each
         if got.shape != want.shape:
             raise CheckpointError(f"{path}: ONNX Runtime gives shape {got.shape}, PyTorch {want.shape}")
+        for side, logits in (("ONNX Runtime", got), ("PyTorch", want)):  # (a NaN difference would not be the max)
+            if not np.isfinite(logits).all():
+                raise CheckpointError(f"{path}: {side}'s logits are not all finite "
+                                      f"({np.size(logits) - np.isfinite(logits).sum()} of {np.size(logits)} are "
+                                      "NaN or infinite)")
         worst = max(worst, float(np.abs(got - want).max(initial=0.0)))
     return worst
 
@@ -101,7 +106,8 @@ def check_onnx(path: str | Path, model: nn.Module, x: torch.Tensor, atol: float 
     """Validate the file with the ONNX checker, then compare ONNX Runtime's logits with PyTorch's (on the
     CPU, in eval mode) on every row of x; return the largest absolute difference.
 
-    Raises CheckpointError naming `path` when the file is invalid or the difference exceeds `atol`.
+    Raises CheckpointError naming `path` when the file is invalid, either side's logits are not all finite,
+    or the difference exceeds `atol`.
     """
     path = Path(path)
     try:
@@ -111,7 +117,7 @@ def check_onnx(path: str | Path, model: nn.Module, x: torch.Tensor, atol: float 
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{path}: not a usable ONNX model ({first})") from e
     diff = _max_abs_diff(session, eval_on(model, "cpu"), x.detach().cpu().float(), path)
-    if not diff <= atol:  # also catches NaN
+    if diff > atol:
         raise CheckpointError(f"{path}: ONNX Runtime and PyTorch logits differ by up to {diff:.3g} "
                               f"(> atol {atol:g}); the file does not match this model")
     return diff
