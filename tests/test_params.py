@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -13,12 +12,12 @@ import pytest
 import torch
 import yaml
 
-from kdprune import data, manifest, stage
+from kdprune import data, manifest
 from kdprune.checkpoints import save_model
 from kdprune.errors import ParamsError
 from kdprune.models import build_model
-from kdprune.params import SHAPES, check_machine, load_params
-from tests.conftest import REPO, TINY, load_stage, merge, stage_env, tree_bytes, write_params
+from kdprune.params import SHAPES, check_machine, flatten, load_params
+from tests.conftest import REPO, TINY, guarded, load_stage, merge, stage_env, tree_bytes, write_params
 
 VALIDATE = load_stage("validate")
 with (REPO / "params.yaml").open() as _f:
@@ -96,6 +95,10 @@ BAD = [
     pytest.param("prune: {amount: 0.5\n", ["cannot read: while parsing a flow mapping (line 2, column 1)"], id="yaml-syntax"),
     pytest.param("seed: 0\ndevice: cpu\nseed: 1\n", ["cannot read: duplicate key 'seed' (line 3, column 1)"],
                  id="yaml-duplicate-key"),
+    pytest.param("seed: 0\n{a: 1}: 2\n", ["cannot read: a key that is a mapping, not a name (line 2, column 1)"],
+                 id="yaml-mapping-as-key"),  # a TypeError's traceback: the duplicate check hashed it first
+    pytest.param("? [a, b]\n: 1\n", ["cannot read: a key that is a list, not a name (line 1, column 3)"],
+                 id="yaml-list-as-key"),
     pytest.param(b"# temp\xe9rature, in Latin-1\nseed: 0\n", ["cannot read: not UTF-8 text (byte 6: invalid "
                                                              "continuation byte)"], id="not-utf8"),
     # missing and unknown keys
@@ -294,6 +297,16 @@ def test_kdprune_params_replaces_the_file_only_with_valid_params(tmp_path: Path,
     assert e.value.code == 2
     assert capsys.readouterr().err == f"kdprune: error: {out}: prune.amount: must be in [0.0, 1.0), got 1.5\n"
     assert out.read_bytes() == good and [f.name for f in tmp_path.iterdir()] == ["params.yaml"]
+    # what validate would refuse on any machine (it had been written: "the student is not smaller"), and every
+    # problem on a line of its own, each with the prefix (only the first had it)
+    for overrides, lines in ((["student.channels=[512,512]"], [f"{out}: student: the student ("]),
+                             (["seed=-1", "prune.amount=2"], [f"{out}: seed: ", f"{out}: prune.amount: "])):
+        with pytest.raises(SystemExit) as e:
+            cli.main(["params", *overrides, "--conf", str(REPO / "conf"), "--out", str(out)])
+        err = capsys.readouterr().err.splitlines()
+        assert e.value.code == 2 and len(err) == len(lines), err
+        assert all(got.startswith(f"kdprune: error: {want}") for got, want in zip(err, lines)), err
+        assert out.read_bytes() == good and [f.name for f in tmp_path.iterdir()] == ["params.yaml"]
 
 
 # ---------------------------------------------------------------- what validate refuses
@@ -322,16 +335,9 @@ def validate_in_process(params: Path, out: Path, capsys: pytest.CaptureFixture[s
                         monkeypatch: pytest.MonkeyPatch) -> tuple[int, str]:
     """stages/validate.py as its __main__ runs it (under stage.guard) in this process: its exit code and
     stderr. The guard's hold on the process (parent-death signal, SIGTERM handler) is kept off pytest."""
-    monkeypatch.delenv("DVC_STAGE", raising=False)
-    monkeypatch.setattr(stage, "_die_with_dvc", lambda: None)
-    handler = signal.getsignal(signal.SIGTERM)
     capsys.readouterr()
-    try:
-        with pytest.raises(SystemExit) as e:
-            stage.guard(lambda: VALIDATE.main(["--params", str(params), "--out", str(out)]))
-    finally:
-        signal.signal(signal.SIGTERM, handler)
-    return e.value.code, capsys.readouterr().err
+    code = guarded(lambda: VALIDATE.main(["--params", str(params), "--out", str(out)]), monkeypatch)
+    return code, capsys.readouterr().err
 
 
 @pytest.mark.parametrize("key", key_paths(REPO_PARAMS))
@@ -444,6 +450,16 @@ def test_a_number_in_exponent_form_is_the_number_dvc_reads(tmp_path: Path) -> No
     p = load_params(write(tmp_path / "params.yaml", text))
     dvc = parse_yaml(text, "params.yaml")["teacher"]
     assert (p.teacher.lr, p.teacher.weight_decay) == (dvc["lr"], dvc["weight_decay"]) == (0.001, 0.0005)
+
+
+def test_a_decimal_written_as_a_whole_number_is_the_same_setting_as_the_decimal(tmp_path: Path) -> None:
+    """`dvc exp run -S student.width=1` writes `width: 1`: kept an integer, it was logged as "1" beside the
+    default's "1.0", and `kdprune report` showed one setting as two rows of one run each."""
+    whole = load_params(write(tmp_path / "whole.yaml", {"student.width": 1, "distill.temperature": 4,
+                                                        "prune.amount": 0}))
+    decimal = load_params(write(tmp_path / "decimal.yaml", {"student.width": 1.0, "distill.temperature": 4.0,
+                                                            "prune.amount": 0.0}))
+    assert {k: repr(v) for k, v in flatten(whole).items()} == {k: repr(v) for k, v in flatten(decimal).items()}
 
 
 def test_the_validate_marker_is_the_same_bytes_for_different_good_params(tmp_path: Path) -> None:

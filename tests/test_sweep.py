@@ -57,6 +57,28 @@ def test_a_seed_run_again_counts_once_by_its_latest_summary_run(sweep_store):
     assert rows[0]["finetuned.accuracy.mean"] == pytest.approx((0.92 + 0.96) / 2)
 
 
+def test_rows_read_in_the_order_of_the_swept_numbers(mlflow_store):
+    """Sorted as text, teacher.epochs 5, 10 and 20 read 10, 20, 5."""
+    for epochs in (20, 5, 10):
+        summary_run({**BASE, "teacher.epochs": epochs, "seed": 0}, _metrics(0.9, 2000))
+    assert [r["teacher.epochs"] for r in sweep.group(sweep.summary_runs("kdprune"))] == ["5", "10", "20"]
+
+
+def test_counts_are_logged_whole_and_reported_as_counted(mlflow_store):
+    """The summary run logged every metric to 6 significant digits: a ResNet-18's 11,173,962 params were
+    reported as 11,174,000, a count no model has."""
+    from kdprune import summary
+
+    runs.open_run("evaluate", "summary", "counted", {**BASE, "seed": 0}, {}, None, None)
+    try:
+        summary.summarise({"finetuned.params": 11_173_962, "finetuned.accuracy": 0.912345678}, [], "|t|", "h")
+    finally:
+        runs.finish("FINISHED")
+    (row,) = sweep.group(sweep.summary_runs("kdprune"))
+    assert (row["finetuned.params.mean"], row["finetuned.accuracy.mean"]) == (11_173_962, 0.912346)
+    assert "| 11,173,962 |" in sweep.table([row])
+
+
 def test_the_champion_is_looked_up_under_the_name_evaluate_registered(mlflow_store, tmp_path, capsys):
     """evaluate.registered_model names the registered model as it is ("auto" alone stands for
     kdprune-<dataset>): a name containing "auto" is not rewritten."""

@@ -37,14 +37,9 @@ def doctor(args: argparse.Namespace) -> None:
     experiment (on a team's server too)."""
     from kdprune import runs, store
 
-    store.configure()
-    uri, name = store.tracking_uri(), store.experiment_name()
-    store.check_reachable(uri)
-    store.check_exists(uri)
-    with store.named_errors(uri):
-        from mlflow import MlflowClient
-
-        exp = MlflowClient(uri).get_experiment_by_name(name)
+    name = store.experiment_name()
+    _, exp = store.find_experiment(name)
+    uri = store.tracking_uri()
     if exp is None:
         raise TrackingError(f"{uri} has no experiment {name!r} (MLFLOW_EXPERIMENT_NAME): no run to close")
     with contextlib.redirect_stdout(io.StringIO()):  # MLflow prints "View run ... at ..." per run closed on a server
@@ -62,7 +57,7 @@ def params(args: argparse.Namespace) -> None:
     from dvc.utils.hydra import compose_and_dump
 
     from kdprune.files import write_atomic
-    from kdprune.params import load_params
+    from kdprune.params import check_sizes, load_params
 
     conf = args.conf.resolve()
     if not (conf / "config.yaml").exists():
@@ -74,7 +69,7 @@ def params(args: argparse.Namespace) -> None:
         except Exception as e:  # hydra's own errors name the override or the config group
             raise ParamsError(f"{conf}: {str(e).splitlines()[0]}") from e
         try:
-            load_params(staged)
+            check_sizes(load_params(staged), staged)
         except ParamsError as e:  # named as the file it would have been
             raise ParamsError(str(e).replace(str(staged), str(args.out))) from None
         write_atomic(args.out, staged.read_bytes())
@@ -99,8 +94,8 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     try:
         {"report": report, "doctor": doctor, "params": params}[args.command](args)
-    except (TrackingError, ParamsError) as e:
-        print(f"kdprune: error: {e}", file=sys.stderr)
+    except (TrackingError, ParamsError) as e:  # one line per problem, each saying whose
+        print("\n".join(f"kdprune: error: {line}" for line in str(e).splitlines()), file=sys.stderr)
         raise SystemExit(2) from None
     except OSError as e:  # a folder that cannot be written: the path and the reason
         print(f"kdprune: error: {e.filename or ''}{': ' if e.filename else ''}{e.strerror or e}", file=sys.stderr)

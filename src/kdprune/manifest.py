@@ -29,7 +29,8 @@ def write(out_dir: Path, stage: str, inputs: dict[str, str]) -> str:
 
 
 def verify(in_dir: str | Path) -> str:
-    """Check every file of `in_dir` against its manifest.json; return the directory's fingerprint."""
+    """Check every file of `in_dir` against its manifest.json, and that it holds no other; return the
+    directory's fingerprint."""
     in_dir = Path(in_dir)
     path = in_dir / MANIFEST
     if not path.exists():
@@ -43,6 +44,10 @@ def verify(in_dir: str | Path) -> str:
         if sha256(in_dir / name) != digest:
             raise CheckpointError(f"{in_dir / name}: its SHA-256 differs from the one {path} recorded: the file "
                                   f"was replaced or edited; restore it (dvc checkout) or re-run its stage")
+    for f in sorted(in_dir.rglob("*")):  # a reader may look for a file (finetune: masks.pt) its stage never wrote
+        if f.is_file() and f.name != MANIFEST and str(f.relative_to(in_dir)) not in files:
+            raise CheckpointError(f"{f}: not listed in {path}: the file was added to what its stage wrote; "
+                                  f"remove it (dvc checkout) or re-run its stage")
     return sha256(path)
 
 
@@ -55,7 +60,12 @@ def fingerprint(path: str | Path) -> str:
 
 def inputs_of(in_dir: str | Path) -> dict[str, str]:
     """The fingerprints of what `in_dir` was made from, as its manifest records them."""
-    return dict(read_json(Path(in_dir) / MANIFEST).get("inputs", {}))
+    path = Path(in_dir) / MANIFEST
+    record = read_json(path)
+    inputs = record.get("inputs") if isinstance(record, dict) else None
+    if not isinstance(inputs, dict):
+        raise CheckpointError(f"{path}: not a kdprune manifest (no 'inputs' mapping)")
+    return dict(inputs)
 
 
 def check_made_from(in_dir: str | Path, role: str, source: str | Path, fingerprint: str) -> None:

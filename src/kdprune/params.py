@@ -46,6 +46,10 @@ class _Loader(yaml.SafeLoader):
         seen: set[Any] = set()
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=True)
+            if isinstance(key, (list, dict)):  # (unhashable: `key in seen` would be a TypeError's traceback)
+                kind = "list" if isinstance(key, list) else "mapping"
+                raise yaml.constructor.ConstructorError(None, None, f"a key that is a {kind}, not a name",
+                                                        key_node.start_mark)
             if key in seen:
                 raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
             seen.add(key)
@@ -232,7 +236,7 @@ def _check(key: str, value: Any, hint: Any, meta: dict[str, Any], errors: list[s
             errors.append(f"{key}: lists {value!r} with a duplicate")
         for i, v in enumerate(value if bounds else ()):
             _check_range(f"{key}[{i}]", v, bounds, errors)
-        return value
+        return [_declared(v, item) for v in value]
     if not _fits(value, hint):
         errors.append(f"{key}: must be {_describe(hint)}, got {value!r}")
         return _BAD
@@ -240,7 +244,14 @@ def _check(key: str, value: Any, hint: Any, meta: dict[str, Any], errors: list[s
         errors.append(f"{key}: must be a finite number, got {value!r}")
     elif bounds:
         _check_range(key, value, bounds, errors)
-    return value
+    return _declared(value, hint)
+
+
+def _declared(value: Any, hint: Any) -> Any:
+    """A whole number given for a decimal as the decimal (`-S student.width=1` writes `width: 1`): the same
+    setting, logged the same ("1.0"), as the default's."""
+    decimal = hint is float or (type(None) in typing.get_args(hint) and float in typing.get_args(hint))
+    return float(value) if decimal and isinstance(value, int) and not isinstance(value, bool) else value
 
 
 def _fits(value: Any, hint: Any) -> bool:
@@ -319,7 +330,16 @@ def check_machine(p: Params, path: str | Path = "params.yaml") -> None:
     """What validate adds to load_params: sizes counted on torch's meta device (nothing allocated), so a
     student no smaller than its teacher, or a model that could never fit in memory, is refused naming its
     key; and a device this machine does not have. Costs a torch import: the stages skip it."""
-    errors = _size_checks(p) + _device_checks(p)
+    _raise(_size_checks(p) + _device_checks(p), path)
+
+
+def check_sizes(p: Params, path: str | Path = "params.yaml") -> None:
+    """check_machine's size checks alone, which hold on any machine: `kdprune params` writes no file that
+    validate would refuse on every one."""
+    _raise(_size_checks(p), path)
+
+
+def _raise(errors: list[str], path: str | Path) -> None:
     if errors:
         raise ParamsError("\n".join(f"{path}: {e}" for e in errors))
 

@@ -20,21 +20,14 @@ REFERENCES = ("teacher", "student")
 
 def summary_runs(experiment: str) -> list[Any]:
     """Every finished summary run of `experiment` in the configured tracking store."""
-    from mlflow import MlflowClient
-
     from kdprune.errors import TrackingError
-    from kdprune.store import check_exists, check_reachable, configure, named_errors, tracking_uri
+    from kdprune.store import find_experiment, named_errors, tracking_uri
 
-    configure()
-
+    client, exp = find_experiment(experiment)
     uri = tracking_uri()
-    check_reachable(uri)
-    check_exists(uri)
+    if exp is None:
+        raise TrackingError(f"{uri} has no experiment {experiment!r}: run the pipeline first")
     with named_errors(uri):
-        client = MlflowClient(uri)
-        exp = client.get_experiment_by_name(experiment)
-        if exp is None:
-            raise TrackingError(f"{uri} has no experiment {experiment!r}: run the pipeline first")
         runs, token = [], None
         while True:
             page = client.search_runs([exp.experiment_id], "tags.`pipeline.kind` = 'summary' and "
@@ -72,7 +65,17 @@ def group(runs: list[Any], metrics: tuple[str, ...] = HEADLINE) -> list[dict[str
                 row[f"{m}.mean"] = statistics.fmean(values)
                 row[f"{m}.std"] = statistics.stdev(values) if len(values) > 1 else None
         rows.append(row)
-    return sorted(rows, key=lambda r: [str(r[k]) for k in varying])
+    return sorted(rows, key=lambda r: [_in_order(r[k]) for k in varying])
+
+
+def _in_order(value: str | None) -> tuple[int, float, str]:
+    """A param's logged text as it sorts: numbers by value (5 before 10), then text, then absent."""
+    if value is None:
+        return 2, 0.0, ""
+    try:
+        return 0, float(value), value
+    except ValueError:
+        return 1, 0.0, value
 
 
 def table(rows: list[dict[str, Any]]) -> str:
