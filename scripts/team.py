@@ -91,7 +91,22 @@ class Team:
 
     @classmethod
     def from_env(cls) -> "Team":
-        return cls(Path(os.environ.get("TEAM_DIR") or REPO / ".team").expanduser().absolute())
+        team = cls(Path(os.environ.get("TEAM_DIR") or REPO / ".team").expanduser().absolute())
+        team.check_private()
+        return team
+
+    def check_private(self) -> None:
+        """The folder holds the stack's passwords and keys: one another user owns, or may write in, could swap
+        in a team.json whose passwords they know, or a link where ours is written. Refused."""
+        try:
+            info = self.root.stat()
+        except FileNotFoundError:
+            return  # (made by `up`, 0711)
+        if info.st_uid != os.geteuid():
+            raise Failure(f"TEAM_DIR {self.root}: owned by another user (uid {info.st_uid}); use a folder of your own")
+        if info.st_mode & 0o022:
+            raise Failure(f"TEAM_DIR {self.root}: others may write in it (mode {info.st_mode & 0o777:o}); "
+                          "chmod go-w it, or use another folder")
 
     def make(self) -> None:
         # 0711: the postgres user must traverse it to reach its data directory; nobody lists it
@@ -115,7 +130,15 @@ class Team:
     # configuration: created once, kept across down/up so the exports stay the same
     def config(self) -> dict[str, Any]:
         if self.config_file.exists():
-            return json.loads(self.config_file.read_text())
+            try:
+                cfg = json.loads(self.config_file.read_text())
+            except (OSError, ValueError) as e:  # its passwords are the stack's: never made anew over it
+                raise Failure(f"{self.config_file}: cannot read ({str(e).splitlines()[0]}); restore it, or remove "
+                              f"{self.root} (the stack's data with it) for a new stack") from None
+            if not isinstance(cfg, dict):
+                raise Failure(f"{self.config_file}: not a team configuration (a JSON object); restore it, or "
+                              f"remove {self.root} (the stack's data with it) for a new stack")
+            return cfg
         key = "KD" + "".join(secrets.choice(string.ascii_uppercase + string.digits) for _ in range(18))
         return {
             "ports": {},
@@ -144,9 +167,13 @@ class Team:
 
 def write_private(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()  # (left by a crash: made anew, never opened through whatever is there)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(text)
+        f.flush()
+        os.fsync(f.fileno())  # (a crash after the rename would otherwise leave an empty file: lost passwords)
     os.replace(tmp, path)
 
 
@@ -594,7 +621,7 @@ def start_s3(team: Team, cfg: dict[str, Any]) -> subprocess.Popen:
     # -> the gRPC sockets SeaweedFS names after its ports in /tmp, removed by down if it leaves them
     grpc_sockets = [f"/tmp/seaweedfs-{kind}-grpc-{p[key]}.sock" for kind, key in (
         ("master", "weed_master_grpc"), ("volume", "weed_volume_grpc"), ("filer", "weed_filer_grpc"),
-        ("s3", "s3_grpc"))]
+        ("s3", "s3_grpc"), ("admin", "weed_admin_grpc"))]
     proc = spawn(team, "s3", argv, env, team.s3, sockets=[*sockets, *grpc_sockets])
     log = team.logs / "s3.log"
     t0 = time.monotonic()
@@ -793,16 +820,20 @@ def cmd_join(team: Team) -> int:
     from dvc.config import Config, ConfigError
 
     secret = os.environ["AWS_SECRET_ACCESS_KEY"]
+    umask = os.umask(0o077)  # the file holds the keys: this user's alone (DVC writes it with the umask's 0644)
     try:
         with Config(dvc_dir=root / ".dvc").edit("local") as conf:  # (every level validated as it loads)
             conf["remote"][REMOTE] = {"url": url, **({"endpointurl": endpoint} if endpoint else {}),
                                       "access_key_id": os.environ["AWS_ACCESS_KEY_ID"], "secret_access_key": secret}
             conf["core"]["remote"] = REMOTE
+        os.chmod(root / ".dvc" / "config.local", 0o600)  # (one there before, with its own mode)
     except ConfigError as e:
         culprit = _refused(root) or "KDPRUNE_DVC_REMOTE, MLFLOW_S3_ENDPOINT_URL (the remote they make)"
         raise Failure(f"{culprit}: {e}".replace(secret, "***")) from None
     except OSError as e:
         raise Failure(f"{e.filename or root / '.dvc'}: {e.strerror or e}") from None
+    finally:
+        os.umask(umask)
     say(f"DVC remote '{REMOTE}' = {url} (endpoint {endpoint or 'AWS S3'}) is now the default of {root} "
         "(.dvc/config.local)")
     return 0

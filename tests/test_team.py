@@ -193,6 +193,39 @@ def keys(stack: Stack, bucket: str) -> list[str]:
 # -- without a stack ---------------------------------------------------------------------------------------
 
 
+def test_a_team_config_that_cannot_be_read_is_one_line_naming_it(tmp_path: Path) -> None:
+    """A team.json cut short (a full disk) gave `team status` a JSONDecodeError's traceback."""
+    command = "status"
+    root = tmp_path / "team"
+    root.mkdir()
+    (root / "team.json").write_text('{"ports": {"mlflow": 50')
+    res = subprocess.run([PY, str(TEAM_PY), command], env=base_env(TEAM_DIR=str(root)), capture_output=True,
+                         text=True, timeout=60)
+    assert res.returncode == 1 and res.stdout == ""
+    assert res.stderr.splitlines() == [f"team {command}: error: {root / 'team.json'}: cannot read (Expecting "
+                                       f"',' delimiter: line 1 column 24 (char 23)); restore it, or remove {root} "
+                                       "(the stack's data with it) for a new stack"], res.stderr
+
+
+def test_a_team_folder_another_user_could_write_in_is_refused_with_one_line(tmp_path: Path) -> None:
+    """It holds the stack's passwords and keys: its owner, or anyone who may write in it, could swap in a
+    team.json whose passwords they know, or a link where ours is written (`up` wrote through one)."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    cases = [(shared, "others may write in it (mode 777); chmod go-w it, or use another folder")]
+    if os.geteuid() == 0:  # (only root can give a folder away)
+        theirs = tmp_path / "theirs"
+        theirs.mkdir()
+        os.chown(theirs, 65534, 65534)
+        cases.append((theirs, "owned by another user (uid 65534); use a folder of your own"))
+    for root, why in cases:
+        res = subprocess.run([PY, str(TEAM_PY), "status"], env=base_env(TEAM_DIR=str(root)), capture_output=True,
+                             text=True, timeout=60)
+        assert (res.returncode, res.stdout, res.stderr) == (1, "", f"team status: error: TEAM_DIR {root}: {why}\n")
+        assert list(root.iterdir()) == []
+
+
 def test_join_names_the_missing_variable(tmp_path: Path) -> None:
     repo = tmp_path / "repo"
     (repo / ".dvc").mkdir(parents=True)
@@ -255,10 +288,13 @@ def test_join_writes_what_dvc_remote_would_and_refuses_a_bad_config_whole(tmp_pa
     local = (joined / ".dvc/config.local").read_text()
     assert local == (by_hand / ".dvc/config.local").read_text()
     assert "remote = team" in local and "url = s3://bucket" in local
+    assert (joined / ".dvc/config.local").stat().st_mode & 0o777 == 0o600  # its keys: it was 0644, anyone's
     # joining again replaces the remote whole, as `dvc remote add --force` does: a key added since is gone
     (joined / ".dvc/config.local").write_text(local + "    region = eu-west-1\n")  # the team section is last
+    (joined / ".dvc/config.local").chmod(0o644)
     run([PY, str(TEAM_PY), "join"], joined, env)
     assert (joined / ".dvc/config.local").read_text() == local
+    assert (joined / ".dvc/config.local").stat().st_mode & 0o777 == 0o600
 
     bad = "[core]\n    no_such_option = 1\n"
 
