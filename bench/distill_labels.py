@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdprune import recipes, soft_labels, teacher
-from kdprune.data import Normaliser, Split, augmenter, labelled, prepare
+from kdprune.data import Normaliser, Split, augmenter, cycled, labelled, prepare
 from kdprune.inference import evaluate, predict
 from kdprune.models import build_model
 from kdprune.params import FitParams, NetParams, Params, load_params
@@ -67,6 +67,7 @@ class Prepared:
 Rule = tuple[Callable[[Any], bool], str]  # a value's check, and what it expects, as an error says it
 SEEDS: Rule = (lambda s: 0 <= s < 2**32, "seeds in [0, 4294967295]")
 AT_LEAST_1: Rule = (lambda n: n >= 1, "whole numbers of at least 1")
+AT_LEAST_0: Rule = (lambda n: n >= 0, "whole numbers of at least 0")
 AMOUNT: Rule = (lambda a: 0 <= a < 1, "a fraction in [0, 1)")  # prune.amount's range
 
 
@@ -151,8 +152,8 @@ def write_logits(p: Params, data: Prepared, model: nn.Module) -> None:
 
 
 def train_scratch(p: Params, data: Prepared) -> nn.Module:
-    """As train_scratch: the student on the labelled fraction alone."""
-    train_split = labelled(data.train, p.student.label_fraction, p.seed)
+    """As train_scratch: the student on the labelled fraction alone, in as many steps as the student's."""
+    train_split = cycled(labelled(data.train, p.student.label_fraction, p.seed), len(data.train))
     return fit_as_stage(p, build(p, p.student, data), data, train_split, F.cross_entropy, p.student, "scratch",
                         p.student.l1)
 
@@ -183,11 +184,12 @@ def markdown(header: list[str], rows: list[list[object]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(map(str, r)) + " |" for r in rows])
 
 
-def json_line(bench: str, seconds: float, results: list[dict[str, Any]]) -> str:
-    """The results as one JSON line, floats to 6 digits."""
+def json_line(bench: str, seconds: float, results: list[dict[str, Any]], threads: int | None = None) -> str:
+    """The results as one JSON line, floats to 6 digits; `threads`, the thread count every result was computed
+    at, where there is one (the timing benches give each row its own)."""
     rows = [{k: round(v, 6) if isinstance(v, float) else v for k, v in r.items()} for r in results]
-    return json.dumps({"bench": bench, "seconds": round(seconds, 1), "torch_threads": torch.get_num_threads(),
-                       "results": rows})
+    return json.dumps({"bench": bench, "seconds": round(seconds, 1),
+                       **({"torch_threads": threads} if threads is not None else {}), "results": rows})
 
 
 def run_bench(name: str, args: argparse.Namespace, per_seed: Callable[[Params], list[dict[str, float]]],
@@ -200,7 +202,7 @@ def run_bench(name: str, args: argparse.Namespace, per_seed: Callable[[Params], 
         base = load_params(args.params)
         results = [r for s in args.seeds for r in per_seed(dataclasses.replace(base, seed=s))]
     print(table(results))
-    print(json_line(name, time.perf_counter() - start, results))
+    print(json_line(name, time.perf_counter() - start, results, torch.get_num_threads()))
 
 
 def log(msg: str) -> None:

@@ -60,7 +60,9 @@ def write_scores(p: Params, data: Prepared, student: nn.Module) -> Path:
 
 
 def prune_copy(p: Params, data: Prepared, student: nn.Module, scores: Path) -> tuple[nn.Module, Masks]:
-    """As the prune stage: a pruned copy of the student, in p.prune.steps rounds, and its weight masks."""
+    """As the prune stage: a pruned copy of the student, in p.prune.steps rounds, and its weight masks. Seeded
+    as the stage is (its recovery fits draw dropout from it), whichever step counts ran before."""
+    setup(p.seed, torch.get_num_threads())
     model = copy.deepcopy(student).to(resolve_device(p.device))
     result = rounds.prune_student(model, data.train, data.val, data.norm, scores, p)
     return model.cpu(), result.masks
@@ -72,7 +74,7 @@ def finetune(p: Params, data: Prepared, model: nn.Module, masks: Masks) -> None:
         train_split = soft_labels.attach(data.train, data.soft_labels, p.student.label_fraction, p.seed)
         loss = soft_labels.loss(p.distill)
     else:
-        train_split, loss = labelled(p, data.train), F.cross_entropy
+        train_split, loss = labelled(data.train, p.student.label_fraction, p.seed), F.cross_entropy
     apply_weight_masks(model, masks)
     setup(p.seed, torch.get_num_threads())
     fit_as_stage(p, model, data, train_split, loss, p.finetune, "finetune")

@@ -19,7 +19,6 @@ defaults (digits models: about 2 minutes on two busy CPU cores; `--threads 1 --b
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -27,11 +26,11 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from distill_labels import ROOT, json_line, markdown  # the sibling script: bench/ is on sys.path when this one runs
+from distill_labels import (  # the sibling script: bench/ is on sys.path when this one runs
+    AT_LEAST_0, AT_LEAST_1, ROOT, json_line, markdown, one_line_errors, refuse)
 from kdprune import recipes
 from kdprune.checkpoints import load_model
 from kdprune.data import batches
-from kdprune.errors import CheckpointError, DataError
 from kdprune.measure import Spread, Timing, count_macs, latency_table, speedup
 from kdprune.models import count_params
 from kdprune.recipes import ONNX_FILE
@@ -102,10 +101,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu",
                     help="where eager PyTorch runs: cpu, cuda or cuda:<index> (ONNX Runtime: always the CPU)")
     args = ap.parse_args()
-    for option, least in (("threads", 1), ("batch_sizes", 1), ("rounds", 1), ("warmup", 0)):
-        values = getattr(args, option)
-        if min(values if isinstance(values, list) else [values]) < least:
-            ap.error(f"--{option.replace('_', '-')}: expected whole numbers of at least {least}, got {values}")
+    refuse(ap, args, threads=AT_LEAST_1, batch_sizes=AT_LEAST_1, rounds=AT_LEAST_1, warmup=AT_LEAST_0)
     try:
         device = torch.device(args.device)
     except RuntimeError as e:
@@ -116,12 +112,9 @@ def main() -> None:
         ap.error(f"--device {args.device}: this machine has no CUDA device {index} "
                  f"({torch.cuda.device_count()} found)")
     start = time.perf_counter()
-    try:
+    with one_line_errors():  # no `dvc repro` yet, or another folder named
         x = inputs_of(args.data)
         models = {n: load_model(args.models / n)[0] for n in MODELS}
-    except (CheckpointError, DataError, OSError) as e:  # no `dvc repro` yet, or another folder named
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
     macs = {n: count_macs(m, x) for n, m in models.items()}
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads available; {args.rounds} rounds, "
           f"eager PyTorch on {args.device}, ONNX Runtime on the CPU\n\n{model_table(models, macs)}\n")

@@ -334,8 +334,9 @@ def main() -> None:
         ap.error(f"--raw {args.raw}: no raw/ folder inside (place the four MNIST files in data/raw/MNIST/raw/, "
                  "or name the folder that holds raw/)")
     with tempfile.TemporaryDirectory(prefix="kdprune-mnist-params-") as tmp, \
-            contextlib.redirect_stdout(io.StringIO()):  # a bad -S stops here, before any seed's work dir
-        compose_params(Path(tmp) / "params.yaml", args.seeds[0], args.label_fraction, args.overrides)
+            contextlib.redirect_stdout(io.StringIO()):  # a bad -S or seed stops here, before any seed's work dir
+        for seed in args.seeds:  # (a seed checked only when its turn came cost the seeds before it)
+            compose_params(Path(tmp) / "params.yaml", seed, args.label_fraction, args.overrides)
     start = time.perf_counter()
     try:
         runs = [run_seed(s, args) for s in args.seeds]

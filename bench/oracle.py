@@ -1,8 +1,9 @@
 """The oracle's shortcut: re-running only what lies downstream of a removed unit, against a full pass.
 
 The true loss change of removing each unit alone, re-running only what lies downstream of the unit
-(kdprune.importance.Downstream) against a full forward pass per unit, on the pipeline's own student and the score stage's oracle samples. Both ways alternate in one process; the
-medians and their ratio are printed, and the two must agree bit for bit.
+(kdprune.importance.Downstream) against a full forward pass per unit, on the pipeline's own student and
+the score stage's oracle samples. Both ways alternate in one process; the medians and their ratio are
+printed, and the two must agree bit for bit.
 
     dvc repro train_student && .venv/bin/python bench/oracle.py --repeats 3
 """
@@ -30,21 +31,22 @@ def main() -> None:
     import torch
     import torch.nn.functional as F
 
+    from distill_labels import one_line_errors  # the sibling script (it imports torch: after the parse)
     from kdprune import determinism, importance, recipes, scoring
     from kdprune.checkpoints import load_model
-    from kdprune.errors import CheckpointError, DataError, ParamsError
+    from kdprune.data import labelled
     from kdprune.models import units
     from kdprune.params import load_params
 
-    try:  # no `dvc repro` yet, or another folder named: one line, exit 2
+    with one_line_errors():  # no `dvc repro` yet, or another folder named
         p = load_params(ROOT / "params.yaml")
         determinism.setup(p.seed, p.threads)
         model, _ = load_model(args.model)
         _, norm, splits = recipes.load_data(args.data, p.score.oracle_split)
-    except (CheckpointError, DataError, ParamsError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-    held = scoring.oracle_batches(splits[-1], norm, p.score, p.seed)  # the score stage's oracle samples
+    split = splits[-1]  # the score stage's oracle samples: of the train rows whose labels the students may see
+    if p.score.oracle_split == "train":
+        split = labelled(split, p.student.label_fraction, p.seed)
+    held = scoring.oracle_batches(split, norm, p.score, p.seed)
     n, total = sum(len(y) for _, y in held), sum(u.size for u in units(model))
     print(f"{total} units, {n} {p.score.oracle_split} samples, {p.threads} thread(s)")
 

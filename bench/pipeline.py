@@ -1,15 +1,17 @@
 """Where the pipeline's seconds go: `dvc repro -f` and a no-op `dvc repro`, stage by stage.
 
-`dvc repro -f` on the default params, stage by stage, split into interpreter start-up, torch's import, waiting on MLflow (the tracking helper) and the stage's own work,
-and a no-op `dvc repro` against DVC's own `dvc status` and against a no-op `dvc repro` of a one-stage
-project (what DVC costs before it reads a pipeline of ours). With --warm, each forced repro is followed by
-another as a rerun minutes later finds the machine: the fork server and the zygote of the run before still
-there (KDPRUNE_WARM_IDLE, 5 minutes), its MLflow service gone (30 s).
+`dvc repro -f` on the default params, stage by stage, split into interpreter start-up, torch's import,
+waiting on MLflow (the tracking helper) and the stage's own work, and a no-op `dvc repro` against DVC's own
+`dvc status` and against a no-op `dvc repro` of a one-stage project (what DVC costs before it reads a
+pipeline of ours). With --warm, each forced repro is followed by another as a rerun minutes later finds the
+machine: the fork server and the zygote of the run before still there (KDPRUNE_WARM_IDLE, 5 minutes), its
+MLflow service gone (30 s).
 
-It runs in a temporary clone of this repository (its own MLflow store, the repo's DVC cache shared, so
-nothing here is touched) and reports medians over --repeats runs. Every stage writes its split to
-KDPRUNE_TIMINGS (see kdprune.stage). The targets of the project: `dvc repro -f` at most 45 s and a no-op
-`dvc repro` at most 0.8 s on an idle 2-core machine, tracking at most 15 % of a stage's time.
+It runs in a temporary clone of this repository (its committed code, the package's included; its own
+MLflow store; the repo's DVC cache shared, so nothing here is touched) and reports medians over --repeats
+runs. Every stage writes its split to KDPRUNE_TIMINGS (see kdprune.stage). The targets of the project:
+`dvc repro -f` at most 45 s and a no-op `dvc repro` at most 0.8 s on an idle 2-core machine, tracking at
+most 15 % of a stage's time.
 
     .venv/bin/python bench/pipeline.py                 # 3 forced repros, 3 no-op repros: about 4 minutes
     .venv/bin/python bench/pipeline.py --compare       # and 3 with every stage in its own process, interleaved
@@ -109,6 +111,7 @@ def main() -> None:
     try:
         repo = work / "repo"
         clone(repo, env)
+        env["PYTHONPATH"] = str(repo / "src")  # the clone's package, not the editable install's (the working copy)
         modes = ("off", "on") if args.compare else ("on",)
         runs = [*modes, "warm"] if args.warm else list(modes)
         forced: dict[str, list[float]] = {m: [] for m in runs}

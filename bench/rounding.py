@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from distill_labels import (  # sibling scripts: bench/ is on sys.path when this one runs
-    AMOUNT, AT_LEAST_1, ROOT, json_line, load_data, markdown, one_line_errors, quiet, refuse, train_scratch)
+    AMOUNT, AT_LEAST_0, AT_LEAST_1, ROOT, json_line, load_data, markdown, one_line_errors, quiet, refuse, train_scratch)
 from latency import runs, spread
 from kdprune.checkpoints import MODEL_FILE, load_model
 from kdprune.export import check_onnx, export_onnx
@@ -151,8 +151,7 @@ def main() -> None:
     ap.add_argument("--raw", type=Path, default=ROOT / "data" / "raw", help="raw dataset dir, if a student is trained")
     ap.add_argument("--epochs", type=int, default=5, help="epochs of the student trained when there is none")
     args = ap.parse_args()
-    refuse(ap, args, amount=AMOUNT, threads=AT_LEAST_1, rounds=AT_LEAST_1, epochs=AT_LEAST_1,
-           warmup=(lambda n: n >= 0, "a whole number of at least 0"))
+    refuse(ap, args, amount=AMOUNT, threads=AT_LEAST_1, rounds=AT_LEAST_1, epochs=AT_LEAST_1, warmup=AT_LEAST_0)
     with one_line_errors():
         p = load_params(args.params)
         args.amount = p.prune.amount if args.amount is None else args.amount
