@@ -116,16 +116,19 @@ def test_every_command_s_help_opens_with_a_whole_sentence(script):
     assert first and first[0].endswith(".") and (len(first) == 1 or first[1] == ""), first[:2]
 
 
+def _cells(line: str) -> list[str]:
+    return [c.strip() for c in line.strip().strip("|").split("|")]
+
+
 def _table(text: str, first: str) -> list[list[str]]:
     """The markdown table whose header row starts with `first`: its rows' cells, header and rule skipped."""
-    lines = text[text.index(first):].split("\n\n")[0].splitlines()
-    return [[c.strip() for c in line.strip().strip("|").split("|")] for line in lines[2:]]
+    return [_cells(line) for line in text[text.index(first):].split("\n\n")[0].splitlines()[2:]]
 
 
 def test_the_readme_s_digits_table_is_the_committed_comparison():
     """What the committed dvc.lock holds: the cells of reports/comparison.md (in git), as it prints them."""
     readme, report = (REPO / "README.md").read_text(), (REPO / "reports/comparison.md").read_text()
-    header = [c.strip() for c in report.splitlines()[0].strip("|").split("|")]
+    header = _cells(report.splitlines()[0])
     committed = {row[0]: dict(zip(header, row)) for row in _table(report, "| model |")}
     cols = ["accuracy", "params", "MACs", "ms @256", "speed-up @256 vs student"]
     shown = _table(readme, "| model | " + " | ".join(cols) + " |")
@@ -150,8 +153,7 @@ def test_the_readme_s_criteria_table_is_the_score_stage_s_output():
     readme = (REPO / "README.md").read_text()
     scores = {d["criterion"]: d for d in json.loads(path.read_text())}
     (spearman, overlap) = _table(readme, "| criterion |")
-    header = readme[readme.index("| criterion |"):].splitlines()[0]
-    names = [c.strip().split(" (")[0] for c in header.strip().strip("|").split("|")][1:]
+    names = [c.split(" (")[0] for c in _cells(readme[readme.index("| criterion |"):].splitlines()[0])][1:]
     assert names == sorted(scores, key=lambda c: -scores[c]["spearman"])
     assert spearman[1:] == [f"{scores[c]['spearman']:.2f}" for c in names]
     assert overlap[1:] == [f"{scores[c]['topk_overlap']:.3g}" for c in names]
