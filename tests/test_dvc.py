@@ -56,7 +56,7 @@ def make_project(root: Path) -> None:
     files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
                            text=True, check=True).stdout.split()
     for name in files:
-        if name.startswith((".dvc/", "stages/", "src/", "conf/", "weights/")) or name in (
+        if name.startswith((".dvc/", "stages/", "src/", "conf/", "weights/", "data/raw/")) or name in (
                 "dvc.yaml", ".dvcignore", ".gitignore", "params.yaml"):
             (root / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / name, root / name)
@@ -108,6 +108,18 @@ def test_recomputing_prepare_alone_leaves_everything_after_it_up_to_date(project
     root, env = clone(project, tmp_path / "c")
     assert RAN.findall(sh(["dvc", "repro", "-f", "-s", "prepare"], root, env).stdout) == ["prepare"]
     assert RAN.findall(sh(["dvc", "repro"], root, env).stdout) == []
+
+
+def test_a_file_placed_in_data_raw_reruns_prepare_and_nothing_its_output_leaves_unchanged(project, tmp_path):
+    """data/raw is prepare's dependency: a dataset placed there reruns it (the tiny preset reads the digits,
+    so its output, and everything after it, stays as it was)."""
+    root, env = clone(project, tmp_path / "c")
+    raw = root / "data/raw/MNIST/raw/train-images-idx3-ubyte"
+    raw.parent.mkdir(parents=True)
+    raw.write_bytes(bytes(16))
+    assert "data/raw" in sh(["dvc", "status", "prepare"], root, env).stdout
+    assert RAN.findall(sh(["dvc", "repro"], root, env).stdout) == ["prepare"]
+    assert lock(root)["prepare"]["outs"] == lock(project)["prepare"]["outs"]
 
 
 def test_editing_a_tracking_message_reruns_no_stage(project, tmp_path):
