@@ -112,8 +112,11 @@ def test_recomputing_prepare_alone_leaves_everything_after_it_up_to_date(project
 
 def test_a_file_placed_in_data_raw_reruns_prepare_and_nothing_its_output_leaves_unchanged(project, tmp_path):
     """data/raw is prepare's dependency: a dataset placed there reruns it (the tiny preset reads the digits,
-    so its output, and everything after it, stays as it was)."""
+    so its output, and everything after it, stays as it was); an edit of the folder's README does not."""
     root, env = clone(project, tmp_path / "c")
+    notes = root / "data/raw/README.md"  # what the folder holds: .dvcignore leaves it out of the hash
+    notes.write_text(notes.read_text() + "\nan edited line\n")
+    assert "up to date" in sh(["dvc", "status", "prepare"], root, env).stdout
     raw = root / "data/raw/MNIST/raw/train-images-idx3-ubyte"
     raw.parent.mkdir(parents=True)
     raw.write_bytes(bytes(16))

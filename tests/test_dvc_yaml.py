@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import re
+import subprocess
 from pathlib import Path
 
 import yaml
@@ -144,3 +145,14 @@ def test_no_cached_output_is_also_tracked_by_git():
     both = sorted(p for p in cached if p in tracked or any(t.startswith(p + "/") for t in tracked))
     assert both == []
     assert uncached <= tracked
+
+
+def test_git_ignores_the_raw_datasets_but_keeps_their_dvc_files():
+    """data/raw is prepare's dependency: the datasets there stay out of git, and `dvc add data/raw/MNIST`
+    writes a MNIST.dvc that git can take (DVC then writes no .gitignore of its own there)."""
+    def ignored(path: str) -> bool:
+        return subprocess.run(["git", "check-ignore", "-q", "--no-index", path], cwd=REPO).returncode == 0
+
+    assert ignored("data/raw/MNIST/raw/train-images-idx3-ubyte") and ignored("data/raw/cifar-10-batches-py")
+    assert not ignored("data/raw/README.md") and not ignored("data/raw/MNIST.dvc")
+    assert "data/raw" in _stages()["prepare"]["deps"]
