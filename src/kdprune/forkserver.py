@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from kdprune import procs
+from kdprune.errors import TrackingError
 from kdprune.switches import switch
 from kdprune.tracker import (ServiceDown, await_ready, dial, prestart, retire, service_dir, start_service,
                              wait_gone, warm_idle, withdraw)
@@ -74,9 +75,17 @@ def server_path() -> Path:
     key = hashlib.sha256(json.dumps([sys.executable, sys.path[1:], env, process_state(), packages(),
                                      switch("KDPRUNE_FORKSERVER") == "torch"]).encode()
                          + Path(__file__).read_bytes()).hexdigest()[:20]
+    return fork_dir() / f"{key}.sock"
+
+
+def fork_dir() -> Path:
+    """Where the fork servers listen, made (0700) where it is missing; a folder that cannot hold it is named."""
     folder = service_dir() / "fork"
-    folder.mkdir(mode=0o700, exist_ok=True)
-    return folder / f"{key}.sock"
+    try:
+        folder.mkdir(mode=0o700, exist_ok=True)
+    except OSError as e:
+        raise TrackingError(f"KDPRUNE_SERVICE_DIR: {folder}: {e.strerror or e}") from None
+    return folder
 
 
 def packages() -> list[int]:

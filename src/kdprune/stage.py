@@ -89,13 +89,10 @@ def check_environment() -> None:
     for name in SWITCHES:
         switch(name)
     tracker.warm_idle()
-    forked = forkserver.enabled()
-    folder = tracker.service_dir(make=forked)
-    if forked:  # where the fork server listens (a folder that could not hold it: a traceback)
-        try:
-            (folder / "fork").mkdir(mode=0o700, exist_ok=True)
-        except OSError as e:
-            raise TrackingError(f"KDPRUNE_SERVICE_DIR: {folder / 'fork'}: {e.strerror or e}") from None
+    if forkserver.enabled():
+        forkserver.fork_dir()  # where the fork server will listen: a folder that cannot hold it named before any work
+    else:
+        tracker.service_dir(make=False)
     timings = os.environ.get("KDPRUNE_TIMINGS")
     if timings and (Path(timings).is_dir() or not Path(timings).absolute().parent.is_dir()):
         raise ValueError(f"KDPRUNE_TIMINGS: {timings}: expected a file in an existing folder")
