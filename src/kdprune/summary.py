@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
 from typing import Any
 
 from kdprune import runs, store
@@ -25,19 +24,19 @@ def summarise(metrics: dict[str, float], artifacts: list[str], table: str, headl
     models as the run's inputs, and a description: `headline`, the comparison table and a link to every stage
     run; nest this execution's stage runs. Returns the run id."""
     active = runs.active()
-    upstream, client, run_id = active["upstream"], runs._client(), active["run_id"]
+    upstream, run_id = active["upstream"], active["run_id"]
     runs.log_batch(run_id, "logging the headline metrics",
                    metrics={k: float(v) if float(v).is_integer() else float(f"{v:.6g}") for k, v in metrics.items()})
     for path in artifacts:
-        store.call(client.log_artifact, run_id, path, what=f"logging {Path(path).name}")
+        runs.log_artifact(path)
     _link_models(active, upstream)
-    links = " · ".join(f"[{stage}](#/experiments/{active['experiment_id']}/runs/{run_id})"
-                       for stage, run_id in upstream.items())
+    links = " · ".join(f"[{stage}](#/experiments/{active['experiment_id']}/runs/{stage_run})"
+                       for stage, stage_run in upstream.items())
     # '@' would read as a GitHub mention in MLflow's markdown ("ms @256" -> a link)
     note = f"**{headline}**\n\n{table.replace('@', '&#64;')}\nStage runs: {links or 'none found in this store'}\n"
-    store.call(client.set_tag, run_id, "mlflow.note.content", note, what="describing the run")
-    runs.nest_execution(active["run_id"], active["experiment_id"], active.get("execution"))
-    return {"run_id": active["run_id"], "experiment_id": active["experiment_id"], "view": _share_view(active),
+    store.call(runs._client().set_tag, run_id, "mlflow.note.content", note, what="describing the run")
+    runs.nest_execution(run_id, active["experiment_id"], active.get("execution"))
+    return {"run_id": run_id, "experiment_id": active["experiment_id"], "view": _share_view(active),
             "uri": store.tracking_uri()}
 
 
